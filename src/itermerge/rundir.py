@@ -1,0 +1,110 @@
+"""Run directory: atomic writes, the stage manifest, and resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from itermerge.errors import ItermergeError
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary sibling, then rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``final`` only if the block completes.
+
+    An existing ``final`` is refused unless ``force``; on any error the temporary directory is
+    removed, so a crash never leaves a half-written output under the final name.
+    """
+    final = Path(final)
+    if final.exists() and not force:
+        raise ItermergeError(f"{final}: output directory exists; choose another path or pass --force to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class Manifest:
+    """``manifest.json``: each completed stage and what it recorded; written atomically.
+
+    A stage is recorded only after its files are complete, so a stage missing here is redone
+    from scratch on resume and a stage present here is never redone.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / "manifest.json"
+        self.data: dict[str, Any] = {"stages": {}}
+        if self.path.exists():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except json.JSONDecodeError as e:
+                raise ItermergeError(
+                    f"{self.path}: not valid JSON ({e}); it is written atomically, so this file was edited "
+                    "by hand — restore it or start a new run directory"
+                ) from e
+
+    @property
+    def stages(self) -> dict[str, Any]:
+        return self.data.setdefault("stages", {})
+
+    def done(self, stage: str) -> bool:
+        return stage in self.stages
+
+    def get(self, stage: str) -> Any:
+        return self.stages.get(stage)
+
+    def record(self, stage: str, info: dict[str, Any] | None = None) -> None:
+        self.stages[stage] = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(info or {})}
+        atomic_write_json(self.path, self.data)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        atomic_write_json(self.path, self.data)
