@@ -1,0 +1,141 @@
+"""logprobs.py against a naive full-logits computation on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from itermerge.errors import ItermergeError
+from itermerge.logprobs import (
+    CompletionLogprobs,
+    collate,
+    score_sequences,
+    sequence_logprobs,
+    token_logprobs,
+)
+
+EOS = 2
+PROMPTS = [[1, 5, 6, 7], [1, 8], [1, 9, 10, 11, 12, 13], [1, 40, 41]]
+COMPLETIONS = [[20, 21, EOS], [22, 23, 24, 25, 26, EOS], [30], [50, 51, 52, 53]]
+
+
+def naive_logprob(model, prompt: list[int], completion: list[int]) -> float:
+    """One unpadded sequence, full (1, L, V) logits, log-softmax, then the completion's tokens one by one."""
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + completion])).logits.log_softmax(-1)[0]  # (L, V)
+    return sum(logp[len(prompt) - 1 + j, tok].item() for j, tok in enumerate(completion))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(0)
+
+
+def test_collate_pads_right_and_marks_only_completion_tokens():
+    batch = collate([[1, 5], [1, 6, 7]], [[8, EOS], [9]], pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 5, 8, EOS], [1, 6, 7, 9]]
+    batch = collate([[1, 5], [1]], [[8, EOS], [9]], pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 5, 8, EOS], [1, 9, 0, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch.completion_mask.tolist() == [[False, False, True, True], [False, True, False, False]]
+    assert batch.num_tokens == 6
+
+
+def test_collate_masks_only_a_trailing_eos():
+    batch = collate([[1, 5], [1]], [[8, EOS], [EOS, 9]], pad_id=0, eos_ids=[EOS])
+    # The trailing EOS stays in the input but is not scored; an EOS inside a completion is scored.
+    assert batch.input_ids.tolist() == [[1, 5, 8, EOS], [1, EOS, 9, 0]]
+    assert batch.completion_mask.tolist() == [[False, False, True, False], [False, True, True, False]]
+
+
+def test_collate_rejects_an_empty_prompt_and_mismatched_lists():
+    with pytest.raises(ItermergeError, match="prompt 1 is empty"):
+        collate([[1], []], [[5], [6]], pad_id=0)
+    with pytest.raises(ItermergeError, match="2 prompts but 1 completions"):
+        collate([[1], [1]], [[5]], pad_id=0)
+
+
+def test_sequence_logprobs_equal_naive_full_logits_with_padding(model):
+    batch = collate(PROMPTS, COMPLETIONS, pad_id=0)
+    got = sequence_logprobs(model, batch)
+    want = torch.tensor([naive_logprob(model, p, c) for p, c in zip(PROMPTS, COMPLETIONS)])
+    assert got.shape == (4,)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got.requires_grad
+
+
+def test_eos_masking_drops_exactly_the_eos_token_logprob(model):
+    masked = sequence_logprobs(model, collate(PROMPTS, COMPLETIONS, pad_id=0, eos_ids=[EOS]))
+    want = torch.tensor([naive_logprob(model, p, c[:-1] if c[-1] == EOS else c) for p, c in zip(PROMPTS, COMPLETIONS)])
+    torch.testing.assert_close(masked, want, atol=1e-5, rtol=1e-5)
+    unmasked = sequence_logprobs(model, collate(PROMPTS, COMPLETIONS, pad_id=0))
+    # Completions 2 and 3 have no trailing EOS: unchanged; 0 and 1 lose a (negative) term.
+    torch.testing.assert_close(masked[2:], unmasked[2:])
+    assert (masked[:2] > unmasked[:2]).all()
+
+
+def test_token_logprobs_are_zero_outside_the_completion_and_match_per_token(model):
+    batch = collate(PROMPTS, COMPLETIONS, pad_id=0)
+    per_token = token_logprobs(model, batch)
+    assert per_token.shape == batch.input_ids.shape
+    assert (per_token[~batch.completion_mask] == 0).all()
+    assert (per_token[batch.completion_mask] < 0).all()
+    # Completion 1's third token under the naive computation.
+    p, c = PROMPTS[1], COMPLETIONS[1]
+    with torch.no_grad():
+        logp = model(torch.tensor([p + c])).logits.log_softmax(-1)[0]
+    torch.testing.assert_close(per_token[1, len(p) + 2], logp[len(p) + 1, c[2]], atol=1e-5, rtol=1e-5)
+
+
+def test_full_logits_fallback_matches_the_hidden_state_path(model):
+    batch = collate(PROMPTS, COMPLETIONS, pad_id=0)
+    fast = CompletionLogprobs(model)
+    slow = CompletionLogprobs(model)
+    assert fast.from_hidden_states
+    slow.from_hidden_states = False
+    args = (batch.input_ids, batch.attention_mask, batch.completion_mask)
+    torch.testing.assert_close(fast(*args), slow(*args), atol=1e-5, rtol=1e-5)
+    slow.accepts_logits_to_keep = False  # a model without `logits_to_keep`: full logits
+    torch.testing.assert_close(fast(*args), slow(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_that_caps_its_logits_is_scored_through_its_own_forward():
+    assert not CompletionLogprobs(tiny_model(0, final_logit_softcapping=30.0)).from_hidden_states
+    assert not CompletionLogprobs(tiny_model(0, logit_scale=0.5)).from_hidden_states
+    assert CompletionLogprobs(tiny_model(0, logit_scale=1.0)).from_hidden_states
+
+
+def test_gradients_equal_those_of_the_naive_computation(model):
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])  # distinct weights so a row mix-up changes the gradient
+    model.zero_grad()
+    (weights * sequence_logprobs(model, collate(PROMPTS, COMPLETIONS, pad_id=0))).sum().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for w, p, c in zip(weights, PROMPTS, COMPLETIONS):
+        logp = model(torch.tensor([p + c])).logits.log_softmax(-1)[0]
+        (w * sum(logp[len(p) - 1 + j, tok] for j, tok in enumerate(c))).backward()
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in got)
+    model.zero_grad()
+
+
+def test_score_sequences_is_batch_size_invariant_and_keeps_order(model):
+    prompts = PROMPTS * 3
+    completions = COMPLETIONS[1:] + COMPLETIONS[:1] + COMPLETIONS * 2
+    one = score_sequences(model, prompts, completions, pad_id=0, batch_size=1)
+    many = score_sequences(model, prompts, completions, pad_id=0, batch_size=5)
+    want = [naive_logprob(model, p, c) for p, c in zip(prompts, completions)]
+    assert one == pytest.approx(want, abs=1e-4)
+    assert many == pytest.approx(want, abs=1e-4)
+    assert not model.training
+
+
+def test_score_sequences_restores_training_mode_and_checks_batch_size(model):
+    model.train()
+    score_sequences(model, PROMPTS[:1], COMPLETIONS[:1], pad_id=0)
+    assert model.training
+    model.eval()
+    with pytest.raises(ItermergeError, match="batch_size=0"):
+        score_sequences(model, PROMPTS, COMPLETIONS, pad_id=0, batch_size=0)
