@@ -29,7 +29,10 @@ def naive_logprob(model, prompt: list[int], completion: list[int]) -> float:
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only adds contention on a shared CPU
+    yield tiny_model(0)
+    torch.set_num_threads(threads)
 
 
 def test_collate_pads_right_and_marks_only_completion_tokens():

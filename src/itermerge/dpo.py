@@ -1,0 +1,383 @@
+"""DPO against the fixed reference θ0 (§2, Alg. 1): the loss as a pure function, and the training loop on accelerate."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from itermerge.errors import ItermergeError
+from itermerge.logprobs import CompletionLogprobs, collate, score_sequences
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from itermerge.records import PreferencePair
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The DPO loss of §2 per pair, and the induced rewards of eq. (4).
+
+        r_θ(x, y) = β (log π_θ(y|x) − log π_θ0(y|x))                          eq. (4)
+        L(θ)      = −log σ( r_θ(x, y_w) − r_θ(x, y_l) )                        §2, DPO loss
+
+    All inputs are (B,) sums of completion-token log-probs; returns (losses, chosen_rewards,
+    rejected_rewards), each (B,); the rewards are detached (they are metrics).
+    """
+    pi_logratios = policy_chosen_logps - policy_rejected_logps
+    ref_logratios = ref_chosen_logps - ref_rejected_logps
+    logits = pi_logratios - ref_logratios  # h(y_w, y_l)
+    losses = -F.logsigmoid(beta * logits)
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def scheduled_lr(step: int, total_steps: int, peak_lr: float, warmup_ratio: float, schedule: str = "cosine") -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine/linear decay or constant.
+
+    The warm-up has ceil(warmup_ratio · total_steps) steps and, unlike transformers' schedule, the
+    first step does not run at lr 0 (it would waste a step of a short iteration): lr = peak·(s+1)/(w+1).
+    """
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if step < warmup:
+        return peak_lr * (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return peak_lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if schedule == "linear":
+        return peak_lr * (1.0 - progress)
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def truncate_pair(
+    prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int], max_length: int, max_prompt_length: int
+) -> tuple[list[int], list[int], list[int]]:
+    """Fit prompt + the longer completion into ``max_length`` tokens.
+
+    First the prompt keeps its last ``max_prompt_length`` tokens (the generation prompt sits at its end),
+    then both completions keep their first tokens; a cut completion loses its EOS, so it is fully scored.
+    """
+    prompt, chosen, rejected = list(prompt), list(chosen), list(rejected)
+    if len(prompt) + max(len(chosen), len(rejected)) > max_length:
+        prompt = prompt[-max_prompt_length:]
+    budget = max_length - len(prompt)
+    return prompt, chosen[:budget], rejected[:budget]
+
+
+_SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """DPO settings; the defaults are appendix C's (Table 6), ZeRO-3 aside (that comes from the launcher)."""
+
+    beta: float = field(default=0.1, metadata={"help": "KL coefficient β of eq. (2)/(4)."})
+    learning_rate: float = field(default=5e-7, metadata={"help": "Peak AdamW learning rate."})
+    global_batch_size: int = field(
+        default=128, metadata={"help": "Pairs per optimizer step = micro_batch_size × grad. accumulation × processes."}
+    )
+    micro_batch_size: int = field(
+        default=4, metadata={"help": "Pairs per forward on one process (chosen + rejected = 2× sequences)."}
+    )
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of the optimizer steps spent warming up."})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "Decay after warm-up: cosine, linear or constant."})
+    weight_decay: float = field(
+        default=0.01, metadata={"help": "AdamW weight decay on matrices (norms and biases are not decayed)."}
+    )
+    adam_betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW (β1, β2)."})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW ε."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this value."})
+    epochs: int = field(default=1, metadata={"help": "Passes over D_t."})
+    mask_eos: bool = field(
+        default=True, metadata={"help": "Do not score a completion's final EOS token (appendix C)."}
+    )
+    max_length: int = field(default=2048, metadata={"help": "Longest prompt + completion, in tokens."})
+    max_prompt_length: int = field(default=1024, metadata={"help": "Prompt tokens kept when a pair is too long."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward: less memory, ~30% more compute."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the pair shuffle (the same on every process)."})
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> ItermergeError:
+            return ItermergeError(f"dpo.{name} = {getattr(self, name)!r}: {rule}")
+
+        for name in ("beta", "learning_rate", "adam_eps", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "must be > 0")
+        for name in ("global_batch_size", "micro_batch_size", "epochs", "max_length", "max_prompt_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(name, "must be a positive integer")
+        if self.global_batch_size % self.micro_batch_size:
+            raise bad("global_batch_size", f"must be a multiple of dpo.micro_batch_size = {self.micro_batch_size}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise bad("warmup_ratio", "must be in [0, 1), e.g. 0.03")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", "must be >= 0")
+        if self.lr_scheduler not in _SCHEDULES:
+            raise bad("lr_scheduler", f"must be one of {_SCHEDULES}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise bad("adam_betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        if self.max_prompt_length >= self.max_length:
+            raise bad("max_prompt_length", f"must be < dpo.max_length = {self.max_length} to leave room for completions")
+
+    def accumulation_steps(self, num_processes: int) -> int:
+        """Micro-batches per process per optimizer step, so that global = micro × accumulation × processes."""
+        per_step = self.micro_batch_size * num_processes
+        if self.global_batch_size % per_step:
+            raise ItermergeError(
+                f"dpo.global_batch_size = {self.global_batch_size} is not a multiple of dpo.micro_batch_size × "
+                f"processes = {self.micro_batch_size} × {num_processes}; change one of them"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass(frozen=True)
+class _PairTokens:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    ref_chosen: float
+    ref_rejected: float
+
+    @property
+    def num_tokens(self) -> int:
+        return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
+
+
+def _pair_tokens(pair: PreferencePair, index: int, cfg: DPOConfig) -> _PairTokens:
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        if not getattr(pair, name):
+            raise ItermergeError(f"pair {index} (prompt_id {pair.prompt_id!r}): {name} is empty; re-run pair selection")
+    prompt, chosen, rejected = truncate_pair(
+        pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, cfg.max_length, cfg.max_prompt_length
+    )
+    ref = (pair.ref_chosen_logp, pair.ref_rejected_logp)
+    return _PairTokens(prompt, chosen, rejected, *(math.nan if r is None else float(r) for r in ref))
+
+
+def _eos_ids(model: nn.Module, cfg: DPOConfig) -> tuple[int, ...]:
+    """The model's end-of-sequence ids when appendix C's EOS masking is on, else none."""
+    if not cfg.mask_eos:
+        return ()
+    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+
+
+def _pad_id(model: nn.Module) -> int:
+    # Padding is masked out everywhere, so any valid id does; the config's keeps batches readable.
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def add_reference_logprobs(
+    reference_model: nn.Module,
+    pairs: Sequence[PreferencePair],
+    cfg: DPOConfig,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[PreferencePair]:
+    """Pairs with ref_chosen_logp / ref_rejected_logp = log π_θ0(y|x), computed once (Alg. 1: π_ref = θ0).
+
+    The tokens scored are exactly those `train_dpo` scores (same truncation, same EOS masking), so the
+    log-ratios of eq. (4) compare like with like. Pass θ0 itself, never θ_{t-1}.
+    """
+    tokens = [_pair_tokens(pair, i, cfg) for i, pair in enumerate(pairs)]
+    prompts = [t.prompt for t in tokens]
+    completions = [t.chosen for t in tokens] + [t.rejected for t in tokens]
+    scores = score_sequences(
+        reference_model, prompts + prompts, completions, _pad_id(reference_model), batch_size, progress,
+        eos_ids=_eos_ids(reference_model, cfg),
+    )  # fmt: skip
+    n = len(pairs)
+    return [
+        dataclasses.replace(pair, ref_chosen_logp=scores[i], ref_rejected_logp=scores[n + i])
+        for i, pair in enumerate(pairs)
+    ]
+
+
+def _global_batches(num_pairs: int, cfg: DPOConfig) -> list[list[int]]:
+    """Pair indices of each optimizer step: a seeded shuffle per epoch, cut into global batches (last may be short)."""
+    batches = []
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        batches += [order[i : i + cfg.global_batch_size] for i in range(0, num_pairs, cfg.global_batch_size)]
+    return batches
+
+
+def _micro_batches(batch: list[int], rank: int, processes: int, accumulation: int, micro: int) -> list[tuple[list[int], float]]:
+    """This process's micro-batches of one global batch, as (pair indices, weight).
+
+    Slot j = k·processes + rank holds pairs [j·micro, (j+1)·micro) of the batch. A short last batch
+    can leave a slot empty; it then runs the batch's first pair with weight 0, so every process still
+    does the same number of forward/backward passes (DDP's collectives need it).
+    """
+    slots = []
+    for k in range(accumulation):
+        j = k * processes + rank
+        indices = batch[j * micro : (j + 1) * micro]
+        slots.append((indices, 1.0) if indices else (batch[:1], 0.0))
+    return slots
+
+
+def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # As transformers' Trainer: matrices and embeddings decay; norms and biases (1-D) do not.
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def train_dpo(
+    model: nn.Module,
+    pairs: Sequence[PreferencePair],
+    cfg: DPOConfig,
+    accelerator: Accelerator | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """θ_t = argmin_θ L(θ; D_t) from the model's current weights (Alg. 1), trained in place; returns metrics.
+
+    The reference log-probs are read from the pairs (θ0's, see `add_reference_logprobs`), so only the
+    policy is in memory. Under `accelerate launch` (DDP, DeepSpeed) every process passes all pairs; each
+    takes its slots of every global batch, and the result matches one process with the same global batch.
+    The accelerator's prepared objects are released at the end.
+    """
+    from accelerate import Accelerator
+
+    start = time.perf_counter()
+    if not pairs:
+        raise ItermergeError("train_dpo: no preference pairs; D_t is empty (were all samples ties?)")
+    tokens = [_pair_tokens(pair, i, cfg) for i, pair in enumerate(pairs)]
+    for i, t in enumerate(tokens):
+        if math.isnan(t.ref_chosen) or math.isnan(t.ref_rejected):
+            raise ItermergeError(
+                f"pair {i} (prompt_id {pairs[i].prompt_id!r}) has no reference log-probs (ref_chosen_logp / "
+                "ref_rejected_logp); compute them once under θ0 with itermerge.dpo.add_reference_logprobs"
+            )
+    accelerator = accelerator or Accelerator()
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    accumulation = cfg.accumulation_steps(processes)
+    accelerator.gradient_accumulation_steps = accumulation
+    accelerator.step = 0  # align accelerate's accumulation counter with our optimizer steps
+    pad_id, eos_ids = _pad_id(model), _eos_ids(model, cfg)
+    batches = _global_batches(len(pairs), cfg)
+
+    was_training = model.training
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW(
+        _decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps
+    )
+    scorer, optimizer = accelerator.prepare(CompletionLogprobs(model), optimizer)
+
+    history: list[dict[str, float]] = []
+    bar = None
+    if progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(batches), desc="DPO", unit="step")
+    for step, batch in enumerate(batches):
+        lr = scheduled_lr(step, len(batches), cfg.learning_rate, cfg.warmup_ratio, cfg.lr_scheduler)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = torch.zeros(accumulation * cfg.micro_batch_size, 4)  # (loss, r_w, r_l, weight) per local pair
+        micro_batches = _micro_batches(batch, rank, processes, accumulation, cfg.micro_batch_size)
+        for k, (indices, weight) in enumerate(micro_batches):
+            with accelerator.accumulate(scorer):
+                group_tokens = [tokens[i] for i in indices]
+                prompts = [t.prompt for t in group_tokens]
+                # Chosen and rejected in one forward: (2m, L), chosen first.
+                inputs = collate(
+                    prompts + prompts,
+                    [t.chosen for t in group_tokens] + [t.rejected for t in group_tokens],
+                    pad_id,
+                    eos_ids=eos_ids,
+                ).to(accelerator.device)
+                logps = scorer(inputs.input_ids, inputs.attention_mask, inputs.completion_mask).sum(dim=1)
+                chosen_logps, rejected_logps = logps.float().chunk(2)
+                ref = torch.tensor([[t.ref_chosen, t.ref_rejected] for t in group_tokens], device=logps.device)
+                losses, chosen_rewards, rejected_rewards = dpo_loss(
+                    chosen_logps, rejected_logps, ref[:, 0], ref[:, 1], cfg.beta
+                )
+                # The step's gradient is that of the mean loss over the global batch: accelerate divides by
+                # `accumulation` and DDP averages over processes, hence the factors.
+                loss = losses.sum() * (weight * processes * accumulation / len(batch))
+                accelerator.backward(loss)
+                at = slice(k * cfg.micro_batch_size, k * cfg.micro_batch_size + len(indices))
+                rows[at] = torch.stack(
+                    [losses.detach(), chosen_rewards, rejected_rewards, torch.full_like(losses, weight)], dim=1
+                ).cpu()
+        grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append(_step_metrics(accelerator.gather(rows.to(accelerator.device)).cpu(), step, lr, grad_norm))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", acc=f"{history[-1]['accuracy']:.2f}")
+    if bar is not None:
+        bar.close()
+
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    model.train(was_training)
+    accelerator.free_memory()
+    wall = time.perf_counter() - start
+    return _run_metrics(history, sum(tokens[i].num_tokens for batch in batches for i in batch), wall)
+
+
+def _step_metrics(rows: Tensor, step: int, lr: float, grad_norm: Tensor | float | None) -> dict[str, float]:
+    """Mean loss, preference accuracy and rewards of one step over all processes' real pairs (weight 1)."""
+    rows = rows[rows[:, 3] > 0]
+    loss, chosen, rejected = rows[:, 0], rows[:, 1], rows[:, 2]
+    return {
+        "step": step + 1,
+        "lr": lr,
+        "pairs": len(rows),
+        "loss": loss.mean().item(),
+        "accuracy": (chosen > rejected).float().mean().item(),
+        "reward_margin": (chosen - rejected).mean().item(),
+        "chosen_reward": chosen.mean().item(),
+        "rejected_reward": rejected.mean().item(),
+        "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+    }
+
+
+def _run_metrics(history: list[dict[str, float]], num_tokens: int, wall: float) -> dict[str, Any]:
+    pairs = sum(h["pairs"] for h in history)
+
+    def mean(key: str) -> float:
+        return sum(h[key] * h["pairs"] for h in history) / pairs
+
+    return {
+        "loss": mean("loss"),
+        "accuracy": mean("accuracy"),
+        "reward_margin": mean("reward_margin"),
+        "chosen_reward": mean("chosen_reward"),
+        "rejected_reward": mean("rejected_reward"),
+        "first_step_loss": history[0]["loss"],
+        "last_step_loss": history[-1]["loss"],
+        "last_step_accuracy": history[-1]["accuracy"],
+        "steps": len(history),
+        "pairs_seen": pairs,
+        "tokens": num_tokens,
+        "tokens_per_s": num_tokens / wall,
+        "wall_s": wall,
+        "history": history,
+    }

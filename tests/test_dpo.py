@@ -1,0 +1,281 @@
+"""DPO: the loss by hand and against TRL, the training loop, its reference handling, and 2-process equivalence."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+
+import pytest
+import torch
+from _dist_worker import EOS, make_pairs
+from conftest import tiny_model, tiny_tokenizer
+
+from itermerge.dpo import (
+    DPOConfig,
+    add_reference_logprobs,
+    dpo_loss,
+    scheduled_lr,
+    train_dpo,
+    truncate_pair,
+)
+from itermerge.errors import ItermergeError
+from itermerge.logprobs import collate, sequence_logprobs
+
+FAST = dict(learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant", weight_decay=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: a second thread only adds contention on a shared CPU (about 3x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def perturbed_theta0(scale: float = 0.3):
+    """θ0 plus seeded noise: a policy far enough from θ0 that the DPO logits are well away from 0."""
+    model = tiny_model(0)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_dpo_loss_hand_computed():
+    """Three pairs, derived by hand.
+
+    pair 0, β = 0.5: π_w = -1, π_l = -3, ref_w = ref_l = -2 → h = (-1 + 3) - 0 = 2, βh = 1,
+        loss = -log σ(1) = log(1 + e^-1) = 0.313262, r_w = 0.5·(-1 + 2) = 0.5, r_l = 0.5·(-3 + 2) = -0.5.
+    pair 1, β = 0.5: π_w = -5, π_l = -4, ref_w = -4, ref_l = -5 → h = -1 - 1 = -2, βh = -1,
+        loss = log(1 + e^1) = 1.313262, r_w = -0.5, r_l = 0.5.
+    pair 2: policy = reference → h = 0, loss = log 2, both rewards 0.
+    ∂loss/∂π_w = -β σ(-βh): pair 0 → -0.5·σ(-1) = -0.134471; pair 1 → -0.5·σ(1) = -0.365529.
+    """
+    pc = torch.tensor([-1.0, -5.0, -7.0], requires_grad=True)
+    pr = torch.tensor([-3.0, -4.0, -2.0])
+    rc = torch.tensor([-2.0, -4.0, -7.0])
+    rr = torch.tensor([-2.0, -5.0, -2.0])
+    losses, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    torch.testing.assert_close(losses, torch.tensor([0.313262, 1.313262, math.log(2)]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(chosen, torch.tensor([0.5, -0.5, 0.0]))
+    torch.testing.assert_close(rejected, torch.tensor([-0.5, 0.5, 0.0]))
+    losses.sum().backward()
+    torch.testing.assert_close(pc.grad, torch.tensor([-0.134471, -0.365529, -0.25]), atol=1e-6, rtol=0)
+    assert not chosen.requires_grad
+
+
+def test_scheduled_lr_hand_computed():
+    # 10 steps, warm-up ceil(0.2·10) = 2 steps: peak·1/3, peak·2/3, then cosine over the 8 remaining steps.
+    lrs = [scheduled_lr(s, 10, 3.0, 0.2) for s in range(10)]
+    assert lrs[:3] == pytest.approx([1.0, 2.0, 3.0])
+    assert lrs[6] == pytest.approx(1.5)  # progress 4/8: cos(π/2) = 0 → peak/2
+    assert lrs[9] == pytest.approx(3.0 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert scheduled_lr(5, 10, 3.0, 0.0, "constant") == 3.0
+    assert scheduled_lr(5, 10, 3.0, 0.0, "linear") == pytest.approx(1.5)
+
+
+def test_truncate_pair_cuts_the_prompt_start_then_completion_ends():
+    prompt, chosen, rejected = list(range(10)), [100, 101, 102, EOS], [200, EOS]
+    assert truncate_pair(prompt, chosen, rejected, 20, 5) == (prompt, chosen, rejected)
+    # 10 + 4 > 12: prompt keeps its last 5, completions fit in 12 - 5 = 7.
+    assert truncate_pair(prompt, chosen, rejected, 12, 5) == ([5, 6, 7, 8, 9], chosen, rejected)
+    # 10 + 4 > 8: prompt keeps 5, completions keep their first 3 (the EOS goes).
+    assert truncate_pair(prompt, chosen, rejected, 8, 5) == ([5, 6, 7, 8, 9], [100, 101, 102], rejected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(learning_rate=-1.0), r"dpo.learning_rate = -1.0: must be > 0"),
+        (dict(beta=0.0), r"dpo.beta = 0.0"),
+        (dict(global_batch_size=10, micro_batch_size=4), r"multiple of dpo.micro_batch_size = 4"),
+        (dict(warmup_ratio=1.5), r"warmup_ratio = 1.5"),
+        (dict(lr_scheduler="step"), r"lr_scheduler = 'step'"),
+        (dict(max_length=100, max_prompt_length=100), r"max_prompt_length = 100"),
+        (dict(epochs=0), r"epochs = 0: must be a positive integer"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ItermergeError, match=match):
+        DPOConfig(**kwargs)
+
+
+def test_config_defaults_are_appendix_c_and_every_field_has_help():
+    import dataclasses
+
+    cfg = DPOConfig()
+    assert (cfg.beta, cfg.learning_rate, cfg.global_batch_size, cfg.warmup_ratio) == (0.1, 5e-7, 128, 0.03)
+    assert (cfg.weight_decay, cfg.max_grad_norm, cfg.max_length, cfg.max_prompt_length) == (0.01, 1.0, 2048, 1024)
+    assert cfg.lr_scheduler == "cosine" and cfg.mask_eos and cfg.epochs == 1
+    assert all(f.metadata.get("help") for f in dataclasses.fields(DPOConfig))
+    with pytest.raises(ItermergeError, match=r"not a multiple of dpo\.micro_batch_size × processes = 4 × 3"):
+        cfg.accumulation_steps(3)
+    assert cfg.accumulation_steps(2) == 16
+
+
+def test_pairs_without_reference_logprobs_are_refused():
+    pairs = add_reference_logprobs(tiny_model(0), make_pairs(3), DPOConfig(), progress=False)
+    pairs[1] = make_pairs(3)[1]
+    with pytest.raises(ItermergeError, match=r"pair 1 \(prompt_id 'p1'\) has no reference log-probs"):
+        train_dpo(tiny_model(0), pairs, DPOConfig(global_batch_size=4), progress=False)
+    with pytest.raises(ItermergeError, match="no preference pairs"):
+        train_dpo(tiny_model(0), [], DPOConfig(), progress=False)
+
+
+def test_reference_logprobs_score_exactly_the_trained_tokens():
+    """θ0's log-probs with EOS masked and the pair truncated: equal to scoring the truncated ids without the EOS."""
+    cfg = DPOConfig(max_length=6, max_prompt_length=3)
+    pair = make_pairs(1)[0]
+    [scored] = add_reference_logprobs(tiny_model(0), [pair], cfg, progress=False)
+    prompt, chosen, rejected = truncate_pair(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, 6, 3)
+    want = sequence_logprobs(
+        tiny_model(0), collate([prompt, prompt], [chosen, rejected], 0, eos_ids=[EOS])
+    ).tolist()
+    assert [scored.ref_chosen_logp, scored.ref_rejected_logp] == pytest.approx(want, abs=1e-5)
+    assert scored.prompt_ids == pair.prompt_ids  # the record keeps its full ids
+
+
+def test_the_reference_is_theta0_from_the_pairs_not_the_starting_policy():
+    """Training θ1 (≠ θ0) on pairs scored by θ0: the first step's loss uses θ0's log-probs.
+
+    Had the loop used its starting policy as the reference (θ_{t-1}, the drift Alg. 1 forbids),
+    the first loss would be exactly log 2.
+    """
+    cfg = DPOConfig(global_batch_size=4, micro_batch_size=4, **FAST)
+    pairs = add_reference_logprobs(tiny_model(0), make_pairs(4), cfg, progress=False)
+    theta1 = tiny_model(1)
+    with torch.no_grad():
+        prompts = [p.prompt_ids for p in pairs]
+        batch = collate(prompts + prompts, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], 0, eos_ids=[EOS])
+        chosen, rejected = sequence_logprobs(theta1, batch).chunk(2)
+    ref_c = torch.tensor([p.ref_chosen_logp for p in pairs])
+    ref_r = torch.tensor([p.ref_rejected_logp for p in pairs])
+    want = dpo_loss(chosen, rejected, ref_c, ref_r, cfg.beta)[0].mean().item()
+    metrics = train_dpo(theta1, pairs, cfg, progress=False)
+    assert metrics["first_step_loss"] == pytest.approx(want, abs=1e-6)
+    assert abs(metrics["first_step_loss"] - math.log(2)) > 1e-3
+
+
+def test_training_changes_parameters_and_learns_the_preferences():
+    cfg = DPOConfig(global_batch_size=4, micro_batch_size=2, epochs=6, **FAST)
+    pairs = add_reference_logprobs(tiny_model(0), make_pairs(8), cfg, progress=False)
+    model = tiny_model(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    metrics = train_dpo(model, pairs, cfg, progress=False)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) == len(before)
+    history = metrics["history"]
+    assert metrics["steps"] == len(history) == 12 and metrics["pairs_seen"] == 48
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at the start
+    assert history[-1]["loss"] < 0.5 and history[-1]["accuracy"] == 1.0 and history[-1]["reward_margin"] > 0.5
+    assert metrics["tokens"] == 6 * sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    assert not model.training  # the caller's mode is restored
+
+
+def test_gradient_accumulation_equals_one_big_micro_batch():
+    """Global batch 4 (of 6 pairs: 4 + a short batch of 2) as 1×4 or as 4 micro-batches of 1."""
+    results = []
+    for micro in (4, 1):
+        cfg = DPOConfig(global_batch_size=4, micro_batch_size=micro, epochs=2, **FAST)
+        pairs = add_reference_logprobs(tiny_model(0), make_pairs(6), cfg, progress=False)
+        model = tiny_model(0)
+        metrics = train_dpo(model, pairs, cfg, progress=False)
+        results.append((model.state_dict(), metrics))
+    (a, ma), (b, mb) = results
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    for key in ("loss", "grad_norm"):  # Adam hides a gradient scale error; the norm does not
+        assert [h[key] for h in ma["history"]] == pytest.approx([h[key] for h in mb["history"]], rel=1e-4, abs=1e-6)
+    assert [h["pairs"] for h in ma["history"]] == [4, 2, 4, 2]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # TRL's config sets transformers' deprecated gradient_checkpointing
+def test_loss_and_gradients_match_trl_dpo_trainer(tmp_path):
+    """TRL 1.16's DPOTrainer.compute_loss (with an explicit ref_model = θ0) vs ours, on one batch of 3 pairs.
+
+    TRL computes the reference log-probs itself, so this also checks `add_reference_logprobs`. TRL does
+    not mask the EOS, hence mask_eos=False here.
+    """
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer
+
+    pairs = make_pairs(3, seed=5)
+    text = {"prompt": [{"role": "user", "content": "1+1"}]}
+    dataset = Dataset.from_list([{**text, "chosen": [{"role": "assistant", "content": "2"}],
+                                  "rejected": [{"role": "assistant", "content": "3"}]}])  # fmt: skip
+    args = TRLConfig(
+        output_dir=str(tmp_path), beta=0.5, bf16=False, use_cpu=True, report_to=[], save_strategy="no",
+        logging_strategy="no", per_device_train_batch_size=3,
+    )  # fmt: skip
+    trl_policy = perturbed_theta0()
+    trainer = DPOTrainer(
+        model=trl_policy, ref_model=tiny_model(0), args=args, train_dataset=dataset, processing_class=tiny_tokenizer()
+    )
+    inputs = trainer.data_collator(
+        [{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in pairs]
+    )
+    trl_policy.train()
+    trl_loss = trainer.compute_loss(trl_policy, inputs)
+    trl_loss.backward()
+
+    cfg = DPOConfig(beta=0.5, mask_eos=False)
+    scored = add_reference_logprobs(tiny_model(0), pairs, cfg, progress=False)
+    policy = perturbed_theta0()
+    policy.train()
+    prompts = [p.prompt_ids for p in pairs]
+    logps = sequence_logprobs(policy, collate(prompts + prompts, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], 0))
+    chosen, rejected = logps.chunk(2)
+    ref_c = torch.tensor([p.ref_chosen_logp for p in scored])
+    ref_r = torch.tensor([p.ref_rejected_logp for p in scored])
+    losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_c, ref_r, 0.5)
+    loss = losses.mean()
+    loss.backward()
+
+    assert abs(loss.item() - math.log(2)) > 0.05  # policy ≠ reference, so the comparison is not trivial
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-5)
+    metrics = trainer._metrics["train"]
+    assert chosen_rewards.mean().item() == pytest.approx(metrics["rewards/chosen"][-1], rel=1e-4, abs=1e-6)
+    margin = (chosen_rewards - rejected_rewards).mean().item()
+    assert margin == pytest.approx(metrics["rewards/margins"][-1], rel=1e-4, abs=1e-6)
+    for (name, ours), theirs in zip(policy.named_parameters(), trl_policy.parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_give_the_same_weights_as_one(tmp_path):
+    """Global batch 4 over 10 pairs (batches 4, 4, 2): 1 process × 2 micro-batches of 2 vs 2 gloo processes × 1×2.
+
+    The short last batch leaves an empty slot on one side (a weight-0 stand-in pair), which must not count.
+    """
+    import torch.multiprocessing as mp
+    from _dist_worker import train_in_process_group
+
+    cfg_kwargs = dict(global_batch_size=4, micro_batch_size=2, epochs=1, **FAST)
+    mp.spawn(train_in_process_group, args=(2, _free_port(), cfg_kwargs, str(tmp_path)), nprocs=2, join=True)
+    two = torch.load(tmp_path / "state.pt")
+    two_metrics = json.loads((tmp_path / "metrics.json").read_text())
+
+    cfg = DPOConfig(**cfg_kwargs)
+    pairs = add_reference_logprobs(tiny_model(0), make_pairs(10), cfg, progress=False)
+    model = tiny_model(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    one_metrics = train_dpo(model, pairs, cfg, progress=False)
+    for k, v in model.state_dict().items():
+        assert not torch.equal(v, before[k]), k
+        # Adam turns float-rounding differences of near-zero gradients into ~1e-6 moves; a step moves ~1e-2.
+        torch.testing.assert_close(two[k], v, atol=1e-5, rtol=1e-4, msg=k)
+    assert [h["pairs"] for h in two_metrics["history"]] == [4, 4, 2]
+    for key in ("loss", "accuracy", "reward_margin", "grad_norm"):  # Adam hides a gradient scale error; the norm does not
+        assert [h[key] for h in two_metrics["history"]] == pytest.approx(
+            [h[key] for h in one_metrics["history"]], rel=1e-4, abs=1e-6
+        ), key
