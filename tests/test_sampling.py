@@ -1,0 +1,316 @@
+"""Sampling: parameters, HF-exact logits warping, exact categorical draws, the HF backend against generate, vLLM mapping."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from itermerge.errors import ItermergeError
+from itermerge.sampling import Sample, Sampler, SamplingParams, make_sampler, prompt_seeds
+from itermerge.sampling.hf import HFSampler, eos_token_ids
+from itermerge.sampling.logits import apply_penalties, sample_categorical, top_k_mask, top_p_mask, warp_logits
+from itermerge.sampling.vllm import import_vllm, to_sample, vllm_sampling_kwargs
+
+INF = float("inf")
+EXTRA_EOS = 73  # with initializer_range=0.5 the tiny model's greedy text hits 73 early for some prompts only
+
+
+@pytest.fixture(scope="module")
+def sharp_model():
+    """A tiny Llama with large weights, so greedy text varies; EOS ids (2, 73) end some rows early."""
+    model = tiny_model(0, initializer_range=0.5)
+    model.generation_config.eos_token_id = [2, EXTRA_EOS]
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_tok):
+    texts = ["hi", "what is 2+2?", "a much longer prompt than the others", "12*3=", "ok"]
+    return [
+        tiny_tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True)[
+            "input_ids"
+        ]
+        for t in texts
+    ]
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def test_defaults_are_the_training_column_and_evaluation_is_appendix_a():
+    p = SamplingParams()
+    assert (p.n, p.temperature, p.top_p, p.top_k, p.max_new_tokens) == (8, 1.0, 1.0, 0, 1024)
+    assert SamplingParams.training() == p
+    e = SamplingParams.evaluation(n=2)
+    assert (e.n, e.temperature, e.top_p, e.top_k) == (2, 0.7, 0.9, 40)
+    assert (e.presence_penalty, e.frequency_penalty, e.max_new_tokens) == (0.1, 0.1, 1024)
+    assert SamplingParams(temperature=0).greedy and not p.greedy
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("n", 0), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("top_k", 2.5),
+     ("max_new_tokens", 0), ("seed", -1), ("presence_penalty", 3.0), ("frequency_penalty", -2.5)],
+)
+def test_bad_params_name_the_field(field, value):
+    with pytest.raises(ItermergeError, match=f"SamplingParams.{field} = "):
+        SamplingParams(**{field: value})
+
+
+def test_prompt_seeds_follow_content_not_position():
+    a, b = [5, 6, 7], [8, 9]
+    s_ab, s_ba = prompt_seeds([a, b], 0), prompt_seeds([b, a], 0)
+    assert s_ab == s_ba[::-1]
+    assert prompt_seeds([a], 1) != prompt_seeds([a], 0)
+    twice = prompt_seeds([a, a], 0)
+    assert twice[0] == s_ab[0] and twice[1] != twice[0]  # a repeated prompt gets fresh samples
+    assert all(0 <= s < 2**63 for s in twice)
+
+
+# ---------------------------------------------------------------- logits processing, by hand
+
+
+def test_top_k_keeps_the_k_best_and_their_ties():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 5.0, 4.0], [1.0, 2.0, 2.0, 0.0, -1.0]])
+    out = top_k_mask(logits, 2)
+    assert out[0].tolist() == [-INF, -INF, -INF, 5.0, 4.0]
+    assert out[1].tolist() == [-INF, 2.0, 2.0, -INF, -INF]
+    assert top_k_mask(logits, 1)[1].tolist() == [-INF, 2.0, 2.0, -INF, -INF]  # a tie with the k-th stays
+    assert torch.equal(top_k_mask(logits, 99), logits)
+
+
+def test_top_p_keeps_the_smallest_nucleus_with_enough_mass():
+    """probs (.5, .25, .15, .1). Ascending cumulative mass: .1, .25, .5, 1.
+    top_p = .7 removes what sits at ≤ .3: {.1, .15} → keeps .5 and .25 (mass .75 ≥ .7).
+    top_p = .8 removes what sits at ≤ .2: {.1} only.  top_p = .4 keeps only the best token."""
+    logits = torch.tensor([[0.5, 0.25, 0.15, 0.1]]).log()
+    assert torch.isinf(top_p_mask(logits, 0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(top_p_mask(logits, 0.8)).tolist() == [[False, False, False, True]]
+    assert torch.isinf(top_p_mask(logits, 0.4)).tolist() == [[False, True, True, True]]
+    kept = top_p_mask(logits, 0.7)
+    assert kept[0, :2].tolist() == logits[0, :2].tolist()
+
+
+def test_temperature_divides_the_logits_before_truncation():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    assert warp_logits(logits, 0.5, 0, 1.0).tolist() == [[4.0, 2.0, 0.0]]
+    # probs at T=1 ≈ (.665, .245, .090): top_p .8 keeps two; at T=.5, (.867, .117, .016): keeps one.
+    assert torch.isinf(warp_logits(logits, 1.0, 0, 0.8)).tolist() == [[False, False, True]]
+    assert torch.isinf(warp_logits(logits, 0.5, 0, 0.8)).tolist() == [[False, True, True]]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 40, 0.9), (1.3, 5, 1.0), (0.5, 0, 0.6)])
+def test_warping_equals_hf_warpers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(0)) * 3
+    hf = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k:
+        hf.append(TopKLogitsWarper(top_k))
+    if top_p < 1:
+        hf.append(TopPLogitsWarper(top_p))
+    expected = hf(torch.zeros(6, 1, dtype=torch.long), logits.clone())
+    assert torch.equal(warp_logits(logits, temperature, top_k, top_p), expected)
+    if top_k or top_p < 1:
+        assert torch.isinf(expected).any()  # the comparison covers truncation
+
+
+def test_penalties_are_vllms():
+    """logit − frequency·count − presence·[count>0]: counts (0, 1, 3), presence .5, frequency .1 →
+    (1, 1 − .1 − .5, 1 − .3 − .5) = (1, .4, .2)."""
+    out = apply_penalties(torch.ones(1, 3), torch.tensor([[0.0, 1.0, 3.0]]), presence=0.5, frequency=0.1)
+    assert torch.allclose(out, torch.tensor([[1.0, 0.4, 0.2]]))
+
+
+def test_categorical_draw_inverts_the_cdf_and_skips_removed_tokens():
+    """probs (.5, 0, .25, .25) → CDF (.5, .5, .75, 1): u=.1 → 0, u=.6 → 2 (never 1), u=.8 → 3."""
+    logits = torch.tensor([[0.5, 0.0, 0.25, 0.25]]).log().expand(4, 4)
+    u = torch.tensor([0.0, 0.1, 0.6, 0.8], dtype=torch.float64)
+    assert sample_categorical(logits, u).tolist() == [0, 0, 2, 3]
+
+
+def test_categorical_frequencies_match_probabilities():
+    """With N evenly spaced uniforms each token's frequency is its probability to within 1/N."""
+    n = 10_000
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0])
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    drawn = sample_categorical(probs.log().expand(n, 5), u)
+    freq = torch.bincount(drawn, minlength=5).double() / n
+    assert (freq - probs.double()).abs().max() <= 1.0 / n + 1e-6
+
+
+# ---------------------------------------------------------------- the HF backend
+
+
+def test_eos_ids_come_from_generation_config(sharp_model, tiny_tok):
+    assert eos_token_ids(sharp_model, tiny_tok) == [2, EXTRA_EOS]
+    assert eos_token_ids(tiny_model(0), tiny_tok) == [2]
+
+
+def test_greedy_matches_hf_generate_token_for_token(sharp_model, tiny_tok, prompts):
+    sampler = HFSampler(sharp_model, tiny_tok, batch_size=4, progress=False)  # 10 rows: 3 batches, mixed lengths
+    assert isinstance(sampler, Sampler)
+    out = sampler.generate(prompts, SamplingParams(n=2, temperature=0, max_new_tokens=24))
+    finished = []
+    for ids, samples in zip(prompts, out):
+        ref = sharp_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24)[0, len(ids) :].tolist()
+        if ref[-1] == 0 or ref[-1] in (2, EXTRA_EOS):  # generate pads after EOS: cut at the first EOS
+            ref = ref[: next(i for i, t in enumerate(ref) if t in (2, EXTRA_EOS)) + 1]
+        assert samples[0].token_ids == ref and samples[1].token_ids == ref
+        finished.append(samples[0].finished)
+        assert samples[0].finished == (ref[-1] in (2, EXTRA_EOS))
+    assert any(finished) and not all(finished)  # both ways of ending were exercised
+
+
+def test_greedy_penalties_match_an_uncached_reference_loop(sharp_model, tiny_tok, prompts):
+    params = SamplingParams(n=1, temperature=0, max_new_tokens=12, presence_penalty=1.5, frequency_penalty=0.7)
+    sampler = HFSampler(sharp_model, tiny_tok, batch_size=3, progress=False)
+    out = sampler.generate(prompts, params)
+    changed = False
+    for ids, (sample,) in zip(prompts, out):
+        seq, counts, ref = list(ids), torch.zeros(1, 128), []
+        with torch.no_grad():
+            for _ in range(params.max_new_tokens):
+                logits = sharp_model(torch.tensor([seq])).logits[:, -1]
+                token = int(apply_penalties(logits, counts, 1.5, 0.7).argmax())
+                ref.append(token)
+                changed |= token != int(logits.argmax())
+                if token in (2, EXTRA_EOS):
+                    break
+                seq.append(token)
+                counts[0, token] += 1
+        assert sample.token_ids == ref
+    assert changed  # the penalties did change some choice
+
+
+def test_samples_are_reproducible_and_independent_of_batching(sharp_model, tiny_tok, prompts):
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=16, seed=7)
+    a = HFSampler(sharp_model, tiny_tok, batch_size=64, progress=False).generate(prompts, params)
+    b = HFSampler(sharp_model, tiny_tok, batch_size=2, progress=False).generate(prompts, params)
+    c = HFSampler(sharp_model, tiny_tok, batch_size=5, progress=False).generate(prompts[::-1], params)
+    assert a == b == c[::-1]
+    texts = [s.text for row in a for s in row]
+    assert len(set(texts)) > len(texts) // 2  # samples differ between k and between prompts
+    other = HFSampler(sharp_model, tiny_tok, progress=False).generate(prompts, SamplingParams(**{**params.__dict__, "seed": 8}))
+    assert other != a
+
+
+def test_sample_contract_eos_kept_in_ids_and_dropped_from_text(sharp_model, tiny_tok, prompts):
+    out = HFSampler(sharp_model, tiny_tok, progress=False).generate(prompts, SamplingParams(n=4, max_new_tokens=20))
+    assert [len(row) for row in out] == [4] * len(prompts)
+    samples = [s for row in out for s in row]
+    assert any(s.finished for s in samples) and not all(s.finished for s in samples)
+    for s in samples:
+        assert isinstance(s, Sample)
+        eos_at = [i for i, t in enumerate(s.token_ids) if t in (2, EXTRA_EOS)]
+        if s.finished:
+            assert eos_at == [len(s.token_ids) - 1]
+        else:
+            assert eos_at == [] and len(s.token_ids) == 20
+        assert s.text == tiny_tok.decode(s.token_ids, skip_special_tokens=True)
+        assert "<|im_end|>" not in s.text
+
+
+def test_top_k_one_sampling_is_greedy(sharp_model, tiny_tok, prompts):
+    sampler = HFSampler(sharp_model, tiny_tok, progress=False)
+    greedy = sampler.generate(prompts, SamplingParams(n=1, temperature=0, max_new_tokens=10))
+    top1 = sampler.generate(prompts, SamplingParams(n=2, temperature=1.3, top_k=1, max_new_tokens=10))
+    assert [[s.token_ids for s in row] for row in top1] == [[row[0].token_ids] * 2 for row in greedy]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.0, 6, 0.9)])
+def test_first_token_law_is_the_warped_softmax(sharp_model, tiny_tok, prompts, temperature, top_k, top_p):
+    """N draws of the first token: each token's frequency lies within 5 standard errors of its
+    probability under HF's warping of the model's logits (false alarm odds ~1e-6 per token)."""
+    n, ids = 3000, prompts[1]
+    with torch.no_grad():
+        logits = sharp_model(torch.tensor([ids])).logits[:, -1]
+    probs = warp_logits(logits, temperature, top_k, top_p).softmax(-1)[0].double()
+    params = SamplingParams(n=n, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=1)
+    (samples,) = HFSampler(sharp_model, tiny_tok, batch_size=n, progress=False).generate([ids], params)
+    freq = torch.bincount(torch.tensor([s.token_ids[0] for s in samples]), minlength=128).double() / n
+    assert (freq[probs == 0] == 0).all()
+    bound = 5 * (probs * (1 - probs) / n).sqrt() + 1e-9
+    assert ((freq - probs).abs() <= bound).all()
+    assert (probs > 0.01).sum() >= 2  # a law with several likely tokens, so the check has teeth
+
+
+def test_user_mistakes_are_named(sharp_model, tiny_tok):
+    sampler = HFSampler(sharp_model, tiny_tok, progress=False)
+    with pytest.raises(ItermergeError, match=r"prompt_ids\[1\] is empty"):
+        sampler.generate([[5, 6], []], SamplingParams(n=1, max_new_tokens=2))
+    with pytest.raises(ItermergeError, match=r"prompt_ids\[0\] has token id 500"):
+        sampler.generate([[5, 500]], SamplingParams(n=1, max_new_tokens=2))
+    with pytest.raises(ItermergeError, match="batch_size = 0"):
+        HFSampler(sharp_model, tiny_tok, batch_size=0)
+    assert sampler.generate([], SamplingParams()) == []
+
+
+def test_make_sampler_backends(sharp_model, tiny_tok):
+    assert isinstance(make_sampler("hf", sharp_model, tiny_tok, batch_size=8, progress=False), HFSampler)
+    with pytest.raises(ItermergeError, match="backend 'sglang' is unknown: use 'hf' or 'vllm'"):
+        make_sampler("sglang", sharp_model, tiny_tok)
+    with pytest.raises(ItermergeError, match="needs a checkpoint path"):
+        make_sampler("vllm", sharp_model, tiny_tok)
+
+
+def test_sampling_restores_training_mode(sharp_model, tiny_tok, prompts):
+    sharp_model.train()
+    try:
+        HFSampler(sharp_model, tiny_tok, progress=False).generate(prompts[:1], SamplingParams(n=1, max_new_tokens=2))
+        assert sharp_model.training
+    finally:
+        sharp_model.eval()
+
+
+# ---------------------------------------------------------------- the vLLM backend (mapping only; no vLLM here)
+
+
+def test_missing_vllm_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
+    with pytest.raises(ItermergeError, match=r"pip install 'itermerge\[vllm\]'"):
+        import_vllm()
+    with pytest.raises(ItermergeError, match=r"itermerge\[vllm\]"):
+        make_sampler("vllm", "/some/checkpoint")
+
+
+def test_vllm_params_mapping():
+    kw = vllm_sampling_kwargs(SamplingParams.evaluation(n=8, max_new_tokens=64), [2, 7], request_seed=11)
+    assert kw == dict(n=8, temperature=0.7, top_p=0.9, top_k=40, presence_penalty=0.1, frequency_penalty=0.1,
+                      max_tokens=64, seed=11, stop_token_ids=[2, 7], skip_special_tokens=True)
+    train = vllm_sampling_kwargs(SamplingParams(), [2], request_seed=0)
+    assert (train["top_k"], train["top_p"], train["temperature"], train["n"]) == (-1, 1.0, 1.0, 8)
+    assert vllm_sampling_kwargs(SamplingParams(n=4, temperature=0), [2], 0)["n"] == 1
+
+
+def test_vllm_outputs_become_samples():
+    assert to_sample("hi", [5, 2], "stop", [2]) == Sample("hi", [5, 2], True)
+    assert to_sample("hi", [5], "stop", [2]) == Sample("hi", [5, 2], True)  # EOS put back if dropped
+    assert to_sample("hi", [5, 6], "length", [2]) == Sample("hi", [5, 6], False)
+
+
+# ---------------------------------------------------------------- the real model, once
+
+
+@pytest.mark.slow
+def test_greedy_matches_generate_on_smollm2():
+    from itermerge.checkpoint import load_model, load_tokenizer, resolve_model
+
+    path = resolve_model("smollm2-135m-instruct")
+    model, tok = load_model(path), load_tokenizer(path)
+    questions = ["What is 17 + 25?", "Name a prime number larger than 10."]
+    ids = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)[
+        "input_ids"] for q in questions]
+    out = HFSampler(model, tok, progress=False).generate(ids, SamplingParams(n=1, temperature=0, max_new_tokens=32))
+    for prompt, (sample,) in zip(ids, out):
+        ref = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=32)[0, len(prompt) :].tolist()
+        assert sample.token_ids == ref
