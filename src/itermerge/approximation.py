@@ -1,0 +1,246 @@
+"""★ How close the merge (eq. 9) gets to the exact ensemble (eq. 6) it approximates, and what each costs."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from itermerge import __version__
+from itermerge.ensemble import (
+    ensemble_coefficients,
+    ensemble_generate,
+    live_members,
+    mix_logprobs,
+    next_token_logprobs,
+    scoring_batches,
+)
+from itermerge.errors import ItermergeError
+from itermerge.merge import merge_state_dicts, resolve_weights
+from itermerge.records import Prompt
+from itermerge.sampling import SamplingParams
+from itermerge.sampling.hf import eos_token_ids
+
+
+def kl_per_position(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) over the vocabulary at each position: (N, V), (N, V) → (N,).
+
+    Terms with p_v = 0 are 0 (not 0·∞ = NaN); q_v = 0 where p_v > 0 gives +inf, as it should.
+    """
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
+
+
+def _pearson(x: list[float], y: list[float]) -> tuple[float | None, float | None]:
+    from scipy.stats import pearsonr
+
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None, None  # undefined for constant or too short inputs
+    r = pearsonr(x, y)
+    return float(r.statistic), float(r.pvalue)
+
+
+def uniform_average(models: Sequence[nn.Module]) -> nn.Module:
+    """The naive merge mean(θ1..θT) = θ0 + Σ (θt − θ0)/T, as a new model (``models`` = θ0, θ1, …, θT)."""
+    T = len(models) - 1
+    return merged_model(models, [1.0 / T] * T)
+
+
+@torch.no_grad()
+def approximation_error(
+    models: Sequence[nn.Module], coeffs: Sequence[float], merged: nn.Module, prompt_ids: Sequence[Sequence[int]],
+    params: SamplingParams, eos_ids: Sequence[int], pad_id: int, baselines: dict[str, nn.Module] | None = None,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """How close the merge is to the ensemble it approximates, on completions sampled from the ensemble.
+
+    For each candidate (the merge, and the naive θT alone and uniform average of θ1..θT unless
+    ``baselines`` replaces them): the mean over completion tokens of the full-vocabulary KL(π* ‖ π_m)
+    and KL(π_m ‖ π*) at each position, and the Pearson correlation across completions of log π*(y|x)
+    and log π_m(y|x). π* is the untempered per-token ensemble (sampling settings only pick the text).
+    """
+    members, live = live_members(models, coeffs)
+    if baselines is None:
+        baselines = {"theta_T": models[-1], "uniform_average": uniform_average(models)} if len(models) > 1 else {}
+    candidates = {"merged": merged, **baselines}
+    sampled = ensemble_generate(models, coeffs, prompt_ids, params, eos_ids, pad_id, batch_size, progress=True)
+    flat_prompts = [list(p) for p, per in zip(prompt_ids, sampled) for _ in per]
+    flat_completions = [ids for per in sampled for ids, _ in per]
+    keep = [i for i, c in enumerate(flat_completions) if c]
+    flat_prompts, flat_completions = [flat_prompts[i] for i in keep], [flat_completions[i] for i in keep]
+    if not flat_completions:
+        raise ItermergeError("the ensemble produced only empty completions; raise max_new_tokens or check the EOS ids")
+    n = len(flat_completions)
+    seq_ens = [0.0] * n
+    seq = {name: [0.0] * n for name in candidates}
+    kl_fwd = dict.fromkeys(candidates, 0.0)
+    kl_rev = dict.fromkeys(candidates, 0.0)
+    tokens = 0
+    device = next(members[0].parameters()).device
+    for idx, batch, targets in scoring_batches(flat_prompts, flat_completions, pad_id, batch_size, device):
+        ens = mix_logprobs([next_token_logprobs(m, batch) for m in members], live)  # (N, V)
+        row_of = torch.repeat_interleave(torch.tensor([len(flat_completions[i]) for i in idx]))  # (N,) row in batch
+        _add_by_row(seq_ens, idx, row_of, ens.gather(1, targets[:, None]).squeeze(1))
+        tokens += len(targets)
+        for name, model in candidates.items():
+            lp = next_token_logprobs(model, batch)  # (N, V)
+            kl_fwd[name] += float(kl_per_position(ens, lp).sum())
+            kl_rev[name] += float(kl_per_position(lp, ens).sum())
+            _add_by_row(seq[name], idx, row_of, lp.gather(1, targets[:, None]).squeeze(1))
+    report = {}
+    for name in candidates:
+        r, p = _pearson(seq_ens, seq[name])
+        report[name] = {
+            "kl_ensemble_to_model_per_token": kl_fwd[name] / tokens,
+            "kl_model_to_ensemble_per_token": kl_rev[name] / tokens,
+            "seq_logp_pearson": r, "seq_logp_pearson_p": p,
+            "mean_seq_logp": sum(seq[name]) / n,
+        }
+    return {
+        "coefficients": list(coeffs), "models_in_ensemble": len(members), "completions": n, "tokens": tokens,
+        "ensemble_mean_seq_logp": sum(seq_ens) / n, "candidates": report,
+    }
+
+
+def _add_by_row(acc: list[float], idx: list[int], row_of: Tensor, values: Tensor) -> None:
+    sums = torch.zeros(len(idx)).index_add_(0, row_of, values.cpu())
+    for i, s in zip(idx, sums.tolist()):
+        acc[i] += s
+
+
+def _param_bytes(models: Sequence[nn.Module]) -> int:
+    seen, total = set(), 0
+    for m in models:
+        for p in m.parameters():
+            if p.data_ptr() not in seen:  # tied weights count once
+                seen.add(p.data_ptr())
+                total += p.nbytes
+    return total
+
+
+def decoding_cost(
+    models: Sequence[nn.Module], coeffs: Sequence[float], merged: nn.Module, prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int, pad_id: int, batch_size: int = 16, repeats: int = 1,
+) -> dict[str, Any]:
+    """Wall time and memory of ensemble vs merged decoding of the same number of tokens (greedy, EOS ignored).
+
+    Memory is what decoding holds: the weights of the models it runs plus the largest KV cache, both
+    measured from the tensors; on CUDA also the allocator's peak. Expected ratio ≈ (models run) : 1.
+    """
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+    runs = {"ensemble": (list(models), list(coeffs)), "merged": ([merged], [1.0])}
+    for ms, cs in runs.values():  # warm-up: first-call allocations and kernel selection are not decoding cost
+        ensemble_generate(ms, cs, prompt_ids[:1], SamplingParams(n=1, temperature=0.0, max_new_tokens=2), [], pad_id)
+    out: dict[str, Any] = {}
+    for _ in range(repeats):
+        for name, (ms, cs) in runs.items():
+            cuda = next(ms[0].parameters()).is_cuda
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            stats: dict[str, Any] = {}
+            start = time.perf_counter()
+            ensemble_generate(ms, cs, prompt_ids, params, [], pad_id, batch_size, stats=stats)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            if name in out and out[name]["seconds"] <= seconds:
+                continue
+            live = [m for m, c in zip(ms, cs) if c != 0.0]
+            out[name] = {
+                "seconds": seconds, "tokens": stats["tokens"], "tokens_per_s": stats["tokens"] / seconds,
+                "models_run": stats["models_run"], "weights_bytes": _param_bytes(live),
+                "kv_cache_bytes": stats["kv_cache_bytes"],
+                "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            }
+    e, m = out["ensemble"], out["merged"]
+    out["time_ratio"] = e["seconds"] / m["seconds"]
+    out["memory_ratio"] = (e["weights_bytes"] + e["kv_cache_bytes"]) / (m["weights_bytes"] + m["kv_cache_bytes"])
+    return out
+
+
+def merged_model(models: Sequence[nn.Module], weights: Sequence[float]) -> nn.Module:
+    """θ0 + Σ k_t (θt − θ0) (eq. 9) as a new model in memory (``models`` = θ0, θ1, …, θT)."""
+    merged = copy.deepcopy(models[0])
+    merged.load_state_dict(merge_state_dicts(models[0].state_dict(), [m.state_dict() for m in models[1:]], weights))
+    return merged
+
+
+def approximation_study(
+    reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], prompts: Sequence[Prompt],
+    out_dir: str | os.PathLike, *, lam: float | None = None, alpha: float | None = None,
+    weights: Sequence[float] | None = None, params: SamplingParams | None = None, batch_size: int = 8,
+    cost_tokens: int = 32, device: str = "cpu",
+) -> dict[str, Any]:
+    """Load θ0..θT, merge (λ, α) or ``weights`` in memory, and write ``approximation.json`` + ``.png`` to ``out_dir``.
+
+    The JSON holds the inputs, the k_t and coefficients, ``approximation_error`` on completions that the
+    ensemble samples for ``prompts``, and ``decoding_cost`` for ``cost_tokens`` new tokens per prompt.
+    """
+    from itermerge.checkpoint import load_model, load_tokenizer
+    from itermerge.rundir import atomic_write_json
+    from itermerge.tokenization import encode_prompt, pad_id
+
+    if not checkpoints:
+        raise ItermergeError("approximation study: no checkpoints; give θ1..θT (the iterative-DPO checkpoints, in order)")
+    if not prompts:
+        raise ItermergeError("approximation study: no prompts; give at least one dev prompt to sample from the ensemble")
+    k = resolve_weights(len(checkpoints), lam, alpha, weights)
+    coeffs = ensemble_coefficients(k)
+    params = params or SamplingParams(n=1, temperature=1.0, max_new_tokens=64)
+    tokenizer = load_tokenizer(checkpoints[-1])
+    models = [load_model(p, device=device) for p in [reference, *checkpoints]]
+    merged = merged_model(models, k)
+    prompt_ids = [encode_prompt(tokenizer, p.messages) for p in prompts]
+    pad, eos = pad_id(tokenizer), eos_token_ids(models[-1], tokenizer)
+    error = approximation_error(models, coeffs, merged, prompt_ids, params, eos, pad, batch_size=batch_size)
+    cost = decoding_cost(models, coeffs, merged, prompt_ids, cost_tokens, pad, batch_size=batch_size)
+    result = {
+        "itermerge_version": __version__,
+        "what": "exact ensemble eq. (6), normalised per token, vs the merge eq. (9) that approximates it",
+        "reference": str(reference), "checkpoints": [str(c) for c in checkpoints],
+        "lam": lam, "alpha": alpha, "weights": k, "coefficients": coeffs,
+        "sampling": dataclasses.asdict(params),
+        "prompts": len(prompts), "error": error, "cost": cost,
+    }
+    out = Path(out_dir)
+    atomic_write_json(out / "approximation.json", result)
+    plot_approximation(result, out / "approximation.png")
+    return result
+
+
+def plot_approximation(result: dict[str, Any], path: Path) -> None:
+    """Two panels: per-token KL of each candidate to the ensemble (both directions); time and memory ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cands = result["error"]["candidates"]
+    names = list(cands)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    xs = range(len(names))
+    ax1.bar([x - 0.2 for x in xs], [cands[n]["kl_ensemble_to_model_per_token"] for n in names], 0.4, label="KL(ensemble ‖ model)")
+    ax1.bar([x + 0.2 for x in xs], [cands[n]["kl_model_to_ensemble_per_token"] for n in names], 0.4, label="KL(model ‖ ensemble)")
+    ax1.set_xticks(list(xs), names)
+    ax1.set_ylabel("mean KL per completion token (nats)")
+    ax1.set_title("distance to the exact ensemble")
+    ax1.legend(fontsize=8)
+    cost = result["cost"]
+    ax2.bar(["time", "memory"], [cost["time_ratio"], cost["memory_ratio"]], color=["tab:gray", "tab:olive"])
+    ax2.axhline(cost["ensemble"]["models_run"], ls="--", c="k", lw=1, label=f"{cost['ensemble']['models_run']} models : 1")
+    ax2.set_ylabel("ensemble / merged")
+    ax2.set_title("decoding cost, same tokens")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)  # atomic: a reader never sees half a PNG
