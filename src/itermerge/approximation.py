@@ -25,6 +25,7 @@ from itermerge.ensemble import (
 from itermerge.errors import ItermergeError
 from itermerge.merge import merge_state_dicts, resolve_weights
 from itermerge.records import Prompt
+from itermerge.rewards import pearson
 from itermerge.sampling import SamplingParams
 from itermerge.sampling.hf import eos_token_ids
 
@@ -36,15 +37,6 @@ def kl_per_position(logp: Tensor, logq: Tensor) -> Tensor:
     """
     p = logp.exp()
     return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
-
-
-def _pearson(x: list[float], y: list[float]) -> tuple[float | None, float | None]:
-    from scipy.stats import pearsonr
-
-    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
-        return None, None  # undefined for constant or too short inputs
-    r = pearsonr(x, y)
-    return float(r.statistic), float(r.pvalue)
 
 
 def uniform_average(models: Sequence[nn.Module]) -> nn.Module:
@@ -96,7 +88,7 @@ def approximation_error(
             _add_by_row(seq[name], idx, row_of, lp.gather(1, targets[:, None]).squeeze(1))
     report = {}
     for name in candidates:
-        r, p = _pearson(seq_ens, seq[name])
+        r, p = pearson(seq_ens, seq[name])
         report[name] = {
             "kl_ensemble_to_model_per_token": kl_fwd[name] / tokens,
             "kl_model_to_ensemble_per_token": kl_rev[name] / tokens,
