@@ -151,12 +151,34 @@ def test_categorical_frequencies_match_probabilities():
 # ---------------------------------------------------------------- the HF backend
 
 
+def test_growing_cache_layers_equal_concatenation():
+    from conftest import tiny_config
+    from transformers.cache_utils import DynamicLayer
+
+    from itermerge.sampling.kv_cache import growing_cache
+
+    cache = growing_cache(tiny_config(), capacity=2)
+    assert len(cache.layers) == 2 and not any(type(layer) is DynamicLayer for layer in cache.layers)
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(3, 2, n, 8, generator=g) for n in (3, 1, 1, 1)]  # (B, H_kv, T, D): prefill, 3 steps
+    for i, chunk in enumerate(chunks):
+        keys, values = cache.update(chunk, -chunk, layer_idx=0)
+        expected = torch.cat(chunks[: i + 1], dim=2)
+        assert torch.equal(keys, expected) and torch.equal(values, -expected)
+    assert cache.get_seq_length() == 6 and cache.layers[0].capacity >= 6
+    cache.batch_select_indices(torch.tensor([2, 0, 0]))
+    keys, _ = cache.update(chunks[1][:3], chunks[1][:3], layer_idx=0)
+    assert torch.equal(keys, torch.cat([expected[[2, 0, 0]], chunks[1]], dim=2))
+
+
 def test_eos_ids_come_from_generation_config(sharp_model, tiny_tok):
     assert eos_token_ids(sharp_model, tiny_tok) == [2, EXTRA_EOS]
     assert eos_token_ids(tiny_model(0), tiny_tok) == [2]
 
 
-def test_greedy_matches_hf_generate_token_for_token(sharp_model, tiny_tok, prompts):
+@pytest.mark.parametrize("room", [128, 1])  # 1: the KV cache doubles its buffers while decoding
+def test_greedy_matches_hf_generate_token_for_token(sharp_model, tiny_tok, prompts, room, monkeypatch):
+    monkeypatch.setattr("itermerge.sampling.hf.INITIAL_ROOM", room)
     sampler = HFSampler(sharp_model, tiny_tok, batch_size=4, progress=False)  # 10 rows: 3 batches, mixed lengths
     assert isinstance(sampler, Sampler)
     out = sampler.generate(prompts, SamplingParams(n=2, temperature=0, max_new_tokens=24))

@@ -12,11 +12,13 @@ from tqdm.auto import tqdm
 
 from itermerge.errors import ItermergeError
 from itermerge.sampling import Sample, SamplingParams, prompt_seeds
+from itermerge.sampling.kv_cache import growing_cache
 from itermerge.sampling.logits import apply_penalties, sample_categorical, warp_logits
 
 # Finished rows stay in the batch (their tokens ignored) until they are this fraction of it; then
 # the batch and its KV cache are compacted. Dropping at once would copy the cache on every finish.
 COMPACT_FRACTION = 1 / 8
+INITIAL_ROOM = 128  # KV-cache slots reserved for new tokens before the first doubling
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -79,11 +81,12 @@ class HFSampler:
         """``params.n`` samples per prompt, in prompt order. Same seed and prompt → same samples."""
         self._check_prompts(prompt_ids)
         seeds = prompt_seeds(prompt_ids, params.seed)
+        per_prompt = 1 if params.greedy else params.n  # greedy samples are all the same: decode one
         rows = sorted(
-            ((p, k) for p in range(len(prompt_ids)) for k in range(params.n)),
+            ((p, k) for p in range(len(prompt_ids)) for k in range(per_prompt)),
             key=lambda row: (len(prompt_ids[row[0]]), row[0], row[1]),
         )
-        results: list[list[Sample | None]] = [[None] * params.n for _ in prompt_ids]
+        results: list[list[Sample]] = [[] for _ in prompt_ids]
         was_training = self.model.training
         self.model.eval()
         start, n_tokens = time.perf_counter(), 0
@@ -93,16 +96,16 @@ class HFSampler:
                 chunk = rows[lo : lo + self.batch_size]
                 with torch.inference_mode():
                     outputs = self._decode(prompt_ids, chunk, seeds, params)
-                for (p, k), (ids, finished) in zip(chunk, outputs):
+                for (p, _), (ids, finished) in zip(chunk, outputs):  # rows of a prompt come in k order
                     text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                    results[p][k] = Sample(text=text, token_ids=ids, finished=finished)
+                    results[p].append(Sample(text=text, token_ids=ids, finished=finished))
                     n_tokens += len(ids)
                 bar.update(len(chunk))
                 bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - start):.1f}")
         finally:
             bar.close()
             self.model.train(was_training)
-        return results  # type: ignore[return-value]
+        return [row * params.n for row in results] if params.greedy else results
 
     def _check_prompts(self, prompt_ids: list[list[int]]) -> None:
         for i, ids in enumerate(prompt_ids):
@@ -124,8 +127,6 @@ class HFSampler:
         self, prompt_ids: list[list[int]], chunk: list[tuple[int, int]], seeds: list[int], params: SamplingParams
     ) -> list[tuple[list[int], bool]]:
         """Decode one batch of rows (prompt index, k); returns (token ids, finished) per row."""
-        from transformers import DynamicCache
-
         dev, max_new = self.device, params.max_new_tokens
         distinct = list(dict.fromkeys(p for p, _ in chunk))
         row_prompt = torch.tensor([distinct.index(p) for p, _ in chunk], device=dev)  # (B,)
@@ -136,10 +137,7 @@ class HFSampler:
             input_ids[i, width - len(prompt_ids[p]) :] = torch.tensor(prompt_ids[p], device=dev)
         mask = (torch.arange(width, device=dev) >= (width - lengths)[:, None]).long()  # (U, W)
         positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # as HF generate
-        try:
-            cache = DynamicCache(config=self.model.config)  # transformers 5: layer types from the config
-        except TypeError:
-            cache = DynamicCache()
+        cache = growing_cache(self.model.config, capacity=width + min(max_new, INITIAL_ROOM))
 
         # Prefill each distinct prompt once, then give each of its rows a copy of its cache.
         logits = self._forward(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions)
