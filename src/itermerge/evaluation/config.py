@@ -1,0 +1,165 @@
+"""What to evaluate: frozen settings for each evaluator, validated once, with a fingerprint for resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from itermerge.errors import ItermergeError
+
+SAMPLING_MODES = ("greedy", "eval")  # "eval": appendix A's evaluation column (T 0.7, top-p 0.9, top-k 40)
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """Where the prompts of a split come from: a built-in task's generator, or JSONL files per split."""
+
+    task: str | None = field(default="arithmetic", metadata={"help": "built-in task (prompts and verifier)"})
+    task_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "task constructor options"})
+    files: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "split → prompts JSONL; replaces the task's generator"}
+    )
+    n: int = field(default=100, metadata={"help": "prompts per split (all of a file when larger)"})
+    seed: int = field(default=0, metadata={"help": "prompt order and sampling seed"})
+
+
+@dataclass(frozen=True)
+class AccuracyConfig:
+    """Task accuracy by the task's verifier, and the answer-format rate beside it."""
+
+    sampling: str = field(default="greedy", metadata={"help": "greedy | eval (appendix A)"})
+    samples: int = field(default=1, metadata={"help": "completions per prompt (1 when greedy)"})
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """The paper's "average reward": mean score of completions under a scorer."""
+
+    scorer: dict[str, Any] | None = field(
+        default=None, metadata={"help": "labeling.make_scorer spec; None = the task's own graded score"}
+    )
+    sampling: str = field(default="eval", metadata={"help": "greedy | eval (appendix A, as §4.2)"})
+    samples: int = field(default=1, metadata={"help": "completions per prompt"})
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    """KL(π ‖ π_ref) from samples of π at temperature 1 (no truncation: the estimate needs π's own law)."""
+
+    samples: int = field(default=1, metadata={"help": "samples per prompt"})
+
+
+@dataclass(frozen=True)
+class LmEvalTask:
+    """One lm-eval-harness task and how it is run."""
+
+    name: str
+    num_fewshot: int | None = None
+    chat_template: bool = False
+    metric: str = field(default="acc", metadata={"help": "the metric key reported, e.g. acc, acc_norm"})
+    filter: str = field(default="none", metadata={"help": "the filter of that metric, e.g. flexible-extract"})
+
+
+@dataclass(frozen=True)
+class LmEvalConfig:
+    """lm-eval-harness benchmarks (extra ``eval``): a preset or explicit tasks."""
+
+    preset: str | None = field(default=None, metadata={"help": "'paper': the five benchmarks of Table 2"})
+    tasks: tuple[LmEvalTask, ...] = ()
+    include_path: str | None = field(default=None, metadata={"help": "directory of local task YAMLs"})
+    limit: int | None = field(default=None, metadata={"help": "documents per task (None: all)"})
+    batch_size: int = 8
+    fewshot_as_multiturn: bool = False
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Every evaluator the search, ``itermerge eval`` and the report use; None turns one off."""
+
+    prompts: PromptSource = field(default_factory=PromptSource)
+    max_new_tokens: int = 64
+    batch_size: int = field(default=64, metadata={"help": "sampler rows per batch"})
+    accuracy: AccuracyConfig | None = field(default_factory=AccuracyConfig)
+    reward: RewardConfig | None = field(default_factory=RewardConfig)
+    kl: KLConfig | None = None
+    lm_eval: LmEvalConfig | None = None
+
+    def __post_init__(self) -> None:
+        positive = [("max_new_tokens", self.max_new_tokens), ("batch_size", self.batch_size), ("prompts.n", self.prompts.n)]
+        positive += [(f"{name}.samples", getattr(self, name).samples) for name in ("accuracy", "reward", "kl") if getattr(self, name)]
+        for name, value in positive:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ItermergeError(f"eval.{name} = {value!r}: must be an integer >= 1")
+        for name in ("accuracy", "reward"):
+            section = getattr(self, name)
+            if section is None:
+                continue
+            if section.sampling not in SAMPLING_MODES:
+                raise ItermergeError(f"eval.{name}.sampling = {section.sampling!r}: use one of {list(SAMPLING_MODES)}")
+            if section.sampling == "greedy" and section.samples != 1:
+                raise ItermergeError(
+                    f"eval.{name}.samples = {section.samples} with greedy decoding gives identical copies; "
+                    "set samples: 1 or sampling: eval"
+                )
+        if self.prompts.task is None and not self.prompts.files:
+            raise ItermergeError("eval.prompts: give a task (e.g. arithmetic) or files {split: prompts.jsonl}")
+        if self.accuracy is not None and self.prompts.task is None:
+            raise ItermergeError("eval.accuracy needs eval.prompts.task (its verifier decides correctness); set it or accuracy: null")
+        if self.reward is not None and self.reward.scorer is None and self.prompts.task is None:
+            raise ItermergeError("eval.reward.scorer is unset and there is no task to score with; give a scorer spec")
+        if self.lm_eval is not None and not (self.lm_eval.preset or self.lm_eval.tasks):
+            raise ItermergeError("eval.lm_eval: give a preset (paper) or a list of tasks")
+
+    def fingerprint(self) -> str:
+        """A short hash of these settings: search points are reused only under the same evaluators."""
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any] | None, where: str = "eval") -> EvalConfig:
+        """Build from plain data (a YAML section); unknown keys are errors, a section set to null is off."""
+        obj = dict(obj or {})
+        _check_keys(obj, cls, where)
+        kwargs: dict[str, Any] = {}
+        if "prompts" in obj:
+            kwargs["prompts"] = _section(PromptSource, obj["prompts"], f"{where}.prompts")
+        for name, section_cls in (("accuracy", AccuracyConfig), ("reward", RewardConfig), ("kl", KLConfig)):
+            if name in obj:
+                kwargs[name] = None if obj[name] is None else _section(section_cls, obj[name], f"{where}.{name}")
+        if obj.get("lm_eval") is not None:
+            lm = dict(obj["lm_eval"])
+            _check_keys(lm, LmEvalConfig, f"{where}.lm_eval")
+            tasks = []
+            for i, t in enumerate(lm.pop("tasks", ()) or ()):
+                t = {"name": t} if isinstance(t, str) else t
+                tasks.append(_section(LmEvalTask, t, f"{where}.lm_eval.tasks[{i}]"))
+            kwargs["lm_eval"] = LmEvalConfig(tasks=tuple(tasks), **lm)
+        elif "lm_eval" in obj:
+            kwargs["lm_eval"] = None
+        for name in ("max_new_tokens", "batch_size"):
+            if name in obj:
+                kwargs[name] = obj[name]
+        return cls(**kwargs)
+
+
+def _check_keys(obj: Any, cls: type, where: str) -> None:
+    if not isinstance(obj, dict):
+        raise ItermergeError(f"{where}: expected a mapping of settings, got {obj!r:.80}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(obj) - set(known))
+    if unknown:
+        raise ItermergeError(f"{where}: unknown key(s) {unknown}; known keys: {known}")
+
+
+def _section(cls: type, obj: Any, where: str) -> Any:
+    _check_keys(obj if obj is not None else {}, cls, where)
+    try:
+        return cls(**(obj or {}))
+    except TypeError as e:
+        raise ItermergeError(f"{where}: {e}") from e

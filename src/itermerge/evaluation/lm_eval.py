@@ -1,0 +1,152 @@
+"""The lm-eval-harness bridge (extra ``eval``): benchmarks on a checkpoint path or an in-memory model.
+
+The paper (appendix D) runs lm-eval-harness with: MMLU 5-shot, TruthfulQA 0-shot, ARC 25-shot,
+HellaSwag 10-shot, GSM8K 5-shot chain-of-thought; the chat template on every benchmark except
+HellaSwag; top-1 accuracy, normalised accuracy for HellaSwag, flexible-extract exact match for GSM8K.
+``PRESETS["paper"]`` is that list; it downloads the datasets, so it runs only where the Hub is reachable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from itermerge.errors import ItermergeError
+from itermerge.evaluation.config import LmEvalConfig, LmEvalTask
+from itermerge.evaluation.metric import Metric
+
+INSTALL_HINT = "pip install 'itermerge[eval]'"
+
+# TruthfulQA's "top-1 accuracy" at 0-shot is lm-eval's truthfulqa_mc2 (the Open LLM Leaderboard's);
+# gsm8k_cot holds 8 CoT exemplars, of which num_fewshot=5 keeps the first five.
+PRESETS: dict[str, tuple[LmEvalTask, ...]] = {
+    "paper": (
+        LmEvalTask("mmlu", num_fewshot=5, chat_template=True, metric="acc"),
+        LmEvalTask("truthfulqa_mc2", num_fewshot=0, chat_template=True, metric="acc"),
+        LmEvalTask("arc_challenge", num_fewshot=25, chat_template=True, metric="acc"),
+        LmEvalTask("hellaswag", num_fewshot=10, chat_template=False, metric="acc_norm"),
+        LmEvalTask("gsm8k_cot", num_fewshot=5, chat_template=True, metric="exact_match", filter="flexible-extract"),
+    ),
+}
+
+
+def _require_lm_eval() -> Any:
+    try:
+        import lm_eval
+    except ImportError as e:
+        raise ItermergeError(f"the lm-eval evaluator needs lm-eval-harness, which is not installed: {INSTALL_HINT}") from e
+    return lm_eval
+
+
+def resolve_tasks(config: LmEvalConfig) -> tuple[LmEvalTask, ...]:
+    """The preset's tasks followed by the explicit ones."""
+    if config.preset is not None and config.preset not in PRESETS:
+        raise ItermergeError(f"eval.lm_eval.preset = {config.preset!r}: known presets are {sorted(PRESETS)}")
+    return (PRESETS[config.preset] if config.preset else ()) + tuple(config.tasks)
+
+
+def run_lm_eval(
+    model: Any,
+    tasks: Sequence[LmEvalTask],
+    tokenizer: Any = None,
+    *,
+    include_path: str | os.PathLike | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    fewshot_as_multiturn: bool = False,
+    device: str | None = None,
+) -> dict[str, Metric]:
+    """``{"lm_eval/<task>": Metric, ..., "lm_eval/average": Metric}`` for ``model`` (a path or a loaded HF model).
+
+    Each task runs in its own ``simple_evaluate`` call because few-shot count and chat template are
+    per task. The average is the unweighted mean over tasks (Table 2's "Avg"), its standard error
+    √(Σ se²) / k treating the tasks as independent.
+    """
+    lm_eval = _require_lm_eval()
+    from lm_eval.models.huggingface import HFLM
+
+    if not tasks:
+        raise ItermergeError("run_lm_eval: no tasks given; name lm-eval tasks or use the 'paper' preset")
+    if isinstance(model, (str, os.PathLike)):
+        if not Path(model).exists():
+            raise ItermergeError(f"lm-eval model {model}: no such checkpoint directory")
+        import torch
+
+        lm = HFLM(pretrained=str(model), tokenizer=tokenizer, batch_size=batch_size, dtype="float32",
+                  device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    else:
+        if tokenizer is None:
+            raise ItermergeError("run_lm_eval: an in-memory model needs its tokenizer; pass tokenizer=")
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    manager = _task_manager(tuple(t.name for t in tasks), None if include_path is None else str(include_path))
+
+    out: dict[str, Metric] = {}
+    for task in tasks:
+        with _quiet():
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=[task.name], num_fewshot=task.num_fewshot, limit=limit, task_manager=manager,
+                apply_chat_template=task.chat_template, fewshot_as_multiturn=fewshot_as_multiturn and task.chat_template,
+                log_samples=False, bootstrap_iters=1000,
+            )
+        out[f"lm_eval/{task.name}"] = task_metric(results, task)
+    values = [m for k, m in out.items()]
+    stderr = None if any(m.stderr is None for m in values) else math.sqrt(sum(m.stderr**2 for m in values)) / len(values)
+    out["lm_eval/average"] = Metric(sum(m.value for m in values) / len(values), stderr, sum(m.n for m in values))
+    return out
+
+
+def task_metric(results: dict[str, Any], task: LmEvalTask) -> Metric:
+    """The task's ``metric,filter`` entry of lm-eval's results, with its stderr and document count."""
+    key = f"{task.metric},{task.filter}"
+    row = results.get("results", {}).get(task.name, {})
+    if key not in row:
+        found = sorted(k for k in row if "stderr" not in k and "," in k)
+        raise ItermergeError(
+            f"lm-eval task {task.name!r} reported no {key!r}; it reported {found}. Set metric/filter of this task to one of those"
+        )
+    stderr = row.get(f"{task.metric}_stderr,{task.filter}")
+    stderr = float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None
+    # A group (mmlu) has no n-samples entry of its own; this call ran only its subtasks, so sum them.
+    counts = results.get("n-samples", {})
+    n = counts[task.name]["effective"] if task.name in counts else sum(c["effective"] for c in counts.values())
+    return Metric(float(row[key]), stderr, int(n))
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(names: tuple[str, ...], include: str | None) -> Any:
+    """Index only the local task directory when it holds every task: indexing lm-eval's own YAMLs takes
+    ~40 s on a laptop CPU, so it is done once per process (the search evaluates many points)."""
+    from lm_eval.tasks import TaskManager
+
+    if include is not None:
+        local = TaskManager(include_path=include, include_defaults=False)
+        if all(n in local.all_tasks for n in names):
+            return local
+    manager = TaskManager(include_path=include)
+    missing = [n for n in names if n not in manager.all_tasks]
+    if missing:
+        where = f" or in {include}" if include else ""
+        raise ItermergeError(
+            f"lm-eval task(s) {missing} not found among lm-eval's tasks{where}; check the names "
+            "(lm-eval --tasks list) or set eval.lm_eval.include_path to the directory of your task YAMLs"
+        )
+    return manager
+
+
+@contextlib.contextmanager
+def _quiet():
+    """lm-eval logs every request at INFO; keep our progress output readable."""
+    import logging
+
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -1,0 +1,132 @@
+"""All configured evaluators on one model: generate once per decoding mode, then score."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from itermerge.errors import ItermergeError
+from itermerge.evaluation.config import EvalConfig
+from itermerge.evaluation.kl import sequence_kl
+from itermerge.evaluation.metric import Metric
+from itermerge.evaluation.task import load_prompts, load_task, mean_reward, task_accuracy
+from itermerge.labeling import Scorer, VerifierScorer, make_scorer
+from itermerge.sampling import Sample, Sampler, SamplingParams
+from itermerge.tokenization import encode_prompt, pad_id
+
+
+class Evaluator:
+    """Prompts, scorer and reference model prepared once; ``evaluator(model)`` measures one model.
+
+    The search calls it once per (λ, α) point on the same loaded model, so nothing per-point is
+    loaded here. ``reference_model`` (π_ref = θ0) is needed only for the KL evaluator.
+    """
+
+    def __init__(
+        self,
+        config: EvalConfig,
+        tokenizer: Any,
+        split: str,
+        *,
+        reference_model: nn.Module | None = None,
+        scorer: Scorer | None = None,
+        make_sampler: Callable[..., Sampler] | None = None,
+        progress: bool = True,
+    ):
+        self.config, self.tokenizer, self.split, self.progress = config, tokenizer, split, progress
+        self.task = load_task(config.prompts)
+        self.prompts = load_prompts(config.prompts, split)
+        # No max_length: an evaluation prompt is never dropped, so prompt_ids[i] belongs to prompts[i].
+        self.prompt_ids: list[list[int]] = [encode_prompt(tokenizer, p.messages) for p in self.prompts]
+        self.pad_id = pad_id(tokenizer)
+        self.scorer = scorer
+        if config.reward is not None and scorer is None:
+            self.scorer = (
+                make_scorer(config.reward.scorer)
+                if config.reward.scorer is not None
+                else VerifierScorer(self.task.score, name=f"{self.task.name}.score")
+            )
+        if config.kl is not None and reference_model is None:
+            raise ItermergeError(
+                "eval.kl needs the reference model π_ref (θ0): pass reference_model= (itermerge eval --reference THETA0)"
+            )
+        self.reference_model = reference_model
+        self.make_sampler = make_sampler
+
+    def sampling_params(self, mode: str, n: int) -> SamplingParams:
+        """greedy; eval = appendix A's evaluation column; exact = temperature 1 with nothing cut (for KL)."""
+        common = dict(n=n, max_new_tokens=self.config.max_new_tokens, seed=self.config.prompts.seed)
+        if mode == "greedy":
+            return SamplingParams(temperature=0.0, **common)
+        if mode == "eval":
+            return SamplingParams.evaluation(**common)
+        return SamplingParams.training(**common)
+
+    def __call__(self, model: nn.Module, timings: dict[str, float] | None = None) -> dict[str, Metric]:
+        """Every configured metric of ``model``; ``timings`` (if given) receives seconds per phase."""
+        from itermerge.sampling.hf import HFSampler
+
+        make_sampler = self.make_sampler or HFSampler
+        cfg, timings = self.config, timings if timings is not None else {}
+        # The largest n per decoding mode is sampled once; sample k of a prompt does not depend on n
+        # (its seed is keyed on the prompt and k), so a smaller request takes the first n.
+        requests = [(section.sampling, section.samples) for section in (cfg.accuracy, cfg.reward) if section is not None]
+        requests += [("exact", cfg.kl.samples)] if cfg.kl is not None else []
+        wanted: dict[str, int] = {}
+        for mode, n in requests:
+            wanted[mode] = max(wanted.get(mode, 0), n)
+        sampler = make_sampler(model, self.tokenizer, batch_size=cfg.batch_size, progress=self.progress)
+        start = time.perf_counter()
+        samples: dict[str, list[list[Sample]]] = {
+            mode: sampler.generate(self.prompt_ids, self.sampling_params(mode, n)) for mode, n in wanted.items()
+        }
+        timings["generate_s"] = time.perf_counter() - start
+
+        def texts(mode: str, n: int) -> list[list[str]]:
+            return [[s.text for s in row[:n]] for row in samples[mode]]
+
+        out: dict[str, Metric] = {}
+        start = time.perf_counter()
+        if cfg.accuracy is not None:
+            out.update(task_accuracy(self.task, self.prompts, texts(cfg.accuracy.sampling, cfg.accuracy.samples)))
+        if cfg.reward is not None:
+            out["reward"] = mean_reward(self.scorer, self.prompts, texts(cfg.reward.sampling, cfg.reward.samples))
+        timings["score_s"] = time.perf_counter() - start
+        if cfg.kl is not None:
+            start = time.perf_counter()
+            ys = [[s.token_ids for s in row] for row in samples["exact"]]
+            out["kl"] = sequence_kl(model, self.reference_model, self.prompt_ids, ys, self.pad_id)
+            timings["kl_s"] = time.perf_counter() - start
+        if cfg.lm_eval is not None:
+            from itermerge.evaluation.lm_eval import resolve_tasks, run_lm_eval
+
+            start = time.perf_counter()
+            lm = cfg.lm_eval
+            out.update(run_lm_eval(model, resolve_tasks(lm), self.tokenizer, include_path=lm.include_path,
+                                   limit=lm.limit, batch_size=lm.batch_size, fewshot_as_multiturn=lm.fewshot_as_multiturn))
+            timings["lm_eval_s"] = time.perf_counter() - start
+        return out
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    config: EvalConfig,
+    split: str,
+    *,
+    reference_model: nn.Module | None = None,
+    progress: bool = True,
+) -> dict[str, Metric]:
+    """Every evaluator of ``config`` on ``model`` over ``split``: ``{"accuracy": Metric, "reward": …, …}``."""
+    return Evaluator(config, tokenizer, split, reference_model=reference_model, progress=progress)(model)
+
+
+def metrics_to_dict(metrics: dict[str, Metric]) -> dict[str, dict[str, Any]]:
+    return {name: m.to_dict() for name, m in metrics.items()}
+
+
+def metrics_from_dict(obj: dict[str, Any], where: str = "metrics") -> dict[str, Metric]:
+    return {name: Metric.from_dict(m, f"{where}.{name}") for name, m in obj.items()}
