@@ -1,4 +1,4 @@
-"""The exact ensemble of eq. (6), decoded and scored per token, and how far the merge (eq. 9) is from it.
+"""The exact ensemble of eq. (6), decoded and scored per token (its distance to the merge: approximation.py).
 
 Eq. (6): log π*(y|x) = (1 − Σk_t) log π_θ0(y|x) + Σ_t k_t log π_θt(y|x) + const. The constant normalises
 over all sequences y and is intractable. As EFT (Mitchell et al., 2024) and DeRa (Liu et al., 2024) do,
