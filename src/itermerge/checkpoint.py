@@ -265,6 +265,10 @@ class ShardedWriter:
             self._file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
         self._next += 1
 
+    @property
+    def written(self) -> int:
+        return self._next
+
     def close(self) -> list[Path]:
         if self._next != len(self._order):
             raise AssertionError(f"writer closed after {self._next} of {len(self._order)} tensors")

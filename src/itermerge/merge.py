@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -216,23 +218,33 @@ def merge_checkpoints(
 
     names = base.keys()
     plan = [(n, base.shape(n), _out_dtype(last.dtype(n), dtype)) for n in names]
+    source_weights = [kt for _, kt in sources]
+
+    def compute(i: int) -> torch.Tensor:
+        name = names[i]
+        theta0 = base.get(name)
+        if not theta0.is_floating_point():
+            return last.get(name).clone()
+        merged = task_arithmetic(theta0, [r.get(name) for r, _ in sources], source_weights).to(plan[i][2])
+        if not torch.isfinite(merged).all():
+            raise ItermergeError(_non_finite_message(name, [base, *(r for r, _ in sources)], k))
+        return merged
+
+    workers = max(1, min(os.cpu_count() or 1, 8))
     with atomic_dir(out, force=force) as tmp:
         writer = ShardedWriter(tmp, plan, max_bytes)
-        # Prefetch: fault in the next tensor's pages while this one is computed.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            fetch = lambda n: (base.get(n), [r.get(n) for r, _ in sources])  # noqa: E731
-            pending = pool.submit(fetch, names[0])
-            for i, name in enumerate(tqdm(names, desc="merging", unit="tensor", disable=not progress)):
-                theta0, thetas = pending.result()
-                if i + 1 < len(names):
-                    pending = pool.submit(fetch, names[i + 1])
-                if not theta0.is_floating_point():
-                    writer.add(name, last.get(name).clone())
-                    continue
-                merged = task_arithmetic(theta0, thetas, [kt for _, kt in sources]).to(plan[i][2])
-                if not torch.isfinite(merged).all():
-                    raise ItermergeError(_non_finite_message(name, [base, *(r for r, _ in sources)], k))
-                writer.add(name, merged)
+        # One tensor per worker thread, each single-threaded in torch: no OpenMP barriers per block
+        # (they stall badly when the cores are shared), and results are written in order.
+        with _torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
+            window: deque = deque()
+            bar = tqdm(total=len(names), desc="merging", unit="tensor", disable=not progress)
+            for i in range(len(names)):
+                window.append(pool.submit(compute, i))
+                if len(window) > 2 * workers:
+                    _write_next(writer, names, window, bar)
+            while window:
+                _write_next(writer, names, window, bar)
+            bar.close()
         writer.close()
         copy_metadata(last, tmp)
         if dtype is not None:
@@ -252,6 +264,21 @@ def merge_checkpoints(
             "seconds": round(time.perf_counter() - start, 3),
         })
     return out
+
+
+def _write_next(writer: ShardedWriter, names: list[str], window: deque, bar: tqdm) -> None:
+    writer.add(names[writer.written], window.popleft().result())
+    bar.update()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _out_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
