@@ -1,0 +1,133 @@
+"""Pareto frontier of reward against capability, and the paper's rule for choosing (λ, α) (§4.2)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from itermerge.errors import ItermergeError
+
+LOWER_IS_BETTER = frozenset({"kl"})  # every other metric: higher is better
+
+Point = Mapping[str, Any]  # a points.jsonl record: {"lam", "alpha", "metrics": {name: {"value", "stderr", "n"}}, …}
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """§4.2: "the highest average reward without loss of average score on academic benchmarks".
+
+    A point is eligible when none of its ``capability`` metrics is worse than θT's (λ = 0, α = 0) by
+    more than ``tolerance`` (absolute, in the metric's units); the eligible point of highest
+    ``reward`` is chosen. θT itself is always eligible, so there is always a choice.
+    """
+
+    reward: str = field(default="reward", metadata={"help": "metric maximised"})
+    capability: tuple[str, ...] = field(default=("accuracy",), metadata={"help": "metrics that may not regress"})
+    tolerance: float = field(default=0.0, metadata={"help": "allowed regression below θT, absolute"})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "capability", tuple(self.capability))
+        if not math.isfinite(self.tolerance) or self.tolerance < 0:
+            raise ItermergeError(f"search.tolerance = {self.tolerance!r}: must be a finite number >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def value(point: Point, metric: str) -> float:
+    metrics = point["metrics"]
+    if metric not in metrics:
+        raise ItermergeError(
+            f"point λ={point.get('lam')}, α={point.get('alpha')} has no metric {metric!r}; it has {sorted(metrics)}. "
+            "Turn that evaluator on or choose another metric for the selection rule"
+        )
+    return float(metrics[metric]["value"])
+
+
+def oriented(point: Point, metric: str) -> float:
+    """The metric with its sign flipped where lower is better, so that larger is always better."""
+    return -value(point, metric) if metric in LOWER_IS_BETTER else value(point, metric)
+
+
+def pareto_frontier(points: Sequence[Point], reward: str, capability: str) -> list[int]:
+    """Indices of the points that no other point beats on both axes, sorted by capability.
+
+    Point j dominates i when j is at least as good on reward and capability and better on one. With
+    (capability, reward) = (1, 1), (2, 0), (0, 2), (1, 0.5): the first three form the frontier.
+    """
+    xy = [(oriented(p, capability), oriented(p, reward)) for p in points]
+    keep = [
+        i for i, (x, y) in enumerate(xy)
+        if not any(x2 >= x and y2 >= y and (x2 > x or y2 > y) for x2, y2 in xy)
+    ]
+    return sorted(keep, key=lambda i: (xy[i][0], -xy[i][1]))
+
+
+def regressions(point: Point, baseline: Point, rule: SelectionRule) -> list[str]:
+    """Each capability metric on which ``point`` is worse than the baseline beyond the tolerance, in words."""
+    failed = []
+    for metric in rule.capability:
+        got, floor = oriented(point, metric), oriented(baseline, metric) - rule.tolerance
+        if got < floor - 1e-12:
+            sign = -1 if metric in LOWER_IS_BETTER else 1
+            op = ">" if sign < 0 else "<"
+            failed.append(f"{metric} {sign * got:.4g} {op} θT's {value(baseline, metric):.4g} "
+                          f"{'+' if sign < 0 else '−'} {rule.tolerance:g}")
+    return failed
+
+
+def select_point(points: Sequence[Point], baseline: Point, rule: SelectionRule) -> dict[str, Any]:
+    """Apply the rule; returns the chosen point's (λ, α), its numbers, θT's, and why (as data and words).
+
+    Ties in reward go to the point nearest θT (smaller α, then smaller λ).
+    """
+    if not points:
+        raise ItermergeError("no search points to choose from; run the search first")
+    eligible, excluded = [], []
+    for p in points:
+        failed = regressions(p, baseline, rule)
+        (excluded if failed else eligible).append((p, failed))
+    if not eligible:  # only when the baseline is not among the points
+        raise ItermergeError("no search point keeps the capability of θT; include λ = 0, α = 0 in the grid")
+    chosen = min(eligible, key=lambda pf: (-oriented(pf[0], rule.reward), abs(pf[0]["alpha"]), abs(pf[0]["lam"])))[0]
+    better_excluded = sorted(
+        (pf for pf in excluded if oriented(pf[0], rule.reward) > oriented(chosen, rule.reward)),
+        key=lambda pf: -oriented(pf[0], rule.reward),
+    )
+    gain = _difference(chosen, baseline, rule.reward)
+    r, b = chosen["metrics"][rule.reward], baseline["metrics"][rule.reward]
+    reason = (
+        f"highest {rule.reward} ({_fmt(r)}) among the {len(eligible)} of {len(points)} points whose "
+        f"{', '.join(rule.capability)} did not fall below θT's by more than {rule.tolerance:g}; "
+        f"θT (λ=0, α=0) has {rule.reward} {_fmt(b)}"
+    )
+    if better_excluded:
+        top, why = better_excluded[0]
+        reason += f"; λ={top['lam']:g}, α={top['alpha']:g} had more {rule.reward} but {'; '.join(why)}"
+    return {
+        "lam": chosen["lam"],
+        "alpha": chosen["alpha"],
+        "weights": chosen.get("weights"),
+        "rule": rule.to_dict(),
+        "reason": reason,
+        "chosen": {"metrics": chosen["metrics"]},
+        "baseline": {"lam": baseline["lam"], "alpha": baseline["alpha"], "metrics": baseline["metrics"]},
+        "reward_gain": gain,
+        "eligible": [[p["lam"], p["alpha"]] for p, _ in eligible],
+        "excluded": [{"lam": p["lam"], "alpha": p["alpha"], "why": why} for p, why in excluded],
+    }
+
+
+def _difference(a: Point, b: Point, metric: str) -> dict[str, Any]:
+    """a − b with an unpaired standard error √(se_a² + se_b²): conservative, as both used the same prompts."""
+    ma, mb = a["metrics"][metric], b["metrics"][metric]
+    diff = ma["value"] - mb["value"]
+    se = None if ma["stderr"] is None or mb["stderr"] is None else math.hypot(ma["stderr"], mb["stderr"])
+    return {"value": diff, "stderr": se, "z": None if not se else diff / se}
+
+
+def _fmt(m: Mapping[str, Any]) -> str:
+    se = "" if m.get("stderr") is None else f" ± {m['stderr']:.3g}"
+    return f"{m['value']:.4g}{se}, n={m['n']}"

@@ -1,0 +1,164 @@
+"""The (λ, α) search: grid, Pareto frontier and the selection rule by hand, resume, refusal of test, finalize."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from itermerge.checkpoint import CheckpointReader
+from itermerge.errors import ItermergeError
+from itermerge.evaluation import EvalConfig, KLConfig, Metric, PromptSource
+from itermerge.merge import merge_weights
+from itermerge.search import SearchConfig, finalize, grid, read_records, run_search
+from itermerge.selection import SelectionRule, pareto_frontier, select_point
+
+# --- pure parts -------------------------------------------------------------------------------------
+
+
+def test_grid_starts_at_theta_T_without_duplicates():
+    assert grid([0.0, 0.5], [0.0, 0.4]) == [(0.0, 0.0), (0.0, 0.4), (0.5, 0.0), (0.5, 0.4)]
+    assert grid([0.3], [0.4])[0] == (0.0, 0.0)
+
+
+def _pt(lam, alpha, reward, acc, kl=0.0):
+    m = lambda v: {"value": v, "stderr": 0.01, "n": 100}  # noqa: E731
+    return {"lam": lam, "alpha": alpha, "metrics": {"reward": m(reward), "accuracy": m(acc), "kl": m(kl)}}
+
+
+def test_pareto_frontier_by_hand():
+    # (capability, reward): (1, 1), (2, 0), (0, 2) are not beaten on both axes; (1, 0.5) is beaten by (1, 1).
+    points = [_pt(0, 0, 1.0, 1.0), _pt(0, 1, 0.0, 2.0), _pt(1, 0, 2.0, 0.0), _pt(1, 1, 0.5, 1.0)]
+    assert pareto_frontier(points, "reward", "accuracy") == [2, 0, 1]
+    # KL is lower-is-better. (kl, reward) = (3, 1), (1, 0), (2, 2), (1, 0.5): (2, 2) beats (3, 1), (1, 0.5) beats
+    # (1, 0); the frontier, from worst to best KL, is (2, 2) then (1, 0.5).
+    for p, kl in zip(points, (3.0, 1.0, 2.0, 1.0)):
+        p["metrics"]["kl"]["value"] = kl
+    assert pareto_frontier(points, "reward", "kl") == [2, 3]
+
+
+def test_selection_rule_on_hand_made_points():
+    base = _pt(0.0, 0.0, reward=0.50, acc=0.60)
+    points = [
+        base,
+        _pt(0.3, 0.4, reward=0.70, acc=0.61),  # more reward, capability kept: the paper's kind of pick
+        _pt(0.0, 1.0, reward=0.90, acc=0.55),  # most reward but capability lost
+        _pt(0.5, 0.2, reward=0.65, acc=0.60),
+    ]
+    choice = select_point(points, base, SelectionRule())
+    assert (choice["lam"], choice["alpha"]) == (0.3, 0.4)
+    assert "accuracy 0.55 < θT's 0.6" in choice["reason"] and "λ=0, α=1" in choice["reason"]
+    assert choice["reward_gain"]["value"] == pytest.approx(0.2)
+    assert choice["excluded"] == [{"lam": 0.0, "alpha": 1.0, "why": ["accuracy 0.55 < θT's 0.6 − 0"]}]
+    # a tolerance of 0.05 admits the extrapolated point
+    assert select_point(points, base, SelectionRule(tolerance=0.05))["alpha"] == 1.0
+    # with KL as the capability axis (lower is better) only θT (kl 1.0) and points at or below it qualify
+    for p, kl in zip(points, (1.0, 1.5, 0.9, 1.2)):
+        p["metrics"]["kl"]["value"] = kl
+    assert select_point(points, base, SelectionRule(capability=("kl",)))["alpha"] == 1.0
+    # equal rewards: the point nearer θT wins
+    tie = [base, _pt(0.2, 0.4, 0.7, 0.6), _pt(0.1, 0.2, 0.7, 0.6)]
+    assert (select_point(tie, base, SelectionRule())["lam"]) == 0.1
+
+
+def test_search_refuses_test_split(tiny_ckpts, tmp_path):
+    with pytest.raises(ItermergeError, match="refuses split 'test'"):
+        run_search(tmp_path / "s", tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), SearchConfig(split="test"))
+    assert not (tmp_path / "s").exists()
+
+
+# --- the search on tiny checkpoints with a linear evaluator ------------------------------------------------
+# reward(θ) = Σ of one tensor, accuracy(θ) = Σ of another: both linear in θ, so every point's value is
+# predicted by eq. (9)-(10) from the checkpoints' values alone: L(θ) = L(θ0) + Σ_t k_t (L(θt) − L(θ0)).
+
+R_TENSOR, A_TENSOR = "model.norm.weight", "model.layers.0.mlp.down_proj.weight"
+
+
+class LinearEvaluator:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, model, timings):
+        self.calls += 1
+        params = dict(model.named_parameters())
+        value = lambda name: float(params[name].detach().double().sum())  # noqa: E731
+        return {"reward": Metric(value(R_TENSOR), 0.0, 1), "accuracy": Metric(value(A_TENSOR), 0.0, 1)}
+
+
+def _linear(ckpts, name, k):
+    vals = [float(CheckpointReader(p).get(name).double().sum()) for p in ckpts]
+    return vals[0] + sum(kt * (v - vals[0]) for kt, v in zip(k, vals[1:]))
+
+
+def test_search_end_to_end_on_a_3x3_grid(tiny_ckpts, tmp_path):
+    cfg = SearchConfig(lams=(0.0, 0.3, 0.6), alphas=(0.0, 0.4, 1.0))
+    ev, out = LinearEvaluator(), tmp_path / "search"
+    choice = run_search(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), cfg,
+                        mean_cache=tmp_path / "mean", evaluate_fn=ev, progress=False)
+    points = read_records(out / "points.jsonl")
+    assert (points[0]["lam"], points[0]["alpha"]) == (0.0, 0.0)
+    assert len(points) == 9 and ev.calls == 9 + 3  # the grid, then θ0, θ1, θ2 (θ3 is the (0, 0) point)
+    for p in points:
+        k = merge_weights(3, p["lam"], p["alpha"])
+        assert p["weights"] == pytest.approx(k)
+        assert p["metrics"]["reward"]["value"] == pytest.approx(_linear(tiny_ckpts, R_TENSOR, k), rel=1e-5, abs=1e-4)
+        assert p["metrics"]["accuracy"]["value"] == pytest.approx(_linear(tiny_ckpts, A_TENSOR, k), rel=1e-5, abs=1e-4)
+        assert set(p["seconds"]) >= {"merge", "eval"}
+    ckpts = read_records(out / "checkpoints.jsonl")
+    assert sorted(c["t"] for c in ckpts) == [0, 1, 2, 3]
+    theta1 = next(c for c in ckpts if c["t"] == 1)
+    assert theta1["metrics"]["reward"]["value"] == pytest.approx(_linear(tiny_ckpts, R_TENSOR, [1, 0, 0]), abs=1e-4)
+    # the choice is the rule applied to what points.jsonl holds
+    base = next(p for p in points if (p["lam"], p["alpha"]) == (0.0, 0.0))
+    expected = select_point(points, base, SelectionRule())
+    assert (choice["lam"], choice["alpha"]) == (expected["lam"], expected["alpha"])
+    assert json.loads((out / "choice.json").read_text())["lam"] == choice["lam"]
+
+    # a rerun evaluates nothing; a torn last line (crash mid-append) is cut off and only that point redone
+    run_search(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), cfg, mean_cache=tmp_path / "mean", evaluate_fn=ev, progress=False)
+    assert ev.calls == 12
+    lines = (out / "points.jsonl").read_text().splitlines(keepends=True)
+    (out / "points.jsonl").write_text("".join(lines[:-1]) + lines[-1][:25])
+    run_search(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), cfg, mean_cache=tmp_path / "mean", evaluate_fn=ev, progress=False)
+    assert ev.calls == 13 and len(read_records(out / "points.jsonl")) == 9
+    # a wider grid evaluates only the new points; another evaluator config redoes everything
+    wider = SearchConfig(lams=cfg.lams, alphas=(*cfg.alphas, 1.5))
+    run_search(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), wider, mean_cache=tmp_path / "mean", evaluate_fn=ev, progress=False)
+    assert ev.calls == 16
+    other = EvalConfig(prompts=PromptSource(n=7))
+    run_search(out, tiny_ckpts[0], tiny_ckpts[1:], other, cfg, mean_cache=tmp_path / "mean", evaluate_fn=ev, progress=False)
+    assert ev.calls == 16 + 12
+
+
+def test_finalize_writes_the_chosen_merge_and_tests_once(tiny_ckpts, tmp_path):
+    cfg = SearchConfig(lams=(0.0, 0.5), alphas=(0.0, 0.5))
+    ev, out = LinearEvaluator(), tmp_path / "search"
+    choice = run_search(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), cfg, mean_cache=tmp_path / "mean",
+                        evaluate_fn=ev, progress=False)
+    calls = ev.calls
+    record = finalize(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), tmp_path / "merged",
+                      mean_cache=tmp_path / "mean", evaluate_fn=ev, progress=False)
+    assert ev.calls == calls + 3 and [m["t"] for m in record["models"]] == [0, 3, "merged"]
+    merge_meta = json.loads((tmp_path / "merged" / "merge.json").read_text())
+    assert (merge_meta["lam"], merge_meta["alpha"]) == (choice["lam"], choice["alpha"])
+    # the merged model on disk is the chosen point: same linear functionals as the in-memory merge
+    k = merge_weights(3, choice["lam"], choice["alpha"])
+    merged = next(m for m in record["models"] if m["t"] == "merged")
+    assert merged["metrics"]["reward"]["value"] == pytest.approx(_linear(tiny_ckpts, R_TENSOR, k), rel=1e-5, abs=1e-4)
+    finalize(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), tmp_path / "merged", evaluate_fn=ev, progress=False)
+    assert ev.calls == calls + 3  # test numbers are measured once
+
+
+def test_search_with_the_real_evaluators(tiny_ckpts, tmp_path):
+    """Greedy accuracy, reward and KL through the HF sampler on a 2×2 grid; θ0's KL to itself is exactly 0."""
+    evc = EvalConfig(prompts=PromptSource(n=3), max_new_tokens=4, kl=KLConfig(samples=1))
+    choice = run_search(tmp_path / "s", tiny_ckpts[0], tiny_ckpts[1:], evc, SearchConfig(lams=(0.0, 0.5), alphas=(0.0, 0.5)),
+                        mean_cache=tmp_path / "mean", progress=False)
+    points = read_records(tmp_path / "s" / "points.jsonl")
+    assert len(points) == 4 and set(points[0]["metrics"]) == {"accuracy", "format", "reward", "kl"}
+    assert all(p["metrics"]["reward"]["n"] == 3 for p in points)
+    theta0 = next(c for c in read_records(tmp_path / "s" / "checkpoints.jsonl") if c["t"] == 0)
+    assert theta0["metrics"]["kl"] == {"value": 0.0, "stderr": 0.0, "n": 3}
+    assert {"generate_s", "kl_s"} <= set(points[0]["seconds"])
+    assert choice["eval_fingerprint"] == evc.fingerprint()
+    assert any(p["metrics"]["kl"]["value"] != 0.0 for p in points)
