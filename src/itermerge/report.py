@@ -1,0 +1,299 @@
+"""report.md and its plots, from the files a run wrote (nothing is re-evaluated)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from itermerge.errors import ItermergeError
+from itermerge.rundir import atomic_write_text
+from itermerge.search import read_records
+from itermerge.selection import LOWER_IS_BETTER, pareto_frontier
+
+METRIC_ORDER = ("accuracy", "format", "reward", "kl")  # then lm_eval/* in their order
+
+
+def write_report(run_dir: str | os.PathLike) -> Path:
+    """Write ``report.md`` (and ``search/pareto.png``) for a run directory; sections whose files are absent are skipped."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ItermergeError(f"{run_dir}: no such run directory")
+    search = run_dir / "search"
+    choice = _json(search / "choice.json")
+    parts = [f"# itermerge report: {run_dir.name}\n"]
+    if choice is None:
+        parts.append("No search results (search/choice.json is absent): run `itermerge search RUN_DIR`.\n")
+    else:
+        stamp = {"split": choice["split"], "eval_fingerprint": choice["eval_fingerprint"]}
+        checkpoints = sorted((r for r in read_records(search / "checkpoints.jsonl") if _same(r, stamp)), key=lambda r: r["t"])
+        considered = {(lam, alpha) for lam, alpha in choice["eligible"]} | {(e["lam"], e["alpha"]) for e in choice["excluded"]}
+        points = [p for p in read_records(search / "points.jsonl") if _same(p, stamp) and (p["lam"], p["alpha"]) in considered]
+        parts += [_choice_section(choice), _dev_table(checkpoints, choice)]
+        test = _json(search / "test.json")
+        if test is not None:
+            parts.append(_test_table(test))
+        pareto = search / "pareto.png"
+        plot_pareto(points, checkpoints, choice, pareto)
+        parts.append(f"## Reward against capability (Fig. 5)\n\n![pareto]({pareto.relative_to(run_dir)})\n\n"
+                     "Each point is one (λ, α) merge evaluated on the dev split; colour is λ, the label α; lines join "
+                     "points of equal λ in order of α. The dashed line is the Pareto frontier, the star the choice.\n")
+        parts.append(_timing_section(points, checkpoints))
+    parts += [_studies_section(run_dir), _iterations_section(run_dir), _config_section(run_dir)]
+    out = run_dir / "report.md"
+    atomic_write_text(out, "\n".join(p for p in parts if p))
+    return out
+
+
+# --- tables ------------------------------------------------------------------------------------------
+
+
+def fmt_metric(m: dict[str, Any] | None) -> str:
+    """``0.55 ± 0.05`` (4 significant digits, the stderr to 2); blank when absent."""
+    if m is None:
+        return ""
+    se = "" if m.get("stderr") is None else f" ± {m['stderr']:.2g}"
+    return f"{m['value']:.4g}{se}"
+
+
+def metric_names(rows: Sequence[dict[str, Any]]) -> list[str]:
+    names = {n for r in rows for n in r["metrics"]}
+    return [n for n in METRIC_ORDER if n in names] + sorted(n for n in names if n not in METRIC_ORDER)
+
+
+def metrics_table(rows: Sequence[tuple[str, dict[str, Any]]], baseline: dict[str, Any] | None = None) -> str:
+    """A Markdown table, one row per model, one column per metric; ``n`` in the header when every row agrees.
+
+    Rows named "Merged…" also show the difference to ``baseline`` (θT), as Table 2 does.
+    """
+    names = metric_names([m for _, m in rows])
+    header = []
+    for n in names:
+        ns = {m["metrics"][n]["n"] for _, m in rows if n in m["metrics"]}
+        arrow = " ↓" if n in LOWER_IS_BETTER else ""
+        header.append(f"{n}{arrow} (n={ns.pop()})" if len(ns) == 1 else f"{n}{arrow}")
+    lines = ["| model | " + " | ".join(header) + " |", "|---" * (len(names) + 1) + "|"]
+    for name, m in rows:
+        cells = []
+        for n in names:
+            cell = fmt_metric(m["metrics"].get(n))
+            if len({r["metrics"][n]["n"] for _, r in rows if n in r["metrics"]}) > 1 and n in m["metrics"]:
+                cell += f" (n={m['metrics'][n]['n']})"
+            if baseline is not None and name.startswith("Merged") and n in m["metrics"] and n in baseline["metrics"]:
+                cell += f" ({m['metrics'][n]['value'] - baseline['metrics'][n]['value']:+.3g})"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _choice_section(choice: dict[str, Any]) -> str:
+    gain = choice["reward_gain"]
+    z = "" if gain.get("z") is None else f", {gain['z']:.1f} unpaired standard errors"
+    return (
+        f"## Chosen merge: λ = {choice['lam']:g}, α = {choice['alpha']:g}\n\n"
+        f"Weights k_1..k_T (eq. 10): {', '.join(f'{k:.4g}' for k in choice.get('weights') or [])}.\n\n"
+        f"Rule: {choice['reason']}.\n\n"
+        f"Gain in {choice['rule']['reward']} over θT: {gain['value']:+.4g}{z}.\n"
+    )
+
+
+def _dev_table(checkpoints: list[dict[str, Any]], choice: dict[str, Any]) -> str:
+    rows = [(c["name"], c) for c in checkpoints]
+    base = next((c for c in checkpoints if c.get("same_as")), None)
+    rows.append((f"Merged (λ={choice['lam']:g}, α={choice['alpha']:g})", choice["chosen"]))
+    return f"## Table 2 style, {choice['split']} split (the search's)\n\n" + metrics_table(rows, base)
+
+
+def _test_table(test: dict[str, Any]) -> str:
+    rows = [(m["name"], m) for m in test["models"]]
+    last = [m for m in test["models"] if isinstance(m["t"], int)]
+    base = max(last, key=lambda m: m["t"]) if last else None
+    return (f"## Table 2 style, {test['split']} split (measured once, after the choice)\n\n"
+            + metrics_table(rows, base))
+
+
+def _timing_section(points: list[dict[str, Any]], checkpoints: list[dict[str, Any]]) -> str:
+    """Mean seconds per search point, by phase, as recorded."""
+    if not points:
+        return ""
+    phases = sorted({k for p in points for k in p.get("seconds", {})}, key=lambda k: (k != "merge", k != "eval", k))
+    rows = [f"| {k} | {sum(p['seconds'].get(k, 0.0) for p in points) / len(points):.3f} |" for k in phases]
+    total = sum(p["seconds"].get("merge", 0) + p["seconds"].get("eval", 0) for p in points)
+    return ("## Timings\n\nSeconds per search point (mean over "
+            f"{len(points)} points; {total:.1f} s in all; `eval` includes the phases below it):\n\n"
+            "| phase | s / point |\n|---|---|\n" + "\n".join(rows) + "\n")
+
+
+# --- the Fig. 5 plot -------------------------------------------------------------------------------
+
+
+def plot_pareto(points: list[dict[str, Any]], checkpoints: list[dict[str, Any]], choice: dict[str, Any], out: Path) -> None:
+    """Reward (y) against each capability metric (x, one panel each, plus KL when measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reward = choice["rule"]["reward"]
+    axes_names = [c for c in choice["rule"]["capability"]]
+    if points and "kl" in points[0]["metrics"] and "kl" not in axes_names:
+        axes_names.append("kl")
+    lams = sorted({p["lam"] for p in points})
+    # Categorical colours (tab10) stay distinguishable on white, unlike the light end of viridis.
+    cmap = plt.get_cmap("tab10" if len(lams) <= 10 else "viridis")
+    colour = {lam: cmap(i if len(lams) <= 10 else i / (len(lams) - 1)) for i, lam in enumerate(lams)}
+    fig, axes = plt.subplots(1, len(axes_names), figsize=(5.2 * len(axes_names), 4.4), squeeze=False)
+    for ax, cap in zip(axes[0], axes_names):
+        xy = lambda p, cap=cap: (p["metrics"][cap]["value"], p["metrics"][reward]["value"])  # noqa: E731
+        for lam in lams:
+            line = sorted((p for p in points if p["lam"] == lam), key=lambda p: p["alpha"])
+            ax.plot([xy(p)[0] for p in line], [xy(p)[1] for p in line], "-", color=colour[lam], alpha=0.5, lw=1)
+            for p in line:
+                x, y = xy(p)
+                ex, ey = (p["metrics"][k]["stderr"] or 0.0 for k in (cap, reward))
+                ax.errorbar(x, y, xerr=ex, yerr=ey, fmt="o", color=colour[lam], ecolor="0.85", elinewidth=0.8, ms=6, zorder=3)
+                ax.annotate(f"α={p['alpha']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        frontier = [points[i] for i in pareto_frontier(points, reward, cap)]
+        ax.plot([xy(p)[0] for p in frontier], [xy(p)[1] for p in frontier], "k--", lw=1.5, label="Pareto frontier", zorder=2)
+        for c in checkpoints:
+            if c.get("same_as"):
+                continue  # θT is the λ = 0, α = 0 point
+            if cap in c["metrics"] and reward in c["metrics"]:
+                ax.plot(*xy(c), "s", color="0.55", ms=6, zorder=3)
+                ax.annotate(c["name"], xy(c), textcoords="offset points", xytext=(4, -10), fontsize=7, color="0.4")
+        chosen = choice["chosen"]
+        ax.plot(*xy(chosen), "*", color="crimson", ms=18, mec="k", zorder=4,
+                label=f"chosen λ={choice['lam']:g}, α={choice['alpha']:g}")
+        for lam in lams:
+            ax.plot([], [], "o", color=colour[lam], label=f"λ={lam:g}")
+        ax.plot([], [], "s", color="0.55", label="θ0..θT−1")
+        ax.set_xlabel(f"{cap} ({choice['split']})" + (" — lower is better" if cap in LOWER_IS_BETTER else ""))
+        ax.set_ylabel(f"{reward} ({choice['split']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(f"Merges of θ0..θT: {reward} against capability (θT = λ 0, α 0)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, out, plt)
+
+
+def _save(fig: Any, out: Path, plt: Any) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+# --- what other stages wrote ----------------------------------------------------------------------------
+
+
+def _studies_section(run_dir: Path) -> str:
+    """The induced-reward and ensemble studies, when their JSON exists: numbers tabulated, their PNG shown."""
+    files = sorted((run_dir / "studies").rglob("*.json")) if (run_dir / "studies").is_dir() else []
+    if not files:
+        return ""
+    out = ["## Studies\n"]
+    for path in files:
+        data = _json(path)
+        rel = path.relative_to(run_dir)
+        out.append(f"### {path.stem} (`{rel}`)\n")
+        if isinstance(data, dict) and data.get("what"):
+            out.append(f"{data['what']}.\n")
+        out.append(_study_numbers(data))
+        png = path.with_suffix(".png")
+        if png.exists():
+            out.append(f"![{path.stem}]({png.relative_to(run_dir)})\n")
+    return "\n".join(out)
+
+
+def _study_numbers(data: Any) -> str:
+    if not isinstance(data, dict):
+        return ""
+    grid_name = next((g for g in ("alpha", "lambda") if isinstance(data.get(g), list)), None)
+    if grid_name and isinstance(data.get("series"), dict):  # α / λ study: mean ± s.e. per grid point
+        series = data["series"]
+        lines = [f"| {grid_name} | " + " | ".join(series) + " |", "|---" * (len(series) + 1) + "|"]
+        for i, g in enumerate(data[grid_name]):
+            cells = [fmt_metric({"value": s["mean"][i], "stderr": s["sem"][i]}) for s in series.values()]
+            lines.append(f"| {g:g} | " + " | ".join(cells) + " |")
+        corr = [f"{n}: r = {s['pearson_r']:.3f}, p = {s['p_value']:.2g}" for n, s in series.items()
+                if s.get("pearson_r") is not None and s.get("p_value") is not None]
+        rc = data.get("reward_correlation")
+        if rc and rc.get("pearson_r") is not None:
+            corr.append(f"{' vs '.join(rc['between'])} across {grid_name}: r = {rc['pearson_r']:.3f}")
+        return "\n".join(lines) + "\n\nPearson correlation with " + grid_name + ": " + "; ".join(corr) + ".\n"
+    if isinstance(data.get("accuracy"), list) and "rows" in data and "columns" in data:  # Fig. 6 matrix
+        lines = ["| set \\ reward of | " + " | ".join(data["columns"]) + " |", "|---" * (len(data["columns"]) + 1) + "|"]
+        for row, values in zip(data["rows"], data["accuracy"]):
+            lines.append(f"| {row} | " + " | ".join("" if v is None else f"{v:.3f}" for v in values) + " |")
+        return "\n".join(lines) + "\n"
+    if isinstance(data.get("error"), dict) and isinstance(data["error"].get("candidates"), dict):  # merge vs ensemble
+        cands = data["error"]["candidates"]
+        keys = sorted({k for c in cands.values() for k, v in c.items() if isinstance(v, (int, float))})
+        lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [f"| {n} | " + " | ".join(_num(c.get(k)) for k in keys) + " |" for n, c in cands.items()]
+        cost = data.get("cost", {})
+        ratio = ", ".join(f"{k} {cost[k]:.2f}×" for k in ("time_ratio", "memory_ratio") if isinstance(cost.get(k), (int, float)))
+        return "\n".join(lines) + "\n" + (f"\nEnsemble / merged decoding cost: {ratio}.\n" if ratio else "")
+    scalars = {k: v for k, v in data.items() if isinstance(v, (int, float, str)) and k != "what"}
+    return "\n".join(f"- {k}: {_num(v)}" for k, v in scalars.items()) + "\n" if scalars else ""
+
+
+def _iterations_section(run_dir: Path) -> str:
+    """Each iteration's metrics.json (the numbers and seconds the loop recorded), one column per iteration."""
+    files = sorted(run_dir.glob("iter_*/metrics.json"))
+    if not files:
+        return ""
+    cols = {f.parent.name: _flatten(_json(f) or {}) for f in files}
+    keys = list(dict.fromkeys(k for c in cols.values() for k in c))
+    lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {k} | " + " | ".join(_num(c.get(k)) for c in cols.values()) + " |" for k in keys]
+    return "## Iterations (Algorithm 1)\n\n" + "\n".join(lines) + "\n"
+
+
+def _config_section(run_dir: Path) -> str:
+    out = []
+    config = run_dir / "config.yaml"
+    if config.exists():
+        out.append("## Configuration\n\n```yaml\n" + config.read_text().rstrip() + "\n```\n")
+    manifest = _json(run_dir / "manifest.json")
+    if isinstance(manifest, dict) and manifest.get("stages"):
+        lines = ["| stage | finished | recorded |", "|---|---|---|"]
+        for name, rec in manifest["stages"].items():
+            rest = {k: v for k, v in _flatten(rec).items() if k != "finished_at"}
+            lines.append(f"| {name} | {rec.get('finished_at', '')} | "
+                         + ", ".join(f"{k}={_num(v)}" for k, v in list(rest.items())[:6]) + " |")
+        out.append("## Stages (manifest.json)\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(out)
+
+
+def _flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Numbers and short strings of a nested dict as ``a.b`` keys (lists and long text left out)."""
+    flat: dict[str, Any] = {}
+    for k, v in obj.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) or (isinstance(v, str) and len(v) < 40):
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _num(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return "" if v is None else str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _json(path: Path) -> Any:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ItermergeError(f"{path}: not valid JSON ({e}); it is written atomically, so it was edited — restore or delete it") from e
+
+
+def _same(record: dict[str, Any], stamp: dict[str, str]) -> bool:
+    return all(record.get(k) == v for k, v in stamp.items())
