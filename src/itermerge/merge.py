@@ -307,17 +307,19 @@ def _non_finite_message(name: str, readers: Sequence[CheckpointReader], k: Seque
 
 
 class MergeBasis:
-    """θ0, θ̄ and θT held in float32 so that any (λ, α) point is three passes over memory.
+    """θ0 and the deltas θ̄ − θ0, θT − θ0 in float32, so that any (λ, α) point is three passes over memory.
 
-    ``apply_to(model, lam, alpha)`` overwrites the model's parameters with eq. (10)'s merge, in
-    place, computed exactly as ``merge_checkpoints`` with a θ̄ cache computes it.
+    ``apply_to(model, lam, alpha)`` overwrites the model's parameters with eq. (10)'s merge in place:
+    θ0 + (k̄ (θ̄ − θ0) + k_T (θT − θ0)), the same elementwise operations as `task_arithmetic`, so a
+    point equals the streamed merge with a θ̄ cache bit for bit (except where that merge copies an
+    input exactly: λ = 0 with α = 0 or −1, which differ here by at most one rounding).
     """
 
     def __init__(self, theta0: Mapping[str, torch.Tensor], theta_bar: Mapping[str, torch.Tensor] | None, theta_T: Mapping[str, torch.Tensor], T: int):
         self.T = T
-        self.theta0 = {n: t.float() for n, t in theta0.items()}
-        self.theta_T = {n: t.float() for n, t in theta_T.items()}
-        self.theta_bar = None if theta_bar is None else {n: t.float() for n, t in theta_bar.items()}
+        self.theta0 = {n: t.float().contiguous() for n, t in theta0.items()}
+        self.delta_T = {n: theta_T[n].float() - t for n, t in self.theta0.items()}
+        self.delta_bar = None if theta_bar is None else {n: theta_bar[n].float() - t for n, t in self.theta0.items()}
 
     @classmethod
     def from_checkpoints(cls, reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], mean_cache: str | os.PathLike | None = None) -> MergeBasis:
@@ -325,16 +327,15 @@ class MergeBasis:
         check_compatible(readers)
         load = lambda r: {n: r.get(n).float().clone() for n in r if r.get(n).is_floating_point()}  # noqa: E731
         theta_bar = None
-        if len(checkpoints) >= 2:
-            if len(checkpoints) == 2:
-                theta_bar = load(readers[1])
-            else:
-                cache = Path(mean_cache) if mean_cache is not None else None
-                if cache is None:
-                    raise ItermergeError("MergeBasis with T ≥ 3 needs mean_cache: a directory for θ̄ (it is created if absent)")
-                if not _valid_mean_cache(cache, readers[1:-1]):
-                    mean_checkpoint([r.path for r in readers[1:-1]], cache, force=True)
-                theta_bar = load(CheckpointReader(cache))
+        if len(checkpoints) == 2:
+            theta_bar = load(readers[1])
+        elif len(checkpoints) > 2:
+            if mean_cache is None:
+                raise ItermergeError("MergeBasis with T ≥ 3 needs mean_cache: a directory for θ̄ (it is created if absent)")
+            cache = Path(mean_cache)
+            if not _valid_mean_cache(cache, readers[1:-1]):
+                mean_checkpoint([r.path for r in readers[1:-1]], cache, force=True)
+            theta_bar = load(CheckpointReader(cache))
         return cls(load(readers[0]), theta_bar, load(readers[-1]), T=len(checkpoints))
 
     def weights(self, lam: float, alpha: float) -> tuple[float, float]:
@@ -342,11 +343,25 @@ class MergeBasis:
         k = merge_weights(self.T, lam, alpha)
         return intermediate_total(k), k[-1]
 
+    def _merge_into(self, out: torch.Tensor, name: str, k_bar: float, k_T: float) -> None:
+        """out = (k̄ D̄ + k_T D_T) + θ0, computed in ``out`` itself: no allocation, no page faults."""
+        if out.dtype != torch.float32 or not out.is_contiguous():
+            tmp = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+            self._merge_into(tmp, name, k_bar, k_T)
+            out.copy_(tmp)
+            return
+        if self.delta_bar is None or k_bar == 0.0:
+            torch.mul(self.delta_T[name], k_T, out=out)
+        else:
+            torch.mul(self.delta_bar[name], k_bar, out=out)
+            if k_T != 0.0:
+                out.add_(self.delta_T[name], alpha=k_T)
+        out.add_(self.theta0[name])
+
     def merged_tensor(self, name: str, lam: float, alpha: float) -> torch.Tensor:
-        k_bar, k_T = self.weights(lam, alpha)
-        if self.theta_bar is None or k_bar == 0.0:
-            return task_arithmetic(self.theta0[name], [self.theta_T[name]], [k_T])
-        return task_arithmetic(self.theta0[name], [self.theta_bar[name], self.theta_T[name]], [k_bar, k_T])
+        out = torch.empty_like(self.theta0[name])
+        self._merge_into(out, name, *self.weights(lam, alpha))
+        return out
 
     @torch.no_grad()
     def apply_to(self, model: torch.nn.Module, lam: float, alpha: float) -> None:
@@ -354,8 +369,14 @@ class MergeBasis:
         missing = sorted(set(params) - set(self.theta0))
         if missing:
             raise ItermergeError(f"model parameter {missing[0]!r} is not in θ0's checkpoint; load the model from the same architecture")
-        for name, p in params.items():
-            p.copy_(self.merged_tensor(name, lam, alpha))
+        k_bar, k_T = self.weights(lam, alpha)
+        if next(iter(params.values())).device.type != "cpu":
+            for name, p in params.items():
+                p.copy_(self.merged_tensor(name, lam, alpha))
+            return
+        workers = max(1, min(os.cpu_count() or 1, 8))
+        with _torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(lambda item: self._merge_into(item[1].data, item[0], k_bar, k_T), params.items()))
 
 
 def mergekit_config(reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], weights: Sequence[float], dtype: torch.dtype | None = None) -> str:
