@@ -113,7 +113,7 @@ def main() -> None:
         row = c[key]
         r = row["seq_logp_pearson"]
         print(f"| {label} | {row['kl_ensemble_to_model_per_token']:.2e} | {row['kl_model_to_ensemble_per_token']:.2e} | "
-              f"{'n/a' if r is None else f'{r:.4f}'} |")
+              f"{'n/a' if r is None else f'{r:.7f}'} |")
     e, m = cost["ensemble"], cost["merged"]
     mib = 2**20
     print(f"\n| decoding {e['tokens']} tokens (greedy, batch {args.prompts}, {args.threads} threads) | wall s | tokens/s | "
