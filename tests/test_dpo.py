@@ -192,6 +192,21 @@ def test_gradient_accumulation_equals_one_big_micro_batch():
     assert [h["pairs"] for h in ma["history"]] == [4, 2, 4, 2]
 
 
+def test_gradient_checkpointing_changes_memory_not_results():
+    results = []
+    for checkpointing in (False, True):
+        cfg = DPOConfig(global_batch_size=2, micro_batch_size=2, gradient_checkpointing=checkpointing, **FAST)
+        pairs = add_reference_logprobs(tiny_model(0), make_pairs(4), cfg, progress=False)
+        model = tiny_model(0)
+        results.append((model, train_dpo(model, pairs, cfg, progress=False)))
+    (plain, m1), (checkpointed, m2) = results
+    # Checkpointing also scores the pairs as flat sequences (no KV cache): float-rounding apart, the same θ.
+    for a, b in zip(plain.parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+    assert [h["grad_norm"] for h in m1["history"]] == pytest.approx([h["grad_norm"] for h in m2["history"]], rel=1e-4)
+    assert not checkpointed.is_activation_checkpointing  # switched off again after training
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # TRL's config sets transformers' deprecated gradient_checkpointing
 def test_loss_and_gradients_match_trl_dpo_trainer(tmp_path):
     """TRL 1.16's DPOTrainer.compute_loss (with an explicit ref_model = θ0) vs ours, on one batch of 3 pairs.

@@ -10,6 +10,8 @@ from itermerge.errors import ItermergeError
 from itermerge.logprobs import (
     CompletionLogprobs,
     collate,
+    collate_grouped,
+    score_grouped,
     score_sequences,
     sequence_logprobs,
     token_logprobs,
@@ -97,10 +99,9 @@ def test_full_logits_fallback_matches_the_hidden_state_path(model):
     slow = CompletionLogprobs(model)
     assert fast.from_hidden_states
     slow.from_hidden_states = False
-    args = (batch.input_ids, batch.attention_mask, batch.completion_mask)
-    torch.testing.assert_close(fast(*args), slow(*args), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast(batch), slow(batch), atol=1e-5, rtol=1e-5)
     slow.accepts_logits_to_keep = False  # a model without `logits_to_keep`: full logits
-    torch.testing.assert_close(fast(*args), slow(*args), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast(batch), slow(batch), atol=1e-5, rtol=1e-5)
 
 
 def test_a_model_that_caps_its_logits_is_scored_through_its_own_forward():
@@ -142,3 +143,66 @@ def test_score_sequences_restores_training_mode_and_checks_batch_size(model):
     model.eval()
     with pytest.raises(ItermergeError, match="batch_size=0"):
         score_sequences(model, PROMPTS, COMPLETIONS, pad_id=0, batch_size=0)
+
+
+# Two completions per prompt (DPO's chosen and rejected), prompts of different lengths.
+GROUPS = [[COMPLETIONS[0], [60, 61, 62, 63, EOS]], [COMPLETIONS[1], [64]], [COMPLETIONS[2], [65, 66]], [[67], COMPLETIONS[3]]]
+
+
+def flat_twin(eos_ids=()):
+    """The grouped rows as ordinary sequences: prompt p repeated for each of its completions."""
+    return collate([p for p in PROMPTS for _ in range(2)], [c for g in GROUPS for c in g], 0, eos_ids=eos_ids)
+
+
+def test_collate_grouped_layout():
+    batch = collate_grouped([[1, 5], [1]], [[[8, EOS], [9]], [[10, 11, 12], [EOS]]], pad_id=0, eos_ids=[EOS])
+    assert batch.group_size == 2
+    assert batch.prompt_ids.tolist() == [[1, 5], [1, 0]] and batch.prompt_mask.tolist() == [[1, 1], [1, 0]]
+    assert batch.completion_ids.tolist() == [[8, EOS, 0], [9, 0, 0], [10, 11, 12], [EOS, 0, 0]]
+    assert batch.completion_mask.int().tolist() == [[1, 0, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]]
+    assert batch.num_tokens == 3 + 2 + 1 + 3 + 1
+    flat = batch.flatten()
+    assert flat.input_ids.tolist() == [[1, 5, 8, EOS, 0], [1, 5, 9, 0, 0], [1, 10, 11, 12, 0], [1, EOS, 0, 0, 0]]
+    assert flat.completion_mask.int().tolist() == [[0, 0, 1, 0, 0], [0, 0, 1, 0, 0], [0, 1, 1, 1, 0], [0] * 5]
+    with pytest.raises(ItermergeError, match="groups of sizes"):
+        collate_grouped([[1], [1]], [[[5], [6]], [[7]]], pad_id=0)
+
+
+def test_grouped_prompts_give_the_same_logprobs_and_gradients_as_flat_sequences(model):
+    """The prompt runs once and its KV cache serves both completions; nothing may change but the cost."""
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25, 2.0, -0.5])
+    results = []
+    for batch in (collate_grouped(PROMPTS, GROUPS, 0, eos_ids=[EOS]), flat_twin(eos_ids=[EOS])):
+        model.zero_grad()
+        logps = sequence_logprobs(model, batch)
+        (weights * logps).sum().backward()
+        results.append((logps.detach(), [p.grad.clone() for p in model.parameters()]))
+    model.zero_grad()
+    (grouped, grouped_grads), (flat, flat_grads) = results
+    torch.testing.assert_close(grouped, flat, atol=1e-5, rtol=1e-5)
+    for g, f in zip(grouped_grads, flat_grads):
+        torch.testing.assert_close(g, f, atol=1e-5, rtol=1e-4)
+    want = [naive_logprob(model, p, c[:-1] if c[-1] == EOS else c) for p, g in zip(PROMPTS, GROUPS) for c in g]
+    assert grouped.tolist() == pytest.approx(want, abs=1e-4)
+
+
+def test_grouped_batches_fall_back_to_flat_sequences(model):
+    """Without a usable KV cache, and under gradient checkpointing, grouped rows are scored as flat sequences."""
+    batch = collate_grouped(PROMPTS, GROUPS, 0)
+    want = token_logprobs(model, batch)
+    no_cache = CompletionLogprobs(model)
+    no_cache.cache_argument = None
+    torch.testing.assert_close(token_logprobs(no_cache, batch), want, atol=1e-5, rtol=1e-5)
+    checkpointed = tiny_model(0)
+    enable = getattr(checkpointed, "activation_checkpointing_enable", None) or checkpointed.gradient_checkpointing_enable
+    enable()
+    checkpointed.train()
+    torch.testing.assert_close(token_logprobs(checkpointed, batch), want, atol=1e-5, rtol=1e-5)
+
+
+def test_score_grouped_matches_score_sequences(model):
+    grouped = score_grouped(model, PROMPTS, GROUPS, pad_id=0, batch_size=3, eos_ids=[EOS])
+    flat = score_sequences(
+        model, [p for p in PROMPTS for _ in range(2)], [c for g in GROUPS for c in g], pad_id=0, eos_ids=[EOS]
+    )
+    assert [x for pair in grouped for x in pair] == pytest.approx(flat, abs=1e-5)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itermerge.errors import ItermergeError
-from itermerge.logprobs import CompletionLogprobs, collate, score_sequences
+from itermerge.logprobs import CompletionLogprobs, collate_grouped, score_grouped
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -194,20 +194,19 @@ def add_reference_logprobs(
 ) -> list[PreferencePair]:
     """Pairs with ref_chosen_logp / ref_rejected_logp = log π_θ0(y|x), computed once (Alg. 1: π_ref = θ0).
 
+    ``batch_size`` counts pairs (2 sequences each, the prompt run once).
+
     The tokens scored are exactly those `train_dpo` scores (same truncation, same EOS masking), so the
     log-ratios of eq. (4) compare like with like. Pass θ0 itself, never θ_{t-1}.
     """
     tokens = [_pair_tokens(pair, i, cfg) for i, pair in enumerate(pairs)]
-    prompts = [t.prompt for t in tokens]
-    completions = [t.chosen for t in tokens] + [t.rejected for t in tokens]
-    scores = score_sequences(
-        reference_model, prompts + prompts, completions, _pad_id(reference_model), batch_size, progress,
-        eos_ids=_eos_ids(reference_model, cfg),
+    scores = score_grouped(
+        reference_model, [t.prompt for t in tokens], [[t.chosen, t.rejected] for t in tokens],
+        _pad_id(reference_model), batch_size, progress, eos_ids=_eos_ids(reference_model, cfg),
     )  # fmt: skip
-    n = len(pairs)
     return [
-        dataclasses.replace(pair, ref_chosen_logp=scores[i], ref_rejected_logp=scores[n + i])
-        for i, pair in enumerate(pairs)
+        dataclasses.replace(pair, ref_chosen_logp=chosen, ref_rejected_logp=rejected)
+        for pair, (chosen, rejected) in zip(pairs, scores)
     ]
 
 
@@ -233,6 +232,12 @@ def _micro_batches(batch: list[int], rank: int, processes: int, accumulation: in
         indices = batch[j * micro : (j + 1) * micro]
         slots.append((indices, 1.0) if indices else (batch[:1], 0.0))
     return slots
+
+
+def _set_checkpointing(model: nn.Module, on: bool) -> None:
+    # transformers 5 renamed gradient checkpointing to activation checkpointing; the old names warn.
+    name = "activation_checkpointing" if hasattr(model, "activation_checkpointing_enable") else "gradient_checkpointing"
+    getattr(model, f"{name}_{'enable' if on else 'disable'}")()
 
 
 def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -280,7 +285,7 @@ def train_dpo(
 
     was_training = model.training
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _set_checkpointing(model, True)
     model.train()
     optimizer = torch.optim.AdamW(
         _decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps
@@ -302,16 +307,13 @@ def train_dpo(
         for k, (indices, weight) in enumerate(micro_batches):
             with accelerator.accumulate(scorer):
                 group_tokens = [tokens[i] for i in indices]
-                prompts = [t.prompt for t in group_tokens]
-                # Chosen and rejected in one forward: (2m, L), chosen first.
-                inputs = collate(
-                    prompts + prompts,
-                    [t.chosen for t in group_tokens] + [t.rejected for t in group_tokens],
-                    pad_id,
+                # Chosen and rejected in one forward, the shared prompt computed once.
+                inputs = collate_grouped(
+                    [t.prompt for t in group_tokens], [[t.chosen, t.rejected] for t in group_tokens], pad_id,
                     eos_ids=eos_ids,
-                ).to(accelerator.device)
-                logps = scorer(inputs.input_ids, inputs.attention_mask, inputs.completion_mask).sum(dim=1)
-                chosen_logps, rejected_logps = logps.float().chunk(2)
+                ).to(accelerator.device)  # fmt: skip
+                logps = scorer(inputs).sum(dim=1).float()  # (2m,): chosen, rejected of pair 0, then of pair 1, …
+                chosen_logps, rejected_logps = logps[0::2], logps[1::2]
                 ref = torch.tensor([[t.ref_chosen, t.ref_rejected] for t in group_tokens], device=logps.device)
                 losses, chosen_rewards, rejected_rewards = dpo_loss(
                     chosen_logps, rejected_logps, ref[:, 0], ref[:, 1], cfg.beta
@@ -335,7 +337,7 @@ def train_dpo(
         bar.close()
 
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        _set_checkpointing(model, False)
     model.train(was_training)
     accelerator.free_memory()
     wall = time.perf_counter() - start

@@ -38,6 +38,74 @@ class TokenBatch:
         return int(self.attention_mask.sum())
 
 
+@dataclass(frozen=True)
+class GroupedBatch:
+    """k completions per prompt, so that each prompt goes through the model once (DPO: k = 2).
+
+    prompt_ids, prompt_mask (P, Lp), right-padded. Completion row r continues prompt r // k:
+    completion_ids, completion_attention (P·k, Lc), right-padded; completion_mask (P·k, Lc) bool marks
+    the scored completion tokens.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    completion_ids: Tensor
+    completion_attention: Tensor
+    completion_mask: Tensor
+
+    @property
+    def group_size(self) -> int:
+        return self.completion_ids.shape[0] // self.prompt_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> GroupedBatch:
+        fields = (self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_attention, self.completion_mask)
+        return GroupedBatch(*(t.to(device) for t in fields))
+
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens the forward pass reads: each prompt once, every completion."""
+        return int(self.prompt_mask.sum() + self.completion_attention.sum())
+
+    def flatten(self) -> TokenBatch:
+        """The same rows as one prompt + completion sequence each (for models scored through their forward)."""
+        k, width = self.group_size, self.prompt_ids.shape[1] + self.completion_ids.shape[1]
+        rows, masks = [], []
+        for r in range(self.completion_ids.shape[0]):
+            prompt = self.prompt_ids[r // k][self.prompt_mask[r // k].bool()]
+            real = self.completion_attention[r].bool()
+            rows.append(torch.cat([prompt, self.completion_ids[r][real]]))
+            masks.append(torch.cat([torch.zeros_like(prompt, dtype=torch.bool), self.completion_mask[r][real]]))
+        input_ids = torch.stack([F.pad(x, (0, width - len(x))) for x in rows])
+        attention_mask = torch.stack([F.pad(torch.ones_like(x), (0, width - len(x))) for x in rows])
+        completion_mask = torch.stack([F.pad(m, (0, width - len(m))) for m in masks])
+        return TokenBatch(input_ids, attention_mask, completion_mask)
+
+
+def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def _scored_length(completion: Sequence[int], eos: set[int]) -> int:
+    # Appendix C: "we mask out the end of sentence token in the training". Only a trailing EOS: a
+    # truncated completion has none, so it is scored whole.
+    return len(completion) - 1 if completion and completion[-1] in eos else len(completion)
+
+
+def _check_prompts(prompt_ids: Sequence[Sequence[int]], where: str) -> None:
+    for i, prompt in enumerate(prompt_ids):
+        if not prompt:
+            raise ItermergeError(
+                f"{where}: prompt {i} is empty; the first completion token needs a context to be scored "
+                "(encode the prompt with the chat template)"
+            )
+
+
 def collate(
     prompt_ids: Sequence[Sequence[int]],
     completion_ids: Sequence[Sequence[int]],
@@ -48,32 +116,43 @@ def collate(
     """Concatenate each prompt with its completion and right-pad to the longest.
 
     Every completion token is scored, except a completion's last token when it is in ``eos_ids``: it
-    stays in the input but is not scored (appendix C: "we mask out the end of sentence token in the
-    training"). A truncated completion has no trailing EOS, so nothing of it is masked.
+    stays in the input but is not scored (appendix C masks the end-of-sentence token in training).
     """
     if len(prompt_ids) != len(completion_ids):
         raise ItermergeError(
             f"collate: {len(prompt_ids)} prompts but {len(completion_ids)} completions; pass one completion per prompt"
         )
+    _check_prompts(prompt_ids, "collate")
     eos = set(eos_ids)
-    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
-    width = max(lengths, default=0)
-    n = len(prompt_ids)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
-    completion_mask = torch.zeros((n, width), dtype=torch.bool)
+    input_ids, attention_mask = _right_pad([[*p, *c] for p, c in zip(prompt_ids, completion_ids)], pad_id)
+    completion_mask = torch.zeros(input_ids.shape, dtype=torch.bool)
     for i, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
-        if not prompt:
-            raise ItermergeError(
-                f"collate: prompt {i} is empty; the first completion token needs a context to be scored "
-                "(encode the prompt with the chat template)"
-            )
-        p, c = len(prompt), len(completion)
-        input_ids[i, : p + c] = torch.tensor([*prompt, *completion], dtype=torch.long)
-        attention_mask[i, : p + c] = 1
-        scored = c - 1 if c and completion[-1] in eos else c
-        completion_mask[i, p : p + scored] = True
+        completion_mask[i, len(prompt) : len(prompt) + _scored_length(completion, eos)] = True
     return TokenBatch(input_ids, attention_mask, completion_mask)
+
+
+def collate_grouped(
+    prompt_ids: Sequence[Sequence[int]],
+    completion_groups: Sequence[Sequence[Sequence[int]]],
+    pad_id: int,
+    *,
+    eos_ids: Iterable[int] = (),
+) -> GroupedBatch:
+    """Prompts and, for each, the same number k of completions (``completion_groups[p]``); EOS as in `collate`."""
+    if len(prompt_ids) != len(completion_groups) or len({len(g) for g in completion_groups}) > 1:
+        raise ItermergeError(
+            f"collate_grouped: {len(prompt_ids)} prompts, completion groups of sizes "
+            f"{sorted({len(g) for g in completion_groups})}; pass one group of k completions per prompt"
+        )
+    _check_prompts(prompt_ids, "collate_grouped")
+    eos = set(eos_ids)
+    completions = [c for group in completion_groups for c in group]
+    prompt, prompt_mask = _right_pad(prompt_ids, pad_id)
+    ids, attention = _right_pad(completions, pad_id)
+    completion_mask = torch.zeros(ids.shape, dtype=torch.bool)
+    for r, completion in enumerate(completions):
+        completion_mask[r, : _scored_length(completion, eos)] = True
+    return GroupedBatch(prompt, prompt_mask, ids, attention, completion_mask)
 
 
 def _scores_from_hidden_states(model: nn.Module) -> bool:
@@ -89,6 +168,30 @@ def _scores_from_hidden_states(model: nn.Module) -> bool:
     return isinstance(body, nn.Module) and body is not model and get_head is not None and get_head() is not None
 
 
+def _cache_argument(body: nn.Module) -> str | None:
+    """The name under which the body takes a KV cache (`cache` in transformers ≥ 5.2x, else `past_key_values`)."""
+    params = inspect.signature(body.forward).parameters
+    if "position_ids" not in params:
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    # transformers 5 renamed the flag; reading the old name warns.
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
+def _completion_logprobs(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """log-softmax(logits)[target] for the N scored rows, scattered into mask's shape (zeros elsewhere).
+
+    logits (N, V), targets (N,), mask (B, L) bool with N True entries → (B, L).
+    """
+    # cross_entropy fuses log-softmax and the gather; float32 keeps the logsumexp exact under bf16.
+    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+    return token_logps.new_zeros(mask.shape).masked_scatter(mask, token_logps)
+
+
 class CompletionLogprobs(nn.Module):
     """A module whose forward returns per-token completion log-probs of the wrapped causal LM.
 
@@ -102,12 +205,28 @@ class CompletionLogprobs(nn.Module):
         self.model = model
         self.from_hidden_states = _scores_from_hidden_states(model)
         self.accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.cache_argument = _cache_argument(model.base_model) if self.from_hidden_states else None
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> Tensor:
-        """Per-token log π(y_i | x, y_<i): (B, L), zero outside the completion mask."""
-        if bool(completion_mask[:, 0].any()):
+    def forward(self, batch: TokenBatch | GroupedBatch) -> Tensor:
+        """Per-token log π(y_i | x, y_<i), zero outside the completion mask: (B, L) for a TokenBatch,
+        (P·k, Lc) (aligned with completion_ids) for a GroupedBatch."""
+        if isinstance(batch, TokenBatch):
+            return self._flat(batch)
+        # Gradient checkpointing recomputes layers without a cache, so grouped prompts need a plain forward.
+        if self.cache_argument is None or _checkpointing(self.model):
+            flat = batch.flatten().to(batch.completion_ids.device)
+            out = self._flat(flat)  # (P·k, Lp + Lc)
+            # Move each row's scores back to completion coordinates.
+            starts = batch.prompt_mask.sum(1).repeat_interleave(batch.group_size)
+            index = starts[:, None] + torch.arange(batch.completion_ids.shape[1], device=out.device)
+            return out.gather(1, index.clamp(max=out.shape[1] - 1)) * batch.completion_mask
+        return self._grouped(batch)
+
+    def _flat(self, batch: TokenBatch) -> Tensor:
+        if bool(batch.completion_mask[:, 0].any()):
             raise ItermergeError("completion_mask marks position 0, which has no context; build batches with collate()")
-        target_mask = completion_mask[:, 1:]  # (B, L-1): hidden state t predicts token t+1
+        input_ids, attention_mask = batch.input_ids, batch.attention_mask
+        target_mask = batch.completion_mask[:, 1:]  # (B, L-1): hidden state t predicts token t+1
         targets = input_ids[:, 1:][target_mask]  # (N,)
         if self.from_hidden_states:
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
@@ -121,28 +240,74 @@ class CompletionLogprobs(nn.Module):
             kwargs = {"logits_to_keep": keep} if self.accepts_logits_to_keep else {}
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
             logits = logits[:, -keep:][:, :-1][target_mask[:, first:]]  # (N, V)
-        # cross_entropy fuses log-softmax and the gather; float32 keeps the logsumexp exact under bf16.
-        token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
-        per_token = token_logps.new_zeros(target_mask.shape).masked_scatter(target_mask, token_logps)  # (B, L-1)
-        return F.pad(per_token, (1, 0))  # (B, L)
+        return F.pad(_completion_logprobs(logits, targets, target_mask), (1, 0))  # (B, L)
+
+    def _grouped(self, batch: GroupedBatch) -> Tensor:
+        """Each prompt once, its KV cache repeated for its k completions; positions as in one sequence."""
+        body, k = self.model.base_model, batch.group_size
+        prompt_len = batch.prompt_mask.sum(dim=1)  # (P,)
+        out = body(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, use_cache=True)
+        cache = out[1]  # (P, heads, Lp, d) per layer
+        cache.batch_repeat_interleave(k)  # (P·k, ...): out of place, so gradients reach the prompt
+        # Hidden state of each prompt's last real token: it predicts the completion's first token.
+        last = out[0][torch.arange(len(prompt_len), device=prompt_len.device), prompt_len - 1]  # (P, H)
+        positions = prompt_len.repeat_interleave(k)[:, None] + torch.arange(
+            batch.completion_ids.shape[1], device=prompt_len.device
+        )  # (P·k, Lc): the completion continues right after the real prompt tokens
+        hidden = body(
+            input_ids=batch.completion_ids,
+            attention_mask=torch.cat([batch.prompt_mask.repeat_interleave(k, dim=0), batch.completion_attention], dim=1),
+            position_ids=positions,
+            use_cache=True,
+            **{self.cache_argument: cache},
+        )[0]  # (P·k, Lc, H)
+        predicting = torch.cat([last.repeat_interleave(k, dim=0)[:, None], hidden[:, :-1]], dim=1)  # (P·k, Lc, H)
+        logits = self.model.get_output_embeddings()(predicting[batch.completion_mask])  # (N, V)
+        return _completion_logprobs(logits, batch.completion_ids[batch.completion_mask], batch.completion_mask)
 
 
-def token_logprobs(model: nn.Module, batch: TokenBatch) -> Tensor:
-    """log π(y_i | x, y_<i) at each scored completion position: (B, L), zeros elsewhere. Differentiable."""
+def token_logprobs(model: nn.Module, batch: TokenBatch | GroupedBatch) -> Tensor:
+    """log π(y_i | x, y_<i) at each scored completion position, zeros elsewhere. Differentiable.
+
+    (B, L) for a TokenBatch; (P·k, Lc), aligned with ``completion_ids``, for a GroupedBatch.
+    """
     scorer = model if isinstance(model, CompletionLogprobs) else CompletionLogprobs(model)
-    return scorer(batch.input_ids, batch.attention_mask, batch.completion_mask)
+    return scorer(batch)
 
 
-def sequence_logprobs(model: nn.Module, batch: TokenBatch) -> Tensor:
-    """log π(y|x) = Σ_i log π(y_i | x, y_<i) over the scored completion tokens: (B,). Differentiable."""
+def sequence_logprobs(model: nn.Module, batch: TokenBatch | GroupedBatch) -> Tensor:
+    """log π(y|x) = Σ_i log π(y_i | x, y_<i) over the scored completion tokens: (B,) or (P·k,). Differentiable."""
     return token_logprobs(model, batch).sum(dim=1)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
+def _score_in_batches(
+    model: nn.Module, lengths: list[int], make_batch, batch_size: int, progress: bool, group_size: int = 1
+) -> list[list[float]]:
+    """Sums of log-probs, ``group_size`` per item; items batched longest first (little padding), returned in input order."""
+    if batch_size < 1:
+        raise ItermergeError(f"score_sequences: batch_size={batch_size}; pass a positive batch size")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    scores: list[list[float]] = [[] for _ in order]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    starts = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="log-probs", unit="batch")
+    try:
+        for start in starts:
+            idx = order[start : start + batch_size]
+            values = sequence_logprobs(model, make_batch(idx).to(device)).view(len(idx), group_size)
+            for i, row in zip(idx, values.tolist()):
+                scores[i] = row
+    finally:
+        model.train(was_training)
+    return scores
+
+
 def score_sequences(
     model: nn.Module,
     prompt_ids: Sequence[Sequence[int]],
@@ -155,28 +320,34 @@ def score_sequences(
 ) -> list[float]:
     """log π(y|x) for many (prompt, completion) pairs, in their order, without gradients.
 
-    Sequences are batched longest first so that a batch holds similar lengths (little padding); the
-    scores come back in the input order. ``eos_ids`` as in `collate` (train and reference must agree).
+    Batched by length; ``eos_ids`` as in `collate` (training and reference must agree).
     """
-    if batch_size < 1:
-        raise ItermergeError(f"score_sequences: batch_size={batch_size}; pass a positive batch size")
     eos_ids = tuple(eos_ids)
-    order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(completion_ids[i])))
-    scores = [0.0] * len(order)
-    device = _device_of(model)
-    was_training = model.training
-    model.eval()
-    starts = range(0, len(order), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
+    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
 
-        starts = tqdm(starts, desc="log-probs", unit="batch")
-    try:
-        for start in starts:
-            idx = order[start : start + batch_size]
-            batch = collate([prompt_ids[i] for i in idx], [completion_ids[i] for i in idx], pad_id, eos_ids=eos_ids)
-            for i, value in zip(idx, sequence_logprobs(model, batch.to(device)).tolist()):
-                scores[i] = value
-    finally:
-        model.train(was_training)
-    return scores
+    def make_batch(idx: list[int]) -> TokenBatch:
+        return collate([prompt_ids[i] for i in idx], [completion_ids[i] for i in idx], pad_id, eos_ids=eos_ids)
+
+    return [row[0] for row in _score_in_batches(model, lengths, make_batch, batch_size, progress)]
+
+
+def score_grouped(
+    model: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_groups: Sequence[Sequence[Sequence[int]]],
+    pad_id: int,
+    batch_size: int = 16,
+    progress: bool = False,
+    *,
+    eos_ids: Iterable[int] = (),
+) -> list[list[float]]:
+    """`score_sequences` for k completions per prompt, each prompt run once; ``batch_size`` counts prompts."""
+    eos_ids = tuple(eos_ids)
+    lengths = [len(p) + max(map(len, g), default=0) for p, g in zip(prompt_ids, completion_groups)]
+    k = len(completion_groups[0]) if completion_groups else 0
+
+    def make_batch(idx: list[int]) -> GroupedBatch:
+        prompts, groups = [prompt_ids[i] for i in idx], [completion_groups[i] for i in idx]
+        return collate_grouped(prompts, groups, pad_id, eos_ids=eos_ids)
+
+    return _score_in_batches(model, lengths, make_batch, batch_size, progress, group_size=k)
