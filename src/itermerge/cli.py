@@ -60,6 +60,20 @@ def cmd_mean(args: argparse.Namespace) -> None:
     print(f"θ̄ checkpoint: {out}")
 
 
+def _run_dir(args: argparse.Namespace, cfg) -> Path:
+    return Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+
+
+def cmd_iterate(args: argparse.Namespace) -> None:
+    from itermerge.config import load_config
+    from itermerge.pipeline import iterate
+
+    cfg = load_config(args.config, args.set)
+    run_dir = _run_dir(args, cfg)
+    thetas = iterate(cfg, run_dir, force=args.force)
+    print(f"θ0..θ{len(thetas) - 1}: " + " ".join(str(p) for p in thetas))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="itermerge", description=__doc__)
     parser.add_argument("--version", action="version", version=f"itermerge {__version__}")
@@ -86,7 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_mean)
+
+    p = sub.add_parser("iterate", help="Algorithm 1: T iterations of DPO with the reference fixed at θ0 (resumable)")
+    _run_args(p)
+    p.set_defaults(func=cmd_iterate)
     return parser
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config (YAML); see examples/ and configs/")
+    p.add_argument("--run-dir", help="run directory (default runs/NAME); rerun the same command to resume")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set dpo.learning_rate=1e-5")
+    p.add_argument("--force", action="store_true", help="start the run directory over if its config differs")
 
 
 def main(argv: list[str] | None = None) -> int:
