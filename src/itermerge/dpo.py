@@ -249,6 +249,18 @@ def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     ]
 
 
+def _pair_losses(
+    scorer: nn.Module, pairs: list[_PairTokens], pad_id: int, eos_ids: tuple[int, ...], beta: float, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO losses and rewards of m pairs, (m,) each: chosen and rejected in one forward, the prompt run once."""
+    inputs = collate_grouped(
+        [p.prompt for p in pairs], [[p.chosen, p.rejected] for p in pairs], pad_id, eos_ids=eos_ids
+    ).to(device)
+    logps = scorer(inputs).sum(dim=1).float()  # (2m,): chosen, rejected of pair 0, then of pair 1, …
+    ref = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in pairs], device=logps.device)  # (m, 2)
+    return dpo_loss(logps[0::2], logps[1::2], ref[:, 0], ref[:, 1], beta)
+
+
 def train_dpo(
     model: nn.Module,
     pairs: Sequence[PreferencePair],
@@ -292,54 +304,42 @@ def train_dpo(
     )
     scorer, optimizer = accelerator.prepare(CompletionLogprobs(model), optimizer)
 
-    history: list[dict[str, float]] = []
-    bar = None
-    if progress and accelerator.is_main_process:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(batches), desc="DPO", unit="step")
-    for step, batch in enumerate(batches):
-        lr = scheduled_lr(step, len(batches), cfg.learning_rate, cfg.warmup_ratio, cfg.lr_scheduler)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        rows = torch.zeros(accumulation * cfg.micro_batch_size, 4)  # (loss, r_w, r_l, weight) per local pair
-        micro_batches = _micro_batches(batch, rank, processes, accumulation, cfg.micro_batch_size)
-        for k, (indices, weight) in enumerate(micro_batches):
-            with accelerator.accumulate(scorer):
-                group_tokens = [tokens[i] for i in indices]
-                # Chosen and rejected in one forward, the shared prompt computed once.
-                inputs = collate_grouped(
-                    [t.prompt for t in group_tokens], [[t.chosen, t.rejected] for t in group_tokens], pad_id,
-                    eos_ids=eos_ids,
-                ).to(accelerator.device)  # fmt: skip
-                logps = scorer(inputs).sum(dim=1).float()  # (2m,): chosen, rejected of pair 0, then of pair 1, …
-                chosen_logps, rejected_logps = logps[0::2], logps[1::2]
-                ref = torch.tensor([[t.ref_chosen, t.ref_rejected] for t in group_tokens], device=logps.device)
-                losses, chosen_rewards, rejected_rewards = dpo_loss(
-                    chosen_logps, rejected_logps, ref[:, 0], ref[:, 1], cfg.beta
-                )
-                # The step's gradient is that of the mean loss over the global batch: accelerate divides by
-                # `accumulation` and DDP averages over processes, hence the factors.
-                loss = losses.sum() * (weight * processes * accumulation / len(batch))
-                accelerator.backward(loss)
-                at = slice(k * cfg.micro_batch_size, k * cfg.micro_batch_size + len(indices))
-                rows[at] = torch.stack(
-                    [losses.detach(), chosen_rewards, rejected_rewards, torch.full_like(losses, weight)], dim=1
-                ).cpu()
-        grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        history.append(_step_metrics(accelerator.gather(rows.to(accelerator.device)).cpu(), step, lr, grad_norm))
-        if bar is not None:
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=len(batches), desc="DPO", unit="step", disable=not (progress and accelerator.is_main_process))
+    try:
+        for step, batch in enumerate(batches):
+            lr = scheduled_lr(step, len(batches), cfg.learning_rate, cfg.warmup_ratio, cfg.lr_scheduler)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            rows = torch.zeros(accumulation * cfg.micro_batch_size, 4)  # (loss, r_w, r_l, weight) per local pair
+            micro_batches = _micro_batches(batch, rank, processes, accumulation, cfg.micro_batch_size)
+            for k, (indices, weight) in enumerate(micro_batches):
+                with accelerator.accumulate(scorer):
+                    losses, chosen_rewards, rejected_rewards = _pair_losses(
+                        scorer, [tokens[i] for i in indices], pad_id, eos_ids, cfg.beta, accelerator.device
+                    )
+                    # The step's gradient is that of the mean loss over the global batch: accelerate divides
+                    # by `accumulation` and DDP averages over processes, hence the factors.
+                    loss = losses.sum() * (weight * processes * accumulation / len(batch))
+                    accelerator.backward(loss)
+                    at = slice(k * cfg.micro_batch_size, k * cfg.micro_batch_size + len(indices))
+                    rows[at] = torch.stack(
+                        [losses.detach(), chosen_rewards, rejected_rewards, torch.full_like(losses, weight)], dim=1
+                    ).cpu()
+            grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append(_step_metrics(accelerator.gather(rows.to(accelerator.device)).cpu(), step, lr, grad_norm))
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", acc=f"{history[-1]['accuracy']:.2f}")
-    if bar is not None:
+    finally:
         bar.close()
-
-    if cfg.gradient_checkpointing:
-        _set_checkpointing(model, False)
-    model.train(was_training)
-    accelerator.free_memory()
+        if cfg.gradient_checkpointing:
+            _set_checkpointing(model, False)
+        model.train(was_training)
+        accelerator.free_memory()
     wall = time.perf_counter() - start
     return _run_metrics(history, sum(tokens[i].num_tokens for batch in batches for i in batch), wall)
 
