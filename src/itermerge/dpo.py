@@ -91,7 +91,7 @@ class DPOConfig:
         default=128, metadata={"help": "Pairs per optimizer step = micro_batch_size × grad. accumulation × processes."}
     )
     micro_batch_size: int = field(
-        default=4, metadata={"help": "Pairs per forward on one process (chosen + rejected = 2× sequences)."}
+        default=2, metadata={"help": "Pairs per forward on one process (chosen + rejected = 2× sequences)."}
     )
     warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of the optimizer steps spent warming up."})
     lr_scheduler: str = field(default="cosine", metadata={"help": "Decay after warm-up: cosine, linear or constant."})
