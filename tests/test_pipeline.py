@@ -155,3 +155,34 @@ def test_cli_iterate_with_overrides(theta0, tmp_path):
     assert main(["iterate", str(path), "--run-dir", str(tmp_path / "cli"), "--set", "prompts.per_iteration=4"]) == 0
     assert (tmp_path / "cli" / "iter_01" / "model" / "model.safetensors").exists()
     assert json.loads((tmp_path / "cli" / "iter_01" / "metrics.json").read_text())["prompts"] == 4
+
+
+def test_cli_search_report_eval_reward_ensemble(finished_run, tmp_path, capsys):
+    """The subcommands a user runs on a finished `iterate`, end to end on the tiny run."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    small = ["--set", "evaluation.max_new_tokens=8", "--set", "evaluation.prompts.n=4"]
+    assert main(["search", str(run_dir), "--lams", "0,0.5", "--alphas", "0,0.5", *small]) == 0
+    choice = json.loads((run_dir / "search" / "choice.json").read_text())
+    assert (choice["lam"], choice["alpha"]) in {(0.0, 0.0), (0.0, 0.5), (0.5, 0.0), (0.5, 0.5)}
+    assert (run_dir / "merged" / "merge.json").exists() and (run_dir / "search" / "test.json").exists()
+    assert main(["report", str(run_dir)]) == 0
+    assert "Table 2" in (run_dir / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["eval", str(run_dir / "merged"), "--config", str(run_dir / "config.yaml"), *small]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "reward"} <= set(metrics) and metrics["accuracy"]["n"] == 4
+    thetas = finished_run[1]
+    out = tmp_path / "rewards.jsonl"
+    assert main(["reward", "--policy", str(thetas[2]), "--reference", str(thetas[0]),
+                 "--pairs", str(run_dir / "iter_02" / "pairs.jsonl"), "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == len(read_jsonl(run_dir / "iter_02" / "pairs.jsonl", PreferencePair))
+    assert main(["reward", "--policy", str(thetas[0]), "--reference", str(thetas[0]),
+                 "--samples", str(run_dir / "iter_01" / "samples.jsonl"), "--out", str(out)]) == 0
+    assert all(json.loads(line)["reward"] == 0.0 for line in out.read_text().splitlines())  # θ0 against itself
+    assert main(["ensemble", "--reference", str(thetas[0]), "--checkpoints", *map(str, thetas[1:]), "--lam", "0.5",
+                 "--alpha", "0.4", "--out", str(tmp_path / "ens"), "--prompts", "2", "--max-new-tokens", "6"]) == 0
+    result = json.loads((tmp_path / "ens" / "approximation.json").read_text())
+    assert set(result["error"]["candidates"]) == {"merged", "theta_T", "uniform_average"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from functools import partial
 from pathlib import Path
@@ -40,35 +41,60 @@ def open_run(cfg: RunConfig, run_dir: str | Path, force: bool = False) -> Manife
     return manifest
 
 
-def stage(manifest: Manifest, name: str, fn):
-    """Run ``fn`` unless the manifest says ``name`` finished; record it only once its files are complete."""
+def stage(manifest: Manifest, name: str, fn, accelerator=None, everyone: bool = False):
+    """Run ``fn`` unless the manifest says ``name`` finished; record it only once its files are complete.
+
+    Under a distributed launch the main process runs the stage while the others wait, except a stage
+    that ``everyone`` runs (DPO training); only the main process writes the manifest.
+    """
     if manifest.done(name):
         return manifest.get(name)
-    print(f"── {name}", flush=True)
-    info = fn() or {}
-    manifest.record(name, info)
+    main = accelerator is None or accelerator.is_main_process
+    if main:
+        print(f"── {name}", flush=True)
+    info = (fn() or {}) if main or everyone else None
+    if main:
+        manifest.record(name, info)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        manifest.reload()  # what the main process recorded
     return manifest.get(name)
+
+
+def _accelerator():
+    """One Accelerator when launched with several processes (``accelerate launch``), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator()
 
 
 def iterate(cfg: RunConfig, run_dir: str | Path, force: bool = False, accelerator=None) -> list[Path]:
     """Algorithm 1: θ_t from θ_{t−1} on fresh pairs D_t, the reference fixed at θ0. Returns [θ0, θ1, …, θT]."""
     run_dir = Path(run_dir)
-    manifest = open_run(cfg, run_dir, force)
-    theta0 = Path(resolve_model(cfg.model.path))
-    manifest.set_meta("reference", str(theta0))
+    accelerator = accelerator or _accelerator()
+    if accelerator is None or accelerator.is_main_process:
+        manifest = open_run(cfg, run_dir, force)
+        theta0 = Path(resolve_model(cfg.model.path))
+        manifest.set_meta("reference", str(theta0))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        manifest, theta0 = Manifest(run_dir), Path(resolve_model(cfg.model.path))
     tokenizer = load_tokenizer(theta0)
     thetas = [theta0]
     for t in range(1, cfg.iterations + 1):
         out, prev, key = run_dir / f"iter_{t:02d}", thetas[-1], f"iter_{t:02d}"
         out.mkdir(exist_ok=True)
         # Alg. 1, lines 2-5: sample from π_θ{t−1}, label best vs worst, (θ0's log-probs), train θ_t.
+        run_stage = partial(stage, manifest, accelerator=accelerator)
         stages = {
-            "samples": stage(manifest, f"{key}/samples", partial(it.sample_and_score, cfg, t, prev, it.training_prompts(cfg, t), out)),
-            "pairs": stage(manifest, f"{key}/pairs", partial(it.make_pairs, out / "prompts.jsonl", out / "samples.jsonl", tokenizer, cfg, out, t)),
-            "reference": stage(manifest, f"{key}/reference_logprobs", partial(it.reference_logprobs, cfg, theta0, prev, out, t)),
-            "train": stage(manifest, f"{key}/train", partial(it.train, cfg, t, prev, out, accelerator)),
+            "samples": run_stage(f"{key}/samples", partial(it.sample_and_score, cfg, t, prev, it.training_prompts(cfg, t), out)),
+            "pairs": run_stage(f"{key}/pairs", partial(it.make_pairs, out / "prompts.jsonl", out / "samples.jsonl", tokenizer, cfg, out, t)),
+            "reference": run_stage(f"{key}/reference_logprobs", partial(it.reference_logprobs, cfg, theta0, prev, out, t)),
+            "train": run_stage(f"{key}/train", partial(it.train, cfg, t, prev, out, accelerator), everyone=True),
         }
-        stage(manifest, f"{key}/metrics", partial(it.write_metrics, out, t, stages))
+        run_stage(f"{key}/metrics", partial(it.write_metrics, out, t, stages))
         thetas.append(out / "model")
     return thetas
 
@@ -81,7 +107,10 @@ def run(cfg: RunConfig, run_dir: str | Path, force: bool = False) -> Path:
     from itermerge.search import finalize_run, search_run
 
     run_dir = Path(run_dir)
-    thetas = iterate(cfg, run_dir, force)
+    accelerator = _accelerator()
+    thetas = iterate(cfg, run_dir, force, accelerator)
+    if accelerator is not None and not accelerator.is_main_process:
+        return run_dir / "report.md"  # the rest (search, merge, studies) runs on the main process
     manifest = Manifest(run_dir)
     choice = stage(manifest, "search", partial(_search_record, search_run, run_dir, cfg))
     stage(manifest, "test_eval", partial(_test_record, finalize_run, run_dir, cfg))

@@ -81,6 +81,10 @@ class Manifest:
 
     def __init__(self, run_dir: str | os.PathLike):
         self.path = Path(run_dir) / "manifest.json"
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the file again (another process, the main one under a distributed launch, wrote it)."""
         self.data: dict[str, Any] = {"stages": {}}
         if self.path.exists():
             try:

@@ -70,11 +70,12 @@ class RewardModelScorer:
             for row, i in enumerate(chunk):
                 input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
                 attention_mask[row, : len(sequences[i])] = 1
-            logits = self.model(
-                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
-            ).logits  # (B, num_labels)
+            out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+            # Custom heads (ArmoRM) return their preference score as ``score``; classifiers as logits[:, 0].
+            values = out.score if getattr(out, "score", None) is not None else out.logits[:, 0]
+            values = values.float().reshape(len(chunk), -1)[:, 0]  # (B,)
             for row, i in enumerate(chunk):
-                scores[i] = float(logits[row, 0])
+                scores[i] = float(values[row])
         return scores
 
 
