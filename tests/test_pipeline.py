@@ -186,3 +186,24 @@ def test_cli_search_report_eval_reward_ensemble(finished_run, tmp_path, capsys):
                  "--alpha", "0.4", "--out", str(tmp_path / "ens"), "--prompts", "2", "--max-new-tokens", "6"]) == 0
     result = json.loads((tmp_path / "ens" / "approximation.json").read_text())
     assert set(result["error"]["candidates"]) == {"merged", "theta_T", "uniform_average"}
+
+
+def test_accelerate_launch_two_processes_gives_the_same_theta(finished_run, theta0, tmp_path):
+    """`accelerate launch --num_processes 2` (gloo, CPU): main samples and scores, both train; θ1 equals 1 process's."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = tiny_run_config(theta0, iterations=1)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "itermerge.cli"]
+    done = subprocess.run([*launcher, "iterate", str(path), "--run-dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = iterate(from_dict(cfg), tmp_path / "one")
+    a, b = _params(tmp_path / "two" / "iter_01" / "model"), _params(one[1])
+    assert any(not torch.equal(a[n], _params(theta0)[n]) for n in a)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
