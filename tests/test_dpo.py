@@ -52,7 +52,7 @@ def test_dpo_loss_hand_computed():
     pair 1, β = 0.5: π_w = -5, π_l = -4, ref_w = -4, ref_l = -5 → h = -1 - 1 = -2, βh = -1,
         loss = log(1 + e^1) = 1.313262, r_w = -0.5, r_l = 0.5.
     pair 2: policy = reference → h = 0, loss = log 2, both rewards 0.
-    ∂loss/∂π_w = -β σ(-βh): pair 0 → -0.5·σ(-1) = -0.134471; pair 1 → -0.5·σ(1) = -0.365529.
+    ∂loss/∂π_w = -β σ(-βh): pair 0 → -0.5·σ(-1) = -0.134471; pair 1 → -0.5·σ(1) = -0.365529; pair 2 → -0.25.
     """
     pc = torch.tensor([-1.0, -5.0, -7.0], requires_grad=True)
     pr = torch.tensor([-3.0, -4.0, -2.0])
