@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -91,11 +92,13 @@ def metrics_table(rows: Sequence[tuple[str, dict[str, Any]]], baseline: dict[str
 def _choice_section(choice: dict[str, Any]) -> str:
     gain = choice["reward_gain"]
     z = "" if gain.get("z") is None else f", {gain['z']:.1f} unpaired standard errors"
+    kept = ("No merge met the rule with more reward than θT, so the chosen model is θT itself.\n\n"
+            if (choice["lam"], choice["alpha"]) == (0.0, 0.0) else "")
     return (
         f"## Chosen merge: λ = {choice['lam']:g}, α = {choice['alpha']:g}\n\n"
         f"Weights k_1..k_T (eq. 10): {', '.join(f'{k:.4g}' for k in choice.get('weights') or [])}.\n\n"
         f"Rule: {choice['reason']}.\n\n"
-        f"Gain in {choice['rule']['reward']} over θT: {gain['value']:+.4g}{z}.\n"
+        f"{kept}Gain in {choice['rule']['reward']} over θT: {gain['value']:+.4g}{z}.\n"
     )
 
 
@@ -119,11 +122,15 @@ def _timing_section(points: list[dict[str, Any]], checkpoints: list[dict[str, An
     if not points:
         return ""
     phases = sorted({k for p in points for k in p.get("seconds", {})}, key=lambda k: (k != "merge", k != "eval", k))
-    rows = [f"| {k} | {sum(p['seconds'].get(k, 0.0) for p in points) / len(points):.3f} |" for k in phases]
+    rows = []
+    for k in phases:
+        values = [p["seconds"].get(k, 0.0) for p in points]
+        rows.append(f"| {k} | {statistics.mean(values):.3f} | {statistics.median(values):.3f} |")
     total = sum(p["seconds"].get("merge", 0) + p["seconds"].get("eval", 0) for p in points)
-    return ("## Timings\n\nSeconds per search point (mean over "
-            f"{len(points)} points; {total:.1f} s in all; `eval` includes the phases below it):\n\n"
-            "| phase | s / point |\n|---|---|\n" + "\n".join(rows) + "\n")
+    return ("## Timings\n\nSeconds per search point over "
+            f"{len(points)} points ({total:.1f} s in all; `eval` includes the phases below it; the first point "
+            "also pays warm-up, hence the median):\n\n"
+            "| phase | mean s | median s |\n|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 # --- the Fig. 5 plot -------------------------------------------------------------------------------
@@ -147,14 +154,16 @@ def plot_pareto(points: list[dict[str, Any]], checkpoints: list[dict[str, Any]],
     fig, axes = plt.subplots(1, len(axes_names), figsize=(5.2 * len(axes_names), 4.4), squeeze=False)
     for ax, cap in zip(axes[0], axes_names):
         xy = lambda p, cap=cap: (p["metrics"][cap]["value"], p["metrics"][reward]["value"])  # noqa: E731
-        for lam in lams:
+        for row, lam in enumerate(lams):
             line = sorted((p for p in points if p["lam"] == lam), key=lambda p: p["alpha"])
             ax.plot([xy(p)[0] for p in line], [xy(p)[1] for p in line], "-", color=colour[lam], alpha=0.5, lw=1)
             for p in line:
                 x, y = xy(p)
                 ex, ey = (p["metrics"][k]["stderr"] or 0.0 for k in (cap, reward))
                 ax.errorbar(x, y, xerr=ex, yerr=ey, fmt="o", color=colour[lam], ecolor="0.85", elinewidth=0.8, ms=6, zorder=3)
-                ax.annotate(f"α={p['alpha']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                # Each λ labels at its own height: points of a discrete metric often coincide.
+                ax.annotate(f"α={p['alpha']:g}", (x, y), textcoords="offset points", xytext=(4, 4 + 8 * row),
+                            fontsize=7, color=colour[lam])
         frontier = [points[i] for i in pareto_frontier(points, reward, cap)]
         ax.plot([xy(p)[0] for p in frontier], [xy(p)[1] for p in frontier], "k--", lw=1.5, label="Pareto frontier", zorder=2)
         for c in checkpoints:
