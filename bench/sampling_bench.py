@@ -11,10 +11,24 @@ EOS; tokens counted are the generated ones up to and including EOS. Prints a mar
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import resource
 import time
 
 import torch
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(fn, *args) -> tuple[int, float, float]:
+    """(tokens, wall seconds, CPU seconds) of ``fn(*args)``, which returns its token count."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    tokens = fn(*args)
+    return tokens, time.perf_counter() - wall, cpu_seconds() - cpu
 
 
 def arithmetic_prompts(tokenizer, n: int, seed: int) -> list[list[int]]:
@@ -24,34 +38,30 @@ def arithmetic_prompts(tokenizer, n: int, seed: int) -> list[list[int]]:
     return [encode_prompt(tokenizer, p.messages) for p in get_task("arithmetic").prompts("train", n, seed)]
 
 
-def hf_generate(model, tokenizer, prompts: list[list[int]], k: int, max_new: int, eos: list[int]) -> tuple[int, float]:
-    """(tokens generated up to EOS, seconds) for one left-padded ``generate`` call with K return sequences."""
+def hf_generate(model, tokenizer, prompts: list[list[int]], k: int, max_new: int, eos: list[int]) -> int:
+    """Tokens generated (up to EOS) by one left-padded ``generate`` call with K return sequences."""
     width = max(map(len, prompts))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
             input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
             num_return_sequences=k, max_new_tokens=max_new, pad_token_id=pad,
         )
-    seconds = time.perf_counter() - start
     new = out[:, width:]
     is_eos = torch.isin(new, torch.tensor(eos))
     first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full((len(new),), new.shape[1]))
-    return int(first.sum()), seconds
+    return int(first.sum())
 
 
-def sampler_generate(model, tokenizer, prompts, k: int, max_new: int, batch: int) -> tuple[int, float]:
+def sampler_generate(model, tokenizer, prompts, k: int, max_new: int, batch: int) -> int:
     from itermerge.sampling import SamplingParams
     from itermerge.sampling.hf import HFSampler
 
     sampler = HFSampler(model, tokenizer, batch_size=batch, progress=False)
-    start = time.perf_counter()
     out = sampler.generate(prompts, SamplingParams(n=k, temperature=1.0, max_new_tokens=max_new, seed=0))
-    seconds = time.perf_counter() - start
-    return sum(len(s.token_ids) for row in out for s in row), seconds
+    return sum(len(s.token_ids) for row in out for s in row)
 
 
 def main() -> None:
@@ -73,23 +83,29 @@ def main() -> None:
     eos = eos_token_ids(model, tokenizer)
     torch.manual_seed(0)
     rows = []
+    print(f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
     for batch in args.batch:
         prompts = arithmetic_prompts(tokenizer, max(1, batch // args.k), seed=batch)
-        hf_tokens, hf_s = hf_generate(model, tokenizer, prompts, args.k, args.max_new_tokens, eos)
-        ours_tokens, ours_s = sampler_generate(model, tokenizer, prompts, args.k, args.max_new_tokens, batch)
         n_rows = len(prompts) * args.k
-        rows.append((batch, n_rows, hf_tokens / n_rows, hf_tokens / hf_s, ours_tokens / n_rows, ours_tokens / ours_s))
-        print(f"batch {batch}: generate {hf_tokens} tok in {hf_s:.1f}s, HFSampler {ours_tokens} tok in {ours_s:.1f}s",
-              flush=True)
+        hf = timed(hf_generate, model, tokenizer, prompts, args.k, args.max_new_tokens, eos)
+        ours = timed(sampler_generate, model, tokenizer, prompts, args.k, args.max_new_tokens, batch)
+        rows.append((batch, n_rows, hf, ours))
+        for name, (tokens, wall, cpu) in (("generate", hf), ("HFSampler", ours)):
+            print(f"batch {batch} {name}: {tokens} tokens, {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
     print(f"\nSmolLM2-135M-Instruct fp32, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, K={args.k}, "
           f"max_new_tokens={args.max_new_tokens}, temperature 1.0\n")
-    print("| batch (prompts × K) | mean tokens generate / HFSampler | generate tok/s | HFSampler tok/s | speed-up |")
-    print("|---|---|---|---|---|")
-    for batch, n_rows, hf_len, hf_rate, our_len, our_rate in rows:
-        print(f"| {batch} ({n_rows // args.k} × {args.k}) | {hf_len:.1f} / {our_len:.1f} | {hf_rate:.0f} | "
-              f"{our_rate:.0f} | {our_rate / hf_rate:.2f}× |")
+    print("| batch (prompts × K) | mean tokens generate / HFSampler | generate tok/s | HFSampler tok/s | speed-up "
+          "| generate / HFSampler tok per CPU-s | speed-up (CPU) |")
+    print("|---|---|---|---|---|---|---|")
+    for batch, n_rows, (hf_tok, hf_wall, hf_cpu), (our_tok, our_wall, our_cpu) in rows:
+        hf_rate, our_rate = hf_tok / hf_wall, our_tok / our_wall
+        hf_cpu_rate, our_cpu_rate = hf_tok / hf_cpu, our_tok / our_cpu
+        print(f"| {batch} ({n_rows // args.k} × {args.k}) | {hf_tok / n_rows:.1f} / {our_tok / n_rows:.1f} "
+              f"| {hf_rate:.0f} | {our_rate:.0f} | {our_rate / hf_rate:.2f}× "
+              f"| {hf_cpu_rate:.0f} / {our_cpu_rate:.0f} | {our_cpu_rate / hf_cpu_rate:.2f}× |")
 
 
 if __name__ == "__main__":

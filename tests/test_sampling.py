@@ -176,12 +176,22 @@ def test_eos_ids_come_from_generation_config(sharp_model, tiny_tok):
     assert eos_token_ids(tiny_model(0), tiny_tok) == [2]
 
 
-@pytest.mark.parametrize("room", [128, 1])  # 1: the KV cache doubles its buffers while decoding
-def test_greedy_matches_hf_generate_token_for_token(sharp_model, tiny_tok, prompts, room, monkeypatch):
-    monkeypatch.setattr("itermerge.sampling.hf.INITIAL_ROOM", room)
-    sampler = HFSampler(sharp_model, tiny_tok, batch_size=4, progress=False)  # 10 rows: 3 batches, mixed lengths
+@pytest.mark.parametrize(
+    "room, refill",
+    [(128, True), (1, True), (128, False)],  # room 1: cache buffers double mid-way; no refill: batch by batch
+)
+def test_greedy_matches_hf_generate_token_for_token(sharp_model, tiny_tok, prompts, room, refill, monkeypatch):
+    import itermerge.sampling.batch as batch_module
+
+    joins = []
+    real_append = batch_module.append_rows
+    monkeypatch.setattr(batch_module, "INITIAL_ROOM", room)
+    monkeypatch.setattr(batch_module, "append_rows", lambda *a: joins.append(1) or real_append(*a))
+    monkeypatch.setattr(batch_module, "can_append_rows", batch_module.can_append_rows if refill else lambda c: False)
+    sampler = HFSampler(sharp_model, tiny_tok, batch_size=3, progress=False)  # 5 rows (greedy: one per prompt)
     assert isinstance(sampler, Sampler)
     out = sampler.generate(prompts, SamplingParams(n=2, temperature=0, max_new_tokens=24))
+    assert bool(joins) == refill  # rows did join a running batch (or, without refill, never did)
     finished = []
     for ids, samples in zip(prompts, out):
         ref = sharp_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24)[0, len(ids) :].tolist()

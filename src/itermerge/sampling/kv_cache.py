@@ -5,7 +5,7 @@ SmolLM2-135M that copy costs 15-25 % of a CPU step and grows with the length. ``
 but attends over its full ``max_cache_len`` every step (ruinous for max_new_tokens=1024 with short
 answers) and cannot drop finished rows. These layers keep DynamicLayer's semantics (``keys``/``values``
 are exactly the tokens seen so far, as views) while appending in place into a buffer whose spare
-room doubles when it runs out.
+room doubles when it runs out, and let new rows join a running batch (``append_rows``).
 """
 
 from __future__ import annotations
@@ -74,8 +74,43 @@ def _growing_layer_class() -> type:
             if self.is_initialized:
                 self._resize(indices, self.capacity)
 
+        def append_rows(self, keep: torch.Tensor, trim: int, other: GrowingLayer, length: int) -> None:
+            """Rows ``keep`` of this layer without their first ``trim`` slots, then all rows of ``other``, each
+            left-padded to ``length`` slots."""
+            assert self._keys is not None and self._values is not None and other._keys is not None
+            assert other._values is not None and length >= max(self.length - trim, other.length)
+            pad_mine, pad_theirs, n_mine = length - (self.length - trim), length - other.length, len(keep)
+            capacity = max(self.capacity, length + 1)
+            merged = []
+            for mine, theirs in ((self._keys, other._keys), (self._values, other._values)):
+                buf = mine.new_empty(n_mine + theirs.shape[0], mine.shape[1], capacity, mine.shape[3])
+                # Padded slots are masked out, but must hold finite numbers: 0 · NaN is NaN in attention.
+                buf[:n_mine, :, :pad_mine] = 0
+                buf[n_mine:, :, :pad_theirs] = 0
+                buf[:n_mine, :, pad_mine:length] = mine[keep, :, trim : self.length]
+                buf[n_mine:, :, pad_theirs:length] = theirs[:, :, : other.length]
+                merged.append(buf)
+            self._keys, self._values, self.capacity, self.length = merged[0], merged[1], capacity, length
+            self._publish()
+
     return GrowingLayer
 
+
+
+def can_append_rows(cache: Any) -> bool:
+    """Whether rows can join ``cache`` mid-decoding: only when every layer is a growing one."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(isinstance(layer, _growing_layer_class()) for layer in layers)
+
+
+def append_rows(cache: Any, keep: torch.Tensor, trim: int, new: Any) -> int:
+    """Keep rows ``keep`` of ``cache`` less their first ``trim`` slots (padding in every kept row), append the
+    rows of ``new``, left-pad all to the longer length and return it (the attention mask's new width).
+    Both caches must pass ``can_append_rows``."""
+    length = max(cache.get_seq_length() - trim, new.get_seq_length())
+    for mine, theirs in zip(cache.layers, new.layers):
+        mine.append_rows(keep, trim, theirs, length)
+    return length
 
 
 def growing_cache(config: Any, capacity: int) -> Any:

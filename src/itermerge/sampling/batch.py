@@ -1,0 +1,165 @@
+"""The rows decoded together: their KV cache, masks, positions and noise, and rows joining and leaving mid-way."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from itermerge.sampling import SamplingParams
+from itermerge.sampling.kv_cache import append_rows, can_append_rows, growing_cache
+from itermerge.sampling.logits import apply_penalties, sample_categorical, warp_logits
+
+INITIAL_ROOM = 128  # KV-cache slots reserved for new tokens before the first doubling
+
+# forward(cache, input_ids, attention_mask, position_ids) -> last-position logits (B, V), float32
+Forward = Callable[..., torch.Tensor]
+
+
+def row_uniforms(prompt_seed: int, k: int, steps: int) -> np.ndarray:
+    """The uniforms that drive sample k of a prompt, one per decoding step: (steps,) float64 in [0, 1)."""
+    return np.random.default_rng([prompt_seed, k]).random(steps)
+
+
+@dataclass
+class Row:
+    """Sample ``k`` of prompt ``prompt``: its tokens so far, and whether it has ended (EOS or length)."""
+
+    prompt: int
+    k: int
+    tokens: list[int] = field(default_factory=list)
+    finished: bool = False
+    ended: bool = False
+
+
+class DecodeBatch:
+    """Up to a batch of rows advanced one token per ``forward``; tensors are indexed by batch position.
+
+    Rows are left-padded to a common width so that every row's next token sits in the same column;
+    each row keeps its own position ids. Ended rows stay (their outputs ignored) until ``admit``
+    or ``drop_ended`` removes them: copying the cache at every finish would cost more.
+    """
+
+    def __init__(
+        self, forward: Forward, config: Any, params: SamplingParams, eos_ids: list[int], pad_id: int,
+        device: torch.device,
+    ) -> None:
+        self.forward_fn, self.config, self.params = forward, config, params
+        self.eos = torch.tensor(eos_ids, device=device)
+        self.pad_id, self.device = pad_id, device
+        self.rows: list[Row] = []
+        self.cache: Any = None
+        self.mask = self.next_pos = self.logits = self.tokens = None  # (B, T), (B,), (B, V), (B,)
+        self.uniforms: torch.Tensor | None = None  # (B, max_new_tokens) float64; None when greedy
+        self.counts: torch.Tensor | None = None  # (B, V) token counts for the penalties; None without them
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    @property
+    def live(self) -> int:
+        return sum(not r.ended for r in self.rows)
+
+    def can_admit(self) -> bool:
+        """New rows may join when no row is live, or mid-way when the cache supports it."""
+        return self.live == 0 or can_append_rows(self.cache)
+
+    def admit(self, prompt_ids: list[list[int]], rows: list[tuple[int, int]], seeds: list[int]) -> None:
+        """Drop ended rows and add ``rows`` (prompt index, k): each distinct prompt is prefilled once and its
+        KV cache copied to its rows."""
+        dev, max_new = self.device, self.params.max_new_tokens
+        distinct = list(dict.fromkeys(p for p, _ in rows))
+        lengths = torch.tensor([len(prompt_ids[p]) for p in distinct], device=dev)  # (U,)
+        width = int(lengths.max())
+        input_ids = torch.full((len(distinct), width), self.pad_id, dtype=torch.long, device=dev)
+        for i, p in enumerate(distinct):
+            input_ids[i, width - len(prompt_ids[p]) :] = torch.tensor(prompt_ids[p], device=dev)
+        mask = (torch.arange(width, device=dev) >= (width - lengths)[:, None]).long()  # (U, W)
+        positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # as HF generate
+        cache = growing_cache(self.config, capacity=width + min(max_new, INITIAL_ROOM))
+        logits = self.forward_fn(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions)
+        of_prompt = torch.tensor([distinct.index(p) for p, _ in rows], device=dev)  # (B_new,)
+        cache.batch_select_indices(of_prompt)
+        new = dict(
+            mask=mask[of_prompt], next_pos=lengths[of_prompt], logits=logits[of_prompt],
+            tokens=torch.full((len(rows),), self.pad_id, dtype=torch.long, device=dev),
+            uniforms=None if self.params.greedy else torch.from_numpy(
+                np.stack([row_uniforms(seeds[p], k, max_new) for p, k in rows])).to(dev),
+            counts=torch.zeros_like(logits[of_prompt]) if self._penalized else None,
+        )
+        new_rows = [Row(p, k) for p, k in rows]
+        if self.size == 0 or self.live == 0:
+            self.rows, self.cache = new_rows, cache
+            for name, value in new.items():
+                setattr(self, name, value)
+            return
+        keep = self._live_index()
+        # Slots that are padding in every remaining row go, so the width follows the live rows' lengths
+        # instead of growing with every row that ever joined.
+        kept_mask = self.mask[keep]
+        trim = int((kept_mask.cumsum(dim=1) == 0).sum(dim=1).min())
+        width = append_rows(self.cache, keep, trim, cache)
+        self.mask = torch.cat([_left_pad(kept_mask[:, trim:], width), _left_pad(new["mask"], width)])
+        for name in ("next_pos", "logits", "tokens", "uniforms", "counts"):
+            if getattr(self, name) is not None:
+                setattr(self, name, torch.cat([getattr(self, name)[keep], new[name]]))
+        self.rows = [self.rows[i] for i in keep.tolist()] + new_rows
+
+    def drop_ended(self) -> None:
+        """Remove ended rows from the batch and its cache."""
+        keep = self._live_index()
+        self.cache.batch_select_indices(keep)
+        for name in ("mask", "next_pos", "logits", "tokens", "uniforms", "counts"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name)[keep])
+        self.rows = [self.rows[i] for i in keep.tolist()]
+
+    def sample(self) -> list[Row]:
+        """Choose every live row's next token from its logits; returns the rows that ended with it."""
+        p, logits = self.params, self.logits
+        if self.counts is not None:
+            logits = apply_penalties(logits, self.counts, p.presence_penalty, p.frequency_penalty)
+        if self.uniforms is None:
+            tokens = logits.argmax(dim=-1)  # (B,)
+        else:
+            steps = torch.tensor([min(len(r.tokens), p.max_new_tokens - 1) for r in self.rows], device=self.device)
+            u = self.uniforms.gather(1, steps[:, None]).squeeze(1)  # each row's noise for its own step
+            tokens = sample_categorical(warp_logits(logits, p.temperature, p.top_k, p.top_p), u)
+        is_eos = torch.isin(tokens, self.eos).tolist()
+        ended = []
+        for row, token, eos in zip(self.rows, tokens.tolist(), is_eos):
+            if row.ended:
+                continue
+            row.tokens.append(token)
+            row.finished = eos
+            row.ended = eos or len(row.tokens) == p.max_new_tokens
+            if row.ended:
+                ended.append(row)
+        self.tokens = tokens
+        if self.counts is not None:
+            self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(self.counts[:, :1]))
+        return ended
+
+    def forward(self) -> None:
+        """Feed every row its last token: the logits of the next step."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.size, 1)], dim=1)
+        self.logits = self.forward_fn(
+            self.cache, input_ids=self.tokens[:, None], attention_mask=self.mask, position_ids=self.next_pos[:, None]
+        )
+        self.next_pos = self.next_pos + 1
+
+    @property
+    def _penalized(self) -> bool:
+        return self.params.presence_penalty != 0 or self.params.frequency_penalty != 0
+
+    def _live_index(self) -> torch.Tensor:
+        return torch.tensor([i for i, r in enumerate(self.rows) if not r.ended], dtype=torch.long, device=self.device)
+
+
+def _left_pad(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, T) attention mask → (B, width) with zeros (masked) on the left."""
+    return torch.nn.functional.pad(mask, (width - mask.shape[1], 0), value=0)
