@@ -335,14 +335,17 @@ def test_vllm_outputs_become_samples():
 
 @pytest.mark.slow
 def test_greedy_matches_generate_on_smollm2():
+    """batch_size 2 for 3 prompts: the third joins the running batch when a short answer ends."""
     from itermerge.checkpoint import load_model, load_tokenizer, resolve_model
+    from itermerge.tokenization import encode_prompt
 
     path = resolve_model("smollm2-135m-instruct")
     model, tok = load_model(path), load_tokenizer(path)
-    questions = ["What is 17 + 25?", "Name a prime number larger than 10."]
-    ids = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)[
-        "input_ids"] for q in questions]
-    out = HFSampler(model, tok, progress=False).generate(ids, SamplingParams(n=1, temperature=0, max_new_tokens=32))
+    questions = ["What is 17 + 25? Reply with just the number.", "Name a prime number larger than 10.", "Say hi."]
+    ids = [encode_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
+    params = SamplingParams(n=1, temperature=0, max_new_tokens=48)
+    out = HFSampler(model, tok, batch_size=2, progress=False).generate(ids, params)
     for prompt, (sample,) in zip(ids, out):
-        ref = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=32)[0, len(prompt) :].tolist()
+        ref = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=48)[0, len(prompt) :].tolist()
         assert sample.token_ids == ref
+    assert any(s.finished for (s,) in out)
