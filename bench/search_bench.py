@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--merge-only", action="store_true", help="measure apply_to and skip the 2×2 search")
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -55,13 +56,19 @@ def main() -> None:
         basis.apply_to(model, lam, alpha)
         times.append(time.perf_counter() - start)
     # The floor: stream three fp32 inputs and write one output once, at the copy bandwidth of this machine.
-    a, b = torch.empty(n_params), torch.empty(n_params)
+    a, b = torch.zeros(n_params), torch.zeros(n_params)
+    b.copy_(a)  # fault the pages in first
     start = time.perf_counter()
     for _ in range(3):
         b.copy_(a)
     copy_s = (time.perf_counter() - start) / 3  # one read + one write of the model
     floor_s = 2 * copy_s  # 3 reads + 1 write ≈ two copies
     del basis, a, b, model
+    result = {"params": n_params, "basis_load_s": basis_s, "apply_to_s": times,
+              "apply_to_median_s": statistics.median(times), "floor_s": floor_s, "threads": torch.get_num_threads()}
+    if args.merge_only:
+        print(json.dumps(result, indent=2))
+        return
 
     shutil.rmtree(OUT / "run", ignore_errors=True)
     evc = EvalConfig(prompts=PromptSource(n=args.prompts), max_new_tokens=args.max_new_tokens, kl=KLConfig())
@@ -72,12 +79,8 @@ def main() -> None:
     points = read_records(OUT / "run" / "points.jsonl")
     phases = sorted({k for p in points for k in p["seconds"]})
     breakdown = {k: statistics.mean(p["seconds"].get(k, 0.0) for p in points) for k in phases}
-    result = {
-        "params": n_params, "basis_load_s": basis_s, "apply_to_s": times, "apply_to_median_s": statistics.median(times),
-        "floor_s": floor_s, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
-        "search_s": search_s, "points": len(points), "per_point_mean_s": breakdown,
-        "threads": torch.get_num_threads(),
-    }
+    result.update(prompts=args.prompts, max_new_tokens=args.max_new_tokens, search_s=search_s, points=len(points),
+                  per_point_mean_s=breakdown)
     (OUT / "results.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
