@@ -30,7 +30,8 @@ from itermerge.errors import ItermergeError
 from itermerge.logprobs import collate
 from itermerge.merge import merge_weights
 from itermerge.sampling import Sample, SamplingParams, prompt_seeds
-from itermerge.sampling.hf import eos_token_ids, row_uniforms
+from itermerge.sampling.batch import row_uniforms
+from itermerge.sampling.hf import eos_token_ids
 from itermerge.sampling.logits import apply_penalties, sample_categorical, warp_logits
 
 # --- coefficients ---------------------------------------------------------------------------------
