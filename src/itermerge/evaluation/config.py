@@ -123,43 +123,7 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any] | None, where: str = "eval") -> EvalConfig:
-        """Build from plain data (a YAML section); unknown keys are errors, a section set to null is off."""
-        obj = dict(obj or {})
-        _check_keys(obj, cls, where)
-        kwargs: dict[str, Any] = {}
-        if "prompts" in obj:
-            kwargs["prompts"] = _section(PromptSource, obj["prompts"], f"{where}.prompts")
-        for name, section_cls in (("accuracy", AccuracyConfig), ("reward", RewardConfig), ("kl", KLConfig)):
-            if name in obj:
-                kwargs[name] = None if obj[name] is None else _section(section_cls, obj[name], f"{where}.{name}")
-        if obj.get("lm_eval") is not None:
-            lm = dict(obj["lm_eval"])
-            _check_keys(lm, LmEvalConfig, f"{where}.lm_eval")
-            tasks = []
-            for i, t in enumerate(lm.pop("tasks", ()) or ()):
-                t = {"name": t} if isinstance(t, str) else t
-                tasks.append(_section(LmEvalTask, t, f"{where}.lm_eval.tasks[{i}]"))
-            kwargs["lm_eval"] = LmEvalConfig(tasks=tuple(tasks), **lm)
-        elif "lm_eval" in obj:
-            kwargs["lm_eval"] = None
-        for name in ("max_new_tokens", "batch_size"):
-            if name in obj:
-                kwargs[name] = obj[name]
-        return cls(**kwargs)
+        """Build from plain data (a YAML section) with the one parser of ``itermerge.config``; a section set to null is off."""
+        from itermerge.config import build
 
-
-def _check_keys(obj: Any, cls: type, where: str) -> None:
-    if not isinstance(obj, dict):
-        raise ItermergeError(f"{where}: expected a mapping of settings, got {obj!r:.80}")
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(obj) - set(known))
-    if unknown:
-        raise ItermergeError(f"{where}: unknown key(s) {unknown}; known keys: {known}")
-
-
-def _section(cls: type, obj: Any, where: str) -> Any:
-    _check_keys(obj if obj is not None else {}, cls, where)
-    try:
-        return cls(**(obj or {}))
-    except TypeError as e:
-        raise ItermergeError(f"{where}: {e}") from e
+        return build(cls, obj, where, prefix="eval.")
