@@ -19,13 +19,21 @@ from itermerge.rundir import Manifest, atomic_write_text
 _TRAINING_SECTIONS = ("seed", "model", "prompts", "sampling", "scorer", "dpo")
 
 
+def _training_part(config: dict) -> dict:
+    """The settings that decide what the iterations computed (the dev-set size does not)."""
+    part = {k: config.get(k) for k in _TRAINING_SECTIONS}
+    if isinstance(part.get("prompts"), dict):
+        part["prompts"] = {k: v for k, v in part["prompts"].items() if k != "dev"}
+    return part
+
+
 def open_run(cfg: RunConfig, run_dir: str | Path, force: bool = False) -> Manifest:
     """Create or resume ``run_dir``; a different training config is refused unless ``force`` (which starts over)."""
     run_dir = Path(run_dir)
     manifest_path = run_dir / "manifest.json"
     if manifest_path.exists():
-        recorded = Manifest(run_dir).data.get("config", {})
-        now = json.loads(json.dumps(to_dict(cfg)))  # as recorded: tuples become lists
+        recorded = _training_part(Manifest(run_dir).data.get("config", {}))
+        now = _training_part(json.loads(json.dumps(to_dict(cfg))))  # as recorded: tuples become lists
         changed = [k for k in _TRAINING_SECTIONS if recorded.get(k) != now.get(k)]
         if changed and not force:
             raise ItermergeError(
