@@ -201,6 +201,9 @@ def _save(fig: Any, out: Path, plt: Any) -> None:
 def _studies_section(run_dir: Path) -> str:
     """The induced-reward and ensemble studies, when their JSON exists: numbers tabulated, their PNG shown."""
     files = sorted((run_dir / "studies").rglob("*.json")) if (run_dir / "studies").is_dir() else []
+    # A study may hold a run of its own (the λ study trains θb): its stage files are not study results.
+    sub_runs = [m.parent for m in (run_dir / "studies").rglob("manifest.json")] if files else []
+    files = [f for f in files if not any(r in f.parents for r in sub_runs) and f.name != "manifest.json"]
     if not files:
         return ""
     out = ["## Studies\n"]
