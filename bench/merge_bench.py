@@ -105,9 +105,9 @@ PLAIN_TORCH = textwrap.dedent("""
 def compare(paths: list[Path], ours: Path, theirs: Path) -> dict:
     """Ours vs the float64 formula and vs mergekit.
 
-    Errors are in float32 ulps of the operand scale, ulp(max(|θ0|, |θ|)): where the merge cancels θ0
-    to nearly zero, an ulp of the tiny result says nothing about the arithmetic, which is exact up to
-    the roundings of its inputs' size.
+    Errors are in float32 ulps of the operand scale, ulp(max(|θ0|, |θ|, Σ|k_t||θt − θ0|)): where the
+    merge cancels to nearly zero, an ulp of the tiny result says nothing about the arithmetic, which
+    is exact up to the roundings of its inputs' size.
     """
     import torch
 
@@ -121,8 +121,10 @@ def compare(paths: list[Path], ours: Path, theirs: Path) -> dict:
     rounded = same_mk = total = 0
     for name in readers[0]:
         theta0 = readers[0].get(name).double()
-        exact = theta0 + sum(kt * (r.get(name).double() - theta0) for kt, r in zip(k, readers[1:]))
-        scale = torch.maximum(exact.abs(), theta0.abs()).float()
+        deltas = [r.get(name).double() - theta0 for r in readers[1:]]
+        exact = theta0 + sum(kt * d for kt, d in zip(k, deltas))
+        weighted = sum(abs(kt) * d.abs() for kt, d in zip(k, deltas))
+        scale = torch.maximum(torch.maximum(exact.abs(), theta0.abs()), weighted).float()
         ulp = (torch.nextafter(scale, torch.tensor(float("inf"))) - scale).double()
         got, mk = a.get(name).double(), b.get(name).double()
         worst64 = max(worst64, ((got - exact).abs() / ulp).max().item())
