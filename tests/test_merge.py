@@ -148,7 +148,7 @@ def test_sharded_output_bf16_and_sharded_inputs(tiny_ckpts, tmp_path):
     assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
     merged, reference = CheckpointReader(out), CheckpointReader(ref)
     for name in reference:
-        assert merged.dtype(name) == torch.bfloat16
+        assert merged.dtype(name) == "BF16"
         assert torch.equal(merged.get(name), reference.get(name).bfloat16())
     assert json.loads((out / "config.json").read_text()).get("dtype") == "bfloat16"
 
@@ -275,3 +275,97 @@ def test_cli_bad_numbers(tiny_ckpts, tmp_path, capsys):
     assert main(["merge", "--reference", str(tiny_ckpts[0]), "--checkpoints", str(tiny_ckpts[1]),
                  "--lam", "0.3", "--alpha", "0", "--out", str(tmp_path / "o")]) == 2
     assert "θ̄ (the mean of θ1..θ_(T−1)) is undefined" in capsys.readouterr().err
+
+
+# --- the streaming engine: blocks, hashes, odd tensors, start-up --------------------------------
+
+
+def test_block_size_does_not_change_the_merge(tiny_ckpts, tmp_path, monkeypatch):
+    """Blocks of 100 elements (tensors span many, ragged ends) give the same bytes as whole-tensor blocks."""
+    whole = CheckpointReader(merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "whole", lam=0.3, alpha=0.4, progress=False))
+    monkeypatch.setattr("itermerge.checkpoint.CHUNK", 100)
+    assert max(whole.numel(n) for n in whole) > 10 * 100
+    blocks = merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "blocks", lam=0.3, alpha=0.4, dtype="bfloat16", progress=False)
+    got = CheckpointReader(blocks)
+    for name in whole:
+        assert torch.equal(got.get(name), whole.get(name).bfloat16()), name
+    record = json.loads((blocks / "merge.json").read_text())
+    assert [c["hash"] for c in record["checkpoints"]] == [CheckpointReader(p).content_hash() for p in tiny_ckpts[1:]]
+    # Through θ̄'s cache, in blocks: still the in-memory point bit for bit.
+    cached = CheckpointReader(merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "cached", lam=0.3, alpha=0.4,
+                                                mean_cache=tmp_path / "cache", progress=False))
+    basis = MergeBasis.from_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], mean_cache=tmp_path / "cache")
+    for name in whole:
+        assert torch.equal(basis.merged_tensor(name, 0.3, 0.4), cached.get(name)), name
+
+
+def test_hashes_of_inputs_the_merge_does_not_read(tiny_ckpts, tmp_path):
+    # λ = 0: θ1, θ2 have k = 0 and are read only for merge.json's hashes.
+    out = merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "m", lam=0.0, alpha=0.5, progress=False)
+    record = json.loads((out / "merge.json").read_text())
+    assert [c["hash"] for c in record["checkpoints"]] == [CheckpointReader(p).content_hash() for p in tiny_ckpts[1:]]
+    assert len({c["hash"] for c in record["checkpoints"]}) == 3
+
+
+def test_mean_cache_trusts_unchanged_files_and_rebuilds_on_change(tiny_ckpts, tmp_path):
+    ckpts = [shutil.copytree(p, tmp_path / p.name) for p in tiny_ckpts]
+    cache = tmp_path / "cache"
+    merge_checkpoints(ckpts[0], ckpts[1:], tmp_path / "a", lam=0.3, alpha=0.4, mean_cache=cache, progress=False)
+    built = (cache / "mean.json").stat().st_mtime_ns
+    merge_checkpoints(ckpts[0], ckpts[1:], tmp_path / "b", lam=0.5, alpha=0.0, mean_cache=cache, progress=False)
+    assert (cache / "mean.json").stat().st_mtime_ns == built  # reused
+    # θ1 rewritten with other weights: the recorded stats and hash no longer match, so θ̄ is rebuilt.
+    shutil.copy2(tiny_ckpts[3] / "model.safetensors", ckpts[1] / "model.safetensors")
+    out = merge_checkpoints(ckpts[0], ckpts[1:], tmp_path / "c", lam=0.3, alpha=0.4, mean_cache=cache, progress=False)
+    record = json.loads((cache / "mean.json").read_text())
+    assert record["inputs"][0]["hash"] == CheckpointReader(tiny_ckpts[3]).content_hash()
+    assert json.loads((out / "merge.json").read_text())["checkpoints"][0]["hash"] == record["inputs"][0]["hash"]
+
+
+def _raw_checkpoint(path: Path, tensors: dict) -> Path:
+    """A checkpoint written with our own writer: {name: (safetensors dtype, numpy array)}."""
+    from itermerge.checkpoint import ShardedWriter
+
+    path.mkdir()
+    writer = ShardedWriter(path, [(n, a.shape, st) for n, (st, a) in tensors.items()])
+    for name, (_, a) in tensors.items():
+        writer.write(name, 0, a.reshape(-1))
+    writer.close()
+    (path / "config.json").write_text(json.dumps({"model_type": "toy"}))
+    return path
+
+
+def test_integer_tensors_come_from_theta_T_and_fp8_is_refused(tmp_path):
+    import numpy as np
+
+    def ckpt(name, w, steps):
+        return _raw_checkpoint(tmp_path / name, {"w": ("F32", np.array(w, dtype=np.float32)), "steps": ("I64", np.array([steps]))})
+
+    paths = [ckpt("t0", [1.0, 2.0], 0), ckpt("t1", [3.0, 2.0], 10), ckpt("t2", [1.0, 6.0], 20)]
+    out = CheckpointReader(merge_checkpoints(paths[0], paths[1:], tmp_path / "int", weights=[0.5, 0.25], progress=False))
+    assert out.read("w").tolist() == [2.0, 3.0] and out.read("steps").tolist() == [20] and out.dtype("steps") == "I64"
+    fp8 = _raw_checkpoint(tmp_path / "fp8", {"w": ("F8_E4M3", np.array([1, 2], dtype=np.uint8)), "steps": ("I64", np.array([0]))})
+    _assert_refused(tmp_path, fp8, [fp8], r"fp8: tensor 'w' is F8_E4M3; .* dequantise")
+
+
+def test_refuses_safetensors_with_holes(tiny_ckpts, tmp_path):
+    holed = tmp_path / "holed"
+    shutil.copytree(tiny_ckpts[1], holed)
+    with open(holed / "model.safetensors", "ab") as f:
+        f.write(b"\0" * 16)
+    _assert_refused(tmp_path, tiny_ckpts[0], [holed], r"holed/model.safetensors: 16 bytes after the last tensor")
+
+
+def test_merge_command_never_imports_torch(tiny_ckpts, tmp_path):
+    """Start-up is most of a merge's time: the streamed path stays numpy-only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from itermerge.cli import main; "
+        f"rc = main(['merge', '--reference', {str(tiny_ckpts[0])!r}, '--checkpoints', *{[str(p) for p in tiny_ckpts[1:]]!r}, "
+        f"'--lam', '0.3', '--alpha', '0.4', '--out', {str(tmp_path / 'o')!r}, '--quiet']); "
+        "assert rc == 0; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -1,49 +1,133 @@
-"""HF checkpoint directories: streaming safetensors reads, sharded writes, checks, and the demo model."""
+"""HF checkpoint directories: streamed safetensors reads and sharded writes, checks, and the demo model.
+
+Reading and writing safetensors needs no torch: a file is an 8-byte length, a JSON header and the
+raw little-endian tensors, tiled without holes. The merge path (``itermerge merge``/``mean``) reads
+blocks with ``preadv`` into reused numpy buffers and writes blocks with ``pwrite`` at offsets planned
+in advance, so it never imports torch (1.8 s of start-up) and never page-faults a memory map.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import mmap
 import os
 import shutil
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
+import numpy as np
 import xxhash
 
 from itermerge.errors import ItermergeError
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Files a merge writes itself, or that describe another merge: never copied from θT.
 OWN_FILES = {INDEX_NAME, "merge.json", "mean.json"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+# Output dtypes a user may ask for, by their torch names, and their safetensors names.
+DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+# Safetensors dtype → numpy storage dtype. BF16 and FP8 have no numpy type: stored as raw bits.
+ST_STORAGE = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+    "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
 }
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # merged in float32; FP8 is refused (dequantise first)
+CHUNK = 1 << 18  # elements per block: a block's float32 buffers (1 MiB each) stay in cache across inputs
 DEMO_MODEL = "smollm2-135m-instruct"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def parse_dtype(name: str | None, where: str = "--dtype") -> torch.dtype | None:
+def parse_dtype(name: Any, where: str = "--dtype") -> str | None:
+    """'bfloat16' / torch.bfloat16 / 'BF16' → 'BF16'; None or 'auto' → None (keep the inputs' dtypes)."""
     if name is None or name == "auto":
         return None
-    if name not in DTYPES:
-        raise ItermergeError(f"{where} {name!r}: unknown dtype; use one of {', '.join(DTYPES)} or auto")
-    return DTYPES[name]
+    text = str(name).removeprefix("torch.")
+    if text in DTYPES.values():
+        return text
+    if text not in DTYPES:
+        raise ItermergeError(f"{where} {text!r}: unknown dtype; use one of {', '.join(DTYPES)} or auto")
+    return DTYPES[text]
+
+
+def torch_name(st_dtype: str) -> str:
+    """'BF16' → 'bfloat16', as config.json and mergekit write it."""
+    return {v: k for k, v in DTYPES.items()}.get(st_dtype, st_dtype.lower())
+
+
+def itemsize(st_dtype: str) -> int:
+    return np.dtype(ST_STORAGE[st_dtype]).itemsize
+
+
+def to_float32(raw: np.ndarray, st_dtype: str, out: np.ndarray) -> np.ndarray:
+    """Decode stored elements into ``out`` (float32, same length), exactly as torch's ``.float()``."""
+    if st_dtype == "F32":
+        return raw
+    if st_dtype == "BF16":  # bfloat16 is the top half of a float32
+        bits = out.view(np.uint32)
+        np.copyto(bits, raw)
+        np.left_shift(bits, 16, out=bits)
+    else:
+        np.copyto(out, raw, casting="unsafe")
+    return out
+
+
+def from_float32(x: np.ndarray, st_dtype: str, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """Encode float32 values as ``st_dtype`` into ``out`` (storage dtype), rounding to nearest even.
+
+    ``scratch``: a uint32 buffer as long as ``x`` (for bfloat16's rounding).
+    """
+    if st_dtype == "F32":
+        return x
+    if st_dtype == "BF16":  # round to nearest even on the top 16 bits, as c10::BFloat16 does
+        bits = x.view(np.uint32)
+        np.right_shift(bits, 16, out=scratch)
+        np.bitwise_and(scratch, 1, out=scratch)
+        np.add(scratch, 0x7FFF, out=scratch)
+        np.add(scratch, bits, out=scratch)
+        np.right_shift(scratch, 16, out=scratch)
+        np.copyto(out, scratch, casting="unsafe")
+    else:
+        with np.errstate(over="ignore"):  # overflow to ±Inf is caught by the caller's finiteness check
+            np.copyto(out, x, casting="unsafe")
+    return out
+
+
+def all_finite(raw: np.ndarray, st_dtype: str) -> bool:
+    if st_dtype == "BF16":
+        return not np.any(np.bitwise_and(raw, 0x7F80) == 0x7F80)
+    return bool(np.isfinite(raw).all())
+
+
+def chunk_digest(raw: np.ndarray) -> bytes:
+    return xxhash.xxh3_128_digest(raw)
+
+
+class _Tensor(NamedTuple):
+    """Where one tensor lives: its file, byte offset, dtype and shape."""
+
+    name: str
+    file: Path
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+    numel: int
 
 
 class CheckpointReader:
-    """Read the tensors of an HF checkpoint directory one at a time from memory-mapped safetensors.
+    """Read the tensors of an HF checkpoint directory, whole or in blocks, without torch or mmap.
 
     Accepts ``model.safetensors``, shards with ``model.safetensors.index.json``, or shards without an
-    index. Pickle checkpoints (``.bin``) are refused: loading them runs arbitrary code.
+    index. Pickle checkpoints (``.bin``) are refused: loading them runs arbitrary code. ``read`` fills
+    numpy buffers with ``preadv`` (thread-safe); ``get`` returns a torch tensor for in-memory use.
+    Every block read through ``read_chunk`` is digested on the way, so a streamed merge gets the
+    inputs' content hashes without reading them twice.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -52,15 +136,17 @@ class CheckpointReader:
             hint = " (pass the checkpoint directory, not a file)" if self.path.is_file() else ""
             raise ItermergeError(f"{self.path}: no such checkpoint directory{hint}")
         self.files = self._weight_files()
-        self._location: dict[str, Path] = {}
-        self._maps: dict[Path, mmap.mmap] = {}
-        self._headers: dict[Path, dict[str, Any]] = {}
+        self._tensors: dict[str, _Tensor] = {}
+        self._fds: dict[Path, int] = {}
+        self._header_bytes: dict[Path, bytes] = {}
+        self._digests: dict[tuple[str, int], bytes] = {}
+        self._lock = threading.Lock()
         for f in self.files:
-            for name in self._open(f):
-                if name in self._location:
-                    raise ItermergeError(f"{self.path}: tensor {name!r} appears in both {self._location[name].name} and {f.name}")
-                self._location[name] = f
-        if not self._location:
+            for t in self._open(f):
+                if t.name in self._tensors:
+                    raise ItermergeError(f"{self.path}: tensor {t.name!r} appears in both {self._tensors[t.name].file.name} and {f.name}")
+                self._tensors[t.name] = t
+        if not self._tensors:
             raise ItermergeError(f"{self.path}: the safetensors files hold no tensors")
         self.config = self._read_config()
 
@@ -87,40 +173,51 @@ class CheckpointReader:
             )
         raise ItermergeError(f"{self.path}: no model weights (*.safetensors) in this directory")
 
-    def _open(self, f: Path) -> dict[str, Any]:
-        """Parse a safetensors header and map the file; tensors are then zero-copy views of the map."""
+    def _open(self, f: Path) -> list[_Tensor]:
+        """Parse and check a safetensors header; the file stays open for positional reads."""
+        corrupt = "the file is truncated or corrupt — re-save or re-download it"
         try:
-            size = f.stat().st_size
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                if size < 8 or n <= 0 or 8 + n > size:
-                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-                header = json.loads(fh.read(n))
-                # ACCESS_COPY: writable for torch.frombuffer, private, and never written back to the file.
-                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            fd = os.open(f, os.O_RDONLY)
+        except OSError as e:
+            raise ItermergeError(f"{f}: not a readable safetensors file ({e})") from e
+        self._fds[f] = fd
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, 8, 0)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            raw = os.pread(fd, n, 8)
+            header = json.loads(raw)
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
         except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise ItermergeError(f"{f}: not a readable safetensors file ({e}); the file is truncated or corrupt — re-save or re-download it") from e
+            raise ItermergeError(f"{f}: not a readable safetensors file ({e}); {corrupt}") from e
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        self._header_bytes[f] = head + raw
         header.pop("__metadata__", None)
-        base = 8 + n
+        base, tensors = 8 + n, []
         for name, info in header.items():
             try:
-                begin, end = info["data_offsets"]
-                dtype = ST_DTYPES[info["dtype"]]
-                numel = 1
-                for d in info["shape"]:
-                    numel *= d
-                nbytes = numel * torch.empty((), dtype=dtype).element_size()
+                begin, end = (int(x) for x in info["data_offsets"])
+                dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+                numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+                nbytes = numel * itemsize(dtype)
             except (KeyError, TypeError, ValueError) as e:
                 raise ItermergeError(f"{f}: tensor {name!r} has a malformed header entry ({e}); the file is corrupt") from e
-            if end - begin != nbytes or base + end > size:
-                raise ItermergeError(
-                    f"{f}: tensor {name!r} needs bytes {begin}..{end} of the data but the file holds {size - base}; "
-                    "the file is truncated or corrupt — re-save or re-download it"
-                )
-            info["_dtype"], info["_offset"], info["_numel"] = dtype, base + begin, numel
-        self._maps[f] = mm
-        self._headers[f] = header
-        return header
+            if end - begin != nbytes or begin < 0 or base + end > size:
+                raise ItermergeError(f"{f}: tensor {name!r} needs bytes {begin}..{end} of the data but the file holds {size - base}; {corrupt}")
+            tensors.append(_Tensor(name, f, base + begin, dtype, shape, numel))
+        # The format tiles the data section without holes; checking it makes the content hash cover every byte.
+        pos = base
+        for t in sorted(tensors, key=lambda t: t.offset):
+            if t.offset != pos:
+                raise ItermergeError(f"{f}: bytes {pos - base}..{t.offset - base} of the data belong to no tensor; {corrupt}")
+            pos += t.numel * itemsize(t.dtype)
+        if pos != size:
+            raise ItermergeError(f"{f}: {size - pos} bytes after the last tensor; {corrupt}")
+        return tensors
 
     def _read_config(self) -> dict[str, Any]:
         cfg = self.path / "config.json"
@@ -132,45 +229,100 @@ class CheckpointReader:
             raise ItermergeError(f"{cfg}: not valid JSON ({e})") from e
 
     def keys(self) -> list[str]:
-        return list(self._location)
+        return list(self._tensors)
 
-    def __iter__(self):
-        return iter(self._location)
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._location
-
-    def _info(self, name: str) -> dict[str, Any]:
-        return self._headers[self._location[name]][name]
+        return name in self._tensors
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._info(name)["shape"])
+        return self._tensors[name].shape
 
-    def dtype(self, name: str) -> torch.dtype:
-        return self._info(name)["_dtype"]
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype name: 'F32', 'BF16', 'F16', 'I64', …"""
+        return self._tensors[name].dtype
+
+    def numel(self, name: str) -> int:
+        return self._tensors[name].numel
+
+    def read(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Elements [start, stop) of the flattened tensor in its storage dtype (BF16 as uint16 bits)."""
+        t = self._tensors[name]
+        stop = t.numel if stop is None else stop
+        if out is None:
+            out = np.empty(stop - start, dtype=ST_STORAGE[t.dtype])
+        out = out[: stop - start]
+        size = itemsize(t.dtype)
+        view, offset, fd = memoryview(out).cast("B"), t.offset + start * size, self._fds[t.file]
+        while view.nbytes:
+            n = self._pread_into(fd, view, offset)
+            if n <= 0:
+                raise ItermergeError(f"{t.file}: ended inside tensor {name!r}; the file changed or was truncated while being read")
+            view, offset = view[n:], offset + n
+        return out
+
+    if hasattr(os, "preadv"):
+        def _pread_into(self, fd: int, view: memoryview, offset: int) -> int:
+            return os.preadv(fd, [view], offset)
+    else:  # macOS: a seek and a read, serialised
+        def _pread_into(self, fd: int, view: memoryview, offset: int) -> int:
+            with self._lock:
+                os.lseek(fd, offset, os.SEEK_SET)
+                return os.readv(fd, [view])
+
+    def read_chunk(self, name: str, index: int, out: np.ndarray) -> np.ndarray:
+        """Block ``index`` (CHUNK elements) of a tensor, digested for ``content_hash`` as it passes."""
+        start = index * CHUNK
+        raw = self.read(name, start, min(start + CHUNK, self._tensors[name].numel), out)
+        self._digests[(name, index)] = chunk_digest(raw)
+        return raw
 
     def get(self, name: str) -> torch.Tensor:
-        """A zero-copy view of the mapped file (copy-on-write: the file is never modified)."""
-        info = self._info(name)
-        mm = self._maps[self._location[name]]
-        if info["_numel"] == 0:
-            return torch.empty(info["shape"], dtype=info["_dtype"])
-        flat = torch.frombuffer(mm, dtype=info["_dtype"], count=info["_numel"], offset=info["_offset"])
-        return flat.view(info["shape"])
+        """The whole tensor as a torch tensor (a fresh copy; the file is never modified)."""
+        import torch
+
+        t = self._tensors[name]
+        raw = self.read(name)
+        if t.dtype in ("F8_E4M3", "F8_E5M2"):
+            return torch.from_numpy(raw).view(torch.float8_e4m3fn if t.dtype == "F8_E4M3" else torch.float8_e5m2).view(t.shape)
+        tensor = torch.from_numpy(raw)
+        return (tensor.view(torch.bfloat16) if t.dtype == "BF16" else tensor).view(t.shape)
 
     def close(self) -> None:
-        for mm in self._maps.values():
-            with contextlib.suppress(BufferError):  # a tensor view still alive keeps its map open
-                mm.close()
-        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+
+    def file_stats(self) -> list[list[Any]]:
+        """(name, size, mtime_ns) of each weight file: a cheap fingerprint that vouches for a recorded hash."""
+        return [[f.name, (s := f.stat()).st_size, s.st_mtime_ns] for f in self.files]
 
     def content_hash(self) -> str:
-        """xxh3-128 over the weight files' bytes in name order (~10 GB/s from page cache)."""
+        """xxh3-128 over each weight file's name, header and the xxh3-128 of every CHUNK-element block.
+
+        A tree hash over the same bytes as a flat one, so the blocks a merge has already read are not
+        read again; blocks not yet read are read here.
+        """
+        buf = None
         h = xxhash.xxh3_128()
         for f in self.files:
             h.update(f.name.encode())
-            with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                h.update(mm)
+            h.update(self._header_bytes[f])
+            for t in sorted((t for t in self._tensors.values() if t.file == f), key=lambda t: t.offset):
+                for i in range(max(1, -(-t.numel // CHUNK))):
+                    digest = self._digests.get((t.name, i))
+                    if digest is None:
+                        if buf is None:
+                            buf = np.empty(CHUNK * 8, dtype=np.uint8)
+                        self.read_chunk(t.name, i, buf.view(ST_STORAGE[t.dtype]))
+                        digest = self._digests[(t.name, i)]
+                    h.update(digest)
         return h.hexdigest()
 
     def metadata_files(self) -> list[Path]:
@@ -216,79 +368,79 @@ def check_compatible(readers: list[CheckpointReader]) -> None:
 
 
 class ShardedWriter:
-    """Stream tensors into safetensors shards laid out in advance, plus an index, like save_pretrained.
+    """Safetensors shards laid out in advance, plus an index, like save_pretrained.
 
-    Every tensor's name, shape and dtype is known before the first is computed, so each shard's header
-    is written first and tensor bytes are appended as they arrive: one tensor in memory at a time.
+    Every tensor's name, shape and dtype is known before the first is computed, so each shard's
+    header is written up front and the file sized; blocks are then written at their offsets with
+    ``pwrite`` from any thread, in any order.
     """
 
-    def __init__(self, out_dir: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int = 5 * 10**9):
+    def __init__(self, out_dir: Path, plan: list[tuple[str, tuple[int, ...], str]], max_shard_bytes: int = 5 * 10**9):
         self.out_dir = Path(out_dir)
-        self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        shards: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
         size = 0
         for name, shape, dtype in plan:
             nbytes = _nbytes(shape, dtype)
-            if self.shards[-1] and size + nbytes > max_shard_bytes:
-                self.shards.append([])
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
                 size = 0
-            self.shards[-1].append((name, shape, dtype))
+            shards[-1].append((name, shape, dtype))
             size += nbytes
-        n = len(self.shards)
+        n = len(shards)
         self.names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.total_size = sum(_nbytes(shape, dtype) for _, shape, dtype in plan)
-        self._order = [(i, entry) for i, shard in enumerate(self.shards) for entry in shard]
-        self._next = 0
-        self._file = None
-        self._shard = -1
+        self._where: dict[str, tuple[int, int, str]] = {}  # name → (fd, byte offset, dtype)
+        self._fds: list[int] = []
+        try:
+            for i, shard in enumerate(shards):
+                header, offset = {"__metadata__": {"format": "pt"}}, 0
+                for name, shape, dtype in shard:
+                    nbytes = _nbytes(shape, dtype)
+                    header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                    offset += nbytes
+                raw = json.dumps(header, separators=(",", ":")).encode()
+                raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+                fd = os.open(self.out_dir / self.names[i], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+                os.ftruncate(fd, 8 + len(raw) + offset)
+                for name, _, dtype in shard:
+                    self._where[name] = (fd, 8 + len(raw) + header[name]["data_offsets"][0], dtype)
+            self.weight_map = {name: self.names[i] for i, shard in enumerate(shards) for name, _, _ in shard}
+        except BaseException:
+            self.abort()
+            raise
 
-    def _open_shard(self, i: int) -> None:
-        if self._file is not None:
-            self._file.close()
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape, dtype in self.shards[i]:
-            nbytes = _nbytes(shape, dtype)
-            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-        self._file = open(self.out_dir / self.names[i], "wb")  # noqa: SIM115 (closed in _open_shard/close)
-        self._file.write(len(raw).to_bytes(8, "little") + raw)
-        self._shard = i
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        i, (expected, shape, dtype) = self._order[self._next]
-        if name != expected or tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise AssertionError(f"writer expected {expected} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
-        if i != self._shard:
-            self._open_shard(i)
-        if tensor.numel():
-            self._file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        self._next += 1
-
-    @property
-    def written(self) -> int:
-        return self._next
+    def write(self, name: str, start: int, data: np.ndarray) -> None:
+        """Elements [start, start + len(data)) of tensor ``name``, already in its storage dtype."""
+        fd, offset, dtype = self._where[name]
+        if data.dtype != ST_STORAGE[dtype]:
+            raise AssertionError(f"writer expected {dtype} for {name}, got {data.dtype}")
+        view, offset = memoryview(np.ascontiguousarray(data)).cast("B"), offset + start * data.itemsize
+        while view.nbytes:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
 
     def close(self) -> list[Path]:
-        if self._next != len(self._order):
-            raise AssertionError(f"writer closed after {self._next} of {len(self._order)} tensors")
-        if self._file is not None:
-            self._file.close()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
         if len(self.names) > 1:
-            weight_map = {name: self.names[i] for i, (name, _, _) in self._order}
-            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
             (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return [self.out_dir / n for n in self.names]
 
+    def abort(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
-_ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
     n = 1
     for d in shape:
         n *= d
-    return n * torch.empty((), dtype=dtype).element_size()
+    return n * itemsize(dtype)
 
 
 def parse_size(text: str) -> int:
@@ -347,7 +499,7 @@ def demo_checkpoint() -> Path:
     gguf = demo_gguf_path()
     print(f"converting {gguf.name} to an HF checkpoint in {out} (once, ~30 s)", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     # The GGUF was dequantised on load; drop the quantizer so save_pretrained writes plain fp32.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -381,7 +533,7 @@ def load_tokenizer(path: str | os.PathLike):
 
 def load_model(
     path: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = "float32",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
 ):
