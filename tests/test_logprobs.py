@@ -169,35 +169,45 @@ def test_collate_grouped_layout():
 
 
 def test_grouped_prompts_give_the_same_logprobs_and_gradients_as_flat_sequences(model):
-    """The prompt runs once and its KV cache serves both completions; nothing may change but the cost."""
+    """The prompt runs once, packed with its completions in one row (with gradients) or through its KV
+    cache; nothing may change but the cost."""
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25, 2.0, -0.5])
+    packed, cached = CompletionLogprobs(model), CompletionLogprobs(model)
+    cached.packs_groups = False
+    assert packed.packs_groups and cached.cache_argument is not None  # both paths really run
+    grouped = collate_grouped(PROMPTS, GROUPS, 0, eos_ids=[EOS])
     results = []
-    for batch in (collate_grouped(PROMPTS, GROUPS, 0, eos_ids=[EOS]), flat_twin(eos_ids=[EOS])):
+    for scorer, batch in ((packed, grouped), (cached, grouped), (packed, flat_twin(eos_ids=[EOS]))):
         model.zero_grad()
-        logps = sequence_logprobs(model, batch)
+        logps = sequence_logprobs(scorer, batch)
         (weights * logps).sum().backward()
         results.append((logps.detach(), [p.grad.clone() for p in model.parameters()]))
     model.zero_grad()
-    (grouped, grouped_grads), (flat, flat_grads) = results
-    torch.testing.assert_close(grouped, flat, atol=1e-5, rtol=1e-5)
-    for g, f in zip(grouped_grads, flat_grads):
-        torch.testing.assert_close(g, f, atol=1e-5, rtol=1e-4)
+    flat, flat_grads = results.pop()
+    for logps, grads in results:
+        torch.testing.assert_close(logps, flat, atol=1e-5, rtol=1e-5)
+        for g, f in zip(grads, flat_grads):
+            torch.testing.assert_close(g, f, atol=1e-5, rtol=1e-4)
+    grouped = results[0][0]
     want = [naive_logprob(model, p, c[:-1] if c[-1] == EOS else c) for p, g in zip(PROMPTS, GROUPS) for c in g]
     assert grouped.tolist() == pytest.approx(want, abs=1e-4)
 
 
 def test_grouped_batches_fall_back_to_flat_sequences(model):
-    """Without a usable KV cache, and under gradient checkpointing, grouped rows are scored as flat sequences."""
+    """Without a usable KV cache or packing, and under gradient checkpointing without gradients, grouped rows are
+    scored as flat sequences; with gradients, checkpointing keeps the packed rows."""
     batch = collate_grouped(PROMPTS, GROUPS, 0)
     want = token_logprobs(model, batch)
     no_cache = CompletionLogprobs(model)
-    no_cache.cache_argument = None
+    no_cache.cache_argument, no_cache.packs_groups = None, False
     torch.testing.assert_close(token_logprobs(no_cache, batch), want, atol=1e-5, rtol=1e-5)
     checkpointed = tiny_model(0)
     enable = getattr(checkpointed, "activation_checkpointing_enable", None) or checkpointed.gradient_checkpointing_enable
     enable()
     checkpointed.train()
     torch.testing.assert_close(token_logprobs(checkpointed, batch), want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(token_logprobs(checkpointed, batch), want, atol=1e-5, rtol=1e-5)
 
 
 def test_score_grouped_matches_score_sequences(model):

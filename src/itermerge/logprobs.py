@@ -176,6 +176,11 @@ def _cache_argument(body: nn.Module) -> str | None:
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
+def _takes_custom_masks(model: nn.Module) -> bool:
+    """Whether the attention takes an arbitrary 4-D additive mask (transformers' sdpa and eager do; flash kernels do not)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) in ("sdpa", "eager")
+
+
 def _checkpointing(model: nn.Module) -> bool:
     # transformers 5 renamed the flag; reading the old name warns.
     name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
@@ -206,12 +211,19 @@ class CompletionLogprobs(nn.Module):
         self.from_hidden_states = _scores_from_hidden_states(model)
         self.accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.cache_argument = _cache_argument(model.base_model) if self.from_hidden_states else None
+        # Packing needs what the cache path needs (position ids) plus a custom attention mask.
+        self.packs_groups = self.cache_argument is not None and _takes_custom_masks(model)
 
     def forward(self, batch: TokenBatch | GroupedBatch) -> Tensor:
         """Per-token log π(y_i | x, y_<i), zero outside the completion mask: (B, L) for a TokenBatch,
         (P·k, Lc) (aligned with completion_ids) for a GroupedBatch."""
         if isinstance(batch, TokenBatch):
             return self._flat(batch)
+        # With gradients, the cache path runs every weight twice (prompt, completions), and autograd then
+        # holds the completions' weight gradients (a model-sized buffer) until the prompt's backward; one
+        # packed forward uses each weight once. Without gradients the cache path does less attention work.
+        if self.packs_groups and torch.is_grad_enabled():
+            return self._packed(batch)
         # Gradient checkpointing recomputes layers without a cache, so grouped prompts need a plain forward.
         if self.cache_argument is None or _checkpointing(self.model):
             flat = batch.flatten().to(batch.completion_ids.device)
@@ -241,6 +253,42 @@ class CompletionLogprobs(nn.Module):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
             logits = logits[:, -keep:][:, :-1][target_mask[:, first:]]  # (N, V)
         return F.pad(_completion_logprobs(logits, targets, target_mask), (1, 0))  # (B, L)
+
+    def _packed(self, batch: GroupedBatch) -> Tensor:
+        """Each prompt and its k completions in one row, [prompt | completion 1 | … | completion k], each part
+        padded to its batch width; the mask lets a completion see its prompt and its own earlier tokens only,
+        and positions continue from the real prompt length, so every token is computed as in its own sequence."""
+        k, (num_prompts, prompt_width), width = batch.group_size, batch.prompt_ids.shape, batch.completion_ids.shape[1]
+        device = batch.prompt_ids.device
+        prompt_len = batch.prompt_mask.sum(dim=1)  # (P,)
+        steps = torch.arange(width, device=device)
+        input_ids = torch.cat([batch.prompt_ids, batch.completion_ids.reshape(num_prompts, k * width)], dim=1)
+        real = torch.cat([batch.prompt_mask, batch.completion_attention.reshape(num_prompts, k * width)], dim=1).bool()
+        positions = torch.cat(
+            [
+                torch.arange(prompt_width, device=device).expand(num_prompts, prompt_width),
+                (prompt_len[:, None, None] + steps).expand(num_prompts, k, width).reshape(num_prompts, k * width),
+            ],
+            dim=1,
+        )  # (P, L)
+        # part 0 = the prompt, part j = completion j; a query sees earlier real keys of the prompt or of its own part.
+        part = torch.cat([steps.new_zeros(prompt_width), torch.arange(1, k + 1, device=device).repeat_interleave(width)])
+        index = torch.arange(len(part), device=device)
+        allowed = (index[None, :] <= index[:, None]) & ((part[None, :] == 0) | (part[None, :] == part[:, None]))
+        allowed = (allowed & real[:, None, :]) | torch.eye(len(part), dtype=torch.bool, device=device)  # pads see themselves
+        head = self.model.get_output_embeddings()
+        dtype = head.weight.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=mask[:, None], position_ids=positions, use_cache=False
+        )[0]  # (P, L, H)
+        # Completion j's token t is predicted by its token t-1, its first token by the prompt's last real token.
+        rows = torch.arange(num_prompts, device=device).repeat_interleave(k)[:, None].expand(-1, width)  # (P·k, Lc)
+        columns = prompt_width + torch.arange(k, device=device).repeat(num_prompts)[:, None] * width + steps - 1
+        columns = torch.where(steps == 0, prompt_len.repeat_interleave(k)[:, None] - 1, columns)
+        scored = batch.completion_mask
+        logits = head(hidden[rows[scored], columns[scored]])  # (N, V)
+        return _completion_logprobs(logits, batch.completion_ids[scored], scored)
 
     def _grouped(self, batch: GroupedBatch) -> Tensor:
         """Each prompt once, its KV cache repeated for its k completions; positions as in one sequence."""
