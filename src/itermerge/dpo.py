@@ -249,6 +249,41 @@ def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     ]
 
 
+def _flat_gradients_and_moments(optimizer: torch.optim.Optimizer) -> Tensor | None:
+    """Give every parameter its .grad and AdamW moments as views into three flat buffers; returns the gradient one.
+
+    Why: allocated one tensor each (gradients freed and reallocated every step, moments at the first
+    step), these 3 × N floats land between activations on the C heap, whose holes glibc keeps resident.
+    A flat buffer is one mmap of its own, allocated before any activation and kept for the whole run, so
+    the heap holds only short-lived tensors: SmolLM2-135M's DPO peak RSS drops by ~0.07-0.1 GiB. The
+    update is bit-identical: AdamW reads its state exactly as if it had initialised it lazily (zeros,
+    step 0), and autograd adds each micro-batch's gradient into .grad in place, in the same order.
+
+    Only for a plain torch AdamW whose parameters share one dtype and device (not under DeepSpeed or
+    FSDP, which own gradients and optimizer state); returns None otherwise and nothing changes.
+    """
+    if type(optimizer) is not torch.optim.AdamW or any(g["amsgrad"] or g["fused"] for g in optimizer.param_groups):
+        return None
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not params or len({(p.dtype, p.device) for p in params}) > 1 or not all(p.is_contiguous() for p in params):
+        return None
+    numel = sum(p.numel() for p in params)
+    kwargs = {"dtype": params[0].dtype, "device": params[0].device}
+    grads, exp_avg, exp_avg_sq = (torch.zeros(numel, **kwargs) for _ in range(3))
+    step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32  # as torch.optim
+    offset = 0
+    for p in params:
+        view = slice(offset, offset + p.numel())
+        p.grad = grads[view].view_as(p)
+        optimizer.state[p] = {
+            "step": torch.tensor(0.0, dtype=step_dtype),
+            "exp_avg": exp_avg[view].view_as(p),
+            "exp_avg_sq": exp_avg_sq[view].view_as(p),
+        }
+        offset += p.numel()
+    return grads
+
+
 def _pair_losses(
     scorer: nn.Module, pairs: list[_PairTokens], pad_id: int, eos_ids: tuple[int, ...], beta: float, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -276,6 +311,7 @@ def train_dpo(
     The accelerator's prepared objects are released at the end.
     """
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
     start = time.perf_counter()
     if not pairs:
@@ -303,6 +339,9 @@ def train_dpo(
         _decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps
     )
     scorer, optimizer = accelerator.prepare(CompletionLogprobs(model), optimizer)
+    flat_grads = None
+    if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        flat_grads = _flat_gradients_and_moments(getattr(optimizer, "optimizer", optimizer))
 
     from tqdm.auto import tqdm
 
@@ -330,7 +369,10 @@ def train_dpo(
                     ).cpu()
             grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if flat_grads is not None:
+                flat_grads.zero_()
+            else:
+                optimizer.zero_grad(set_to_none=True)
             history.append(_step_metrics(accelerator.gather(rows.to(accelerator.device)).cpu(), step, lr, grad_norm))
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", acc=f"{history[-1]['accuracy']:.2f}")
@@ -339,6 +381,9 @@ def train_dpo(
         if cfg.gradient_checkpointing:
             _set_checkpointing(model, False)
         model.train(was_training)
+        if flat_grads is not None:
+            for p in model.parameters():
+                p.grad = None  # views: they would keep the whole flat buffer alive
         accelerator.free_memory()
     wall = time.perf_counter() - start
     return _run_metrics(history, sum(tokens[i].num_tokens for batch in batches for i in batch), wall)
