@@ -192,6 +192,23 @@ def test_gradient_accumulation_equals_one_big_micro_batch():
     assert [h["pairs"] for h in ma["history"]] == [4, 2, 4, 2]
 
 
+def test_flat_gradient_and_moment_buffers_change_memory_not_results(monkeypatch):
+    """Gradients and AdamW moments as views of three flat buffers: bit-identical weights, and nothing left behind."""
+    import itermerge.dpo as dpo
+
+    cfg = DPOConfig(global_batch_size=4, micro_batch_size=2, epochs=2, learning_rate=1e-2, weight_decay=0.01)
+    pairs = add_reference_logprobs(tiny_model(0), make_pairs(6), cfg, progress=False)
+    flat = tiny_model(0)
+    flat_metrics = train_dpo(flat, pairs, cfg, progress=False)
+    assert all(p.grad is None for p in flat.parameters())  # the views (and so the buffers) are released
+    monkeypatch.setattr(dpo, "_flat_gradients_and_moments", lambda optimizer: None)
+    lazy = tiny_model(0)
+    lazy_metrics = train_dpo(lazy, pairs, cfg, progress=False)
+    for (name, a), b in zip(flat.state_dict().items(), lazy.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [h["grad_norm"] for h in flat_metrics["history"]] == [h["grad_norm"] for h in lazy_metrics["history"]]
+
+
 def test_gradient_checkpointing_changes_memory_not_results():
     results = []
     for checkpointing in (False, True):
