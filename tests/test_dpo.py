@@ -209,6 +209,22 @@ def test_flat_gradient_and_moment_buffers_change_memory_not_results(monkeypatch)
     assert [h["grad_norm"] for h in flat_metrics["history"]] == [h["grad_norm"] for h in lazy_metrics["history"]]
 
 
+def test_sharded_weights_are_gathered_for_saving(monkeypatch):
+    """Under ZeRO-3 the trained weights come from accelerator.get_state_dict, keyed as the model's own state dict."""
+    import itermerge.dpo as dpo
+
+    cfg = DPOConfig(global_batch_size=2, micro_batch_size=2, **FAST)
+    pairs = add_reference_logprobs(tiny_model(0), make_pairs(2), cfg, progress=False)
+    model, gathered = tiny_model(0), {}
+    train_dpo(model, pairs, cfg, progress=False, state_dict=gathered)
+    assert gathered == {}  # one process: the model holds its weights
+    monkeypatch.setattr(dpo, "_sharded_parameters", lambda accelerator: True)
+    train_dpo(model, pairs, cfg, progress=False, state_dict=gathered)
+    want = model.state_dict()
+    assert gathered.keys() == want.keys()
+    assert all(torch.equal(gathered[k], want[k]) for k in want)
+
+
 def test_gradient_checkpointing_changes_memory_not_results():
     results = []
     for checkpointing in (False, True):

@@ -296,12 +296,23 @@ def _pair_losses(
     return dpo_loss(logps[0::2], logps[1::2], ref[:, 0], ref[:, 1], beta)
 
 
+def _sharded_parameters(accelerator: Accelerator) -> bool:
+    """Whether each process holds only a shard of the weights (DeepSpeed ZeRO-3, FSDP): the model alone cannot be saved."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.deepspeed_config["zero_optimization"]["stage"] == 3
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
 def train_dpo(
     model: nn.Module,
     pairs: Sequence[PreferencePair],
     cfg: DPOConfig,
     accelerator: Accelerator | None = None,
     progress: bool = True,
+    *,
+    state_dict: dict[str, Tensor] | None = None,
 ) -> dict[str, Any]:
     """θ_t = argmin_θ L(θ; D_t) from the model's current weights (Alg. 1), trained in place; returns metrics.
 
@@ -309,6 +320,11 @@ def train_dpo(
     policy is in memory. Under `accelerate launch` (DDP, DeepSpeed) every process passes all pairs; each
     takes its slots of every global batch, and the result matches one process with the same global batch.
     The accelerator's prepared objects are released at the end.
+
+    ``state_dict``: where the weights are sharded across processes (DeepSpeed ZeRO-3, FSDP), the trained
+    weights are gathered into it before the release (every process takes part; the main process receives
+    them, keyed as ``model.state_dict()``), to save with ``save_pretrained(dir, state_dict=...)``. It stays
+    empty on one process and under DDP, where ``model`` itself holds the trained weights.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
@@ -376,6 +392,10 @@ def train_dpo(
             history.append(_step_metrics(accelerator.gather(rows.to(accelerator.device)).cpu(), step, lr, grad_norm))
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", acc=f"{history[-1]['accuracy']:.2f}")
+        if state_dict is not None and _sharded_parameters(accelerator):
+            # A collective: all processes gather the shards (ZeRO-3 needs stage3_gather_16bit_weights_on_model_save).
+            gathered = accelerator.get_state_dict(scorer) or {}
+            state_dict.update({name.removeprefix("model."): value for name, value in gathered.items()})
     finally:
         bar.close()
         if cfg.gradient_checkpointing:
