@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="checkpoint dir or the demo alias")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per side")
     parser.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
-    parser.add_argument("--micro-batch", type=int, default=2, help="our pairs per forward (TRL: the whole batch)")
+    parser.add_argument("--micro-batch", type=int, default=1, help="our pairs per forward (TRL: the whole batch)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument("--only", choices=("trl", "ours"), help=argparse.SUPPRESS)
     args = parser.parse_args()

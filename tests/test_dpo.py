@@ -111,9 +111,10 @@ def test_config_defaults_are_appendix_c_and_every_field_has_help():
     assert (cfg.weight_decay, cfg.max_grad_norm, cfg.max_length, cfg.max_prompt_length) == (0.01, 1.0, 2048, 1024)
     assert cfg.lr_scheduler == "cosine" and cfg.mask_eos and cfg.epochs == 1
     assert all(f.metadata.get("help") for f in dataclasses.fields(DPOConfig))
-    with pytest.raises(ItermergeError, match=r"not a multiple of dpo\.micro_batch_size × processes = 2 × 3"):
+    assert cfg.micro_batch_size == 1  # the least activation memory (docs/benchmarks.md, DPO vs TRL)
+    with pytest.raises(ItermergeError, match=r"not a multiple of dpo\.micro_batch_size × processes = 1 × 3"):
         cfg.accumulation_steps(3)
-    assert cfg.accumulation_steps(2) == 32
+    assert cfg.accumulation_steps(2) == 64
 
 
 def test_pairs_without_reference_logprobs_are_refused():
