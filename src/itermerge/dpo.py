@@ -94,7 +94,7 @@ class DPOConfig:
         default=1,
         metadata={
             "help": "Pairs per forward on one process (chosen + rejected = 2× sequences). 1 holds the least "
-            "activation memory and, on CPUs, costs no speed; raise it for GPU throughput."
+            "activation memory; 2 is ~10% faster on CPUs and better for GPU throughput."
         },
     )
     warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of the optimizer steps spent warming up."})
