@@ -210,6 +210,28 @@ def test_flat_gradient_and_moment_buffers_change_memory_not_results(monkeypatch)
     assert [h["grad_norm"] for h in flat_metrics["history"]] == [h["grad_norm"] for h in lazy_metrics["history"]]
 
 
+def test_fused_adamw_is_used_and_matches_the_plain_update(monkeypatch):
+    """The fused AdamW kernel (one pass per step) takes the same steps as torch's default loop, to rounding."""
+    import itermerge.dpo as dpo
+
+    cfg = DPOConfig(global_batch_size=4, micro_batch_size=2, epochs=2, learning_rate=1e-2, weight_decay=0.01)
+    pairs = add_reference_logprobs(tiny_model(0), make_pairs(6), cfg, progress=False)
+    made = []
+    real = dpo._adamw
+    monkeypatch.setattr(dpo, "_adamw", lambda model, cfg, fused: made.append(real(model, cfg, fused)) or made[-1])
+    fused = tiny_model(0)
+    train_dpo(fused, pairs, cfg, progress=False)
+    monkeypatch.setattr(dpo, "_adamw", lambda model, cfg, fused: made.append(real(model, cfg, False)) or made[-1])
+    plain = tiny_model(0)
+    train_dpo(plain, pairs, cfg, progress=False)
+    assert [g["fused"] for g in made[0].param_groups] == [True, True] and not made[1].param_groups[0]["fused"]
+    moved = 0
+    for (name, a), b, c in zip(fused.state_dict().items(), plain.state_dict().values(), tiny_model(0).state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
+        moved += not torch.equal(a, c)
+    assert moved > 10  # both trained
+
+
 def test_sharded_weights_are_gathered_for_saving(monkeypatch):
     """Under ZeRO-3 the trained weights come from accelerator.get_state_dict, keyed as the model's own state dict."""
     import itermerge.dpo as dpo
