@@ -350,3 +350,15 @@ def test_two_processes_give_the_same_weights_as_one(tmp_path):
         assert [h[key] for h in two_metrics["history"]] == pytest.approx(
             [h[key] for h in one_metrics["history"]], rel=1e-4, abs=1e-6
         ), key
+
+
+def test_save_model_writes_the_given_state_dict(tmp_path):
+    """What iteration.train saves under ZeRO-3: the gathered weights, not the process's own (sharded) parameters."""
+    from itermerge.checkpoint import CheckpointReader, save_model
+
+    model = tiny_model(0)
+    gathered = {n: t + 1.0 for n, t in model.state_dict().items()}
+    save_model(model, None, tmp_path / "m", state_dict=gathered)
+    reader = CheckpointReader(tmp_path / "m")
+    assert torch.equal(reader.get("model.norm.weight"), gathered["model.norm.weight"])
+    assert not torch.equal(reader.get("model.norm.weight"), model.state_dict()["model.norm.weight"])

@@ -547,13 +547,20 @@ def load_model(
     return model.to(device).eval()
 
 
-def save_model(model, tokenizer, out: str | os.PathLike, force: bool = False, extra: Iterable[tuple[str, str]] = ()) -> Path:
-    """Save model + tokenizer as safetensors into ``out`` atomically; ``extra`` = (filename, text) pairs."""
+def save_model(
+    model, tokenizer, out: str | os.PathLike, force: bool = False, extra: Iterable[tuple[str, str]] = (),
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Save model + tokenizer as safetensors into ``out`` atomically; ``extra`` = (filename, text) pairs.
+
+    ``state_dict``: weights to save in place of the model's own (those gathered from ZeRO-3 shards).
+    """
     from itermerge.rundir import atomic_dir
 
     out = Path(out)
     with atomic_dir(out, force=force) as tmp:
-        model.save_pretrained(tmp)
+        # a shallow copy: save_pretrained empties the dict it is given as it writes
+        model.save_pretrained(tmp, **({"state_dict": dict(state_dict)} if state_dict else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in extra:

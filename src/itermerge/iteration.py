@@ -206,20 +206,9 @@ def train(cfg: RunConfig, t: int, policy_path: Path, out: Path, accelerator=None
     metrics = train_dpo(model, pairs, dpo_config(cfg, t), accelerator=accelerator, state_dict=gathered)
     if accelerator is None or accelerator.is_main_process:
         model.eval()
-        save_model(_WithStateDict(model, gathered) if gathered else model, tokenizer, out / "model", force=True,
+        save_model(model, tokenizer, out / "model", force=True, state_dict=gathered or None,
                    extra=[("training_metrics.json", json.dumps(metrics, indent=2, default=float))])
     return metrics
-
-
-class _WithStateDict:
-    """The model as `save_model` sees it, saving ``state_dict`` (weights gathered from ZeRO-3 shards) in place of
-    its own parameters, which hold only this process's shard."""
-
-    def __init__(self, model: Any, state_dict: dict[str, torch.Tensor]):
-        self.model, self.state_dict = model, state_dict
-
-    def save_pretrained(self, path: Any, **kwargs: Any) -> None:
-        self.model.save_pretrained(path, state_dict=self.state_dict, **kwargs)
 
 
 def write_metrics(out: Path, t: int, stages: dict[str, Any]) -> None:
