@@ -148,6 +148,25 @@ def test_categorical_frequencies_match_probabilities():
     assert (freq - probs.double()).abs().max() <= 1.0 / n + 1e-6
 
 
+def test_two_level_cdf_matches_the_flat_inverse_and_never_draws_removed_tokens(monkeypatch):
+    """Blocks of 16 over 1000 tokens (a ragged last block), a whole block removed: the same draws as one float64 CDF."""
+    monkeypatch.setattr("itermerge.sampling.logits.CDF_BLOCK", 16)
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(3, 1000, generator=g) ** 4
+    probs[:, 32:48] = 0.0  # a removed block
+    probs[:, ::7] = 0.0  # removed tokens everywhere (top-k / top-p masks)
+    probs[1, 990:] = 0.0  # removed tail
+    n = 2000
+    u = ((torch.arange(n, dtype=torch.float64) + 0.5) / n).repeat(3)
+    logits = probs.log().repeat_interleave(n, dim=0)
+    drawn = sample_categorical(logits, u)
+    flat = probs.double() / probs.double().sum(-1, keepdim=True)
+    cdf = flat.repeat_interleave(n, dim=0).cumsum(-1)
+    expected = torch.searchsorted(cdf, u[:, None], right=True).squeeze(-1)
+    assert (drawn == expected).double().mean() > 0.999
+    assert (logits.gather(1, drawn[:, None]) > float("-inf")).all()
+
+
 # ---------------------------------------------------------------- the HF backend
 
 

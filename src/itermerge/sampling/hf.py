@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -89,7 +92,7 @@ class HFSampler:
         self.model.eval()
         bar = tqdm(total=len(rows), unit="sample", desc="sampling", disable=not self.progress)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), _grouped_query_sdpa(self.device):
                 while True:
                     waiting, room = len(rows) - taken, self.batch_size - batch.live
                     if waiting and room >= min(change, waiting) and batch.can_admit():
@@ -127,3 +130,27 @@ class HFSampler:
         """Last-position logits (B, V) in float32, appending this step's keys/values to ``cache``."""
         out = self.model(**inputs, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         return out.logits[:, -1, :].float()
+
+
+@contextlib.contextmanager
+def _grouped_query_sdpa(device: torch.device) -> Iterator[None]:
+    """Let transformers' SDPA attention pass grouped K/V heads to torch as they are (``enable_gqa``).
+
+    With a padding mask, transformers otherwise repeats every key/value head per query group (or packs
+    the queries) before the kernel; on CPU torch's own grouped-query path is ~10 % faster per decoding
+    step for SmolLM2 at batch 128. Same attention, float rounding apart. Left alone on GPUs, where a mask
+    with ``enable_gqa`` sends SDPA to its slow math kernel.
+    """
+    key = "TRANSFORMERS_SDPA_FORCE_GQA"
+    if device.type != "cpu":
+        yield
+        return
+    previous = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous

@@ -52,16 +52,39 @@ def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return logits
 
 
+CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
+
+
 def sample_categorical(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Draw one token per row from softmax(logits) by inverting its CDF at ``uniforms``.
 
     logits (B, V), uniforms (B,) in [0, 1) → tokens (B,). The same law as ``torch.multinomial``
     (what HF uses), but each row's draw depends only on its own uniform, so a row's samples do not
-    depend on which other rows share its batch. Tokens of probability 0 (−inf) are never drawn: the
-    first index whose cumulative mass exceeds u·total always has positive mass.
+    depend on which other rows share its batch. Tokens of probability 0 (−inf) are never drawn.
+
+    Two levels, because a float64 cumulative sum over a 49k vocabulary cost 50 ms a step for 128
+    rows on 2 CPU cores (a fifth of a decoding step): the CDF of the blocks' masses (blocks summed
+    in float32, accumulated in float64) picks the block, then a float64 CDF inside that block picks
+    the token. The rounding of a block's mass is ~1e-7 of it, far below 1/V.
     """
     probs = logits.softmax(dim=-1)
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # float64 so the CDF's rounding stays far below 1/V
-    target = (uniforms.to(torch.float64) * cdf[:, -1]).unsqueeze(-1)  # (B, 1)
-    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    return tokens.clamp_(max=logits.size(-1) - 1)
+    rows, vocab = probs.shape
+    n_blocks = -(-vocab // CDF_BLOCK)
+    if n_blocks * CDF_BLOCK != vocab:
+        probs = torch.nn.functional.pad(probs, (0, n_blocks * CDF_BLOCK - vocab))
+    blocks = probs.view(rows, n_blocks, CDF_BLOCK)
+    mass = blocks.sum(dim=-1).double()  # (B, n_blocks)
+    cdf = mass.cumsum(dim=-1)
+    target = uniforms.to(torch.float64) * cdf[:, -1]  # (B,)
+    index = torch.arange(rows, device=probs.device)
+    # The first block whose cumulative mass exceeds the target; a block of zero mass is never chosen.
+    j = torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1).clamp_(max=n_blocks - 1)
+    last_block = n_blocks - 1 - (mass > 0).flip(-1).int().argmax(dim=-1)
+    j = torch.where(mass[index, j] > 0, j, last_block)
+    before = torch.where(j > 0, cdf[index, (j - 1).clamp(min=0)], torch.zeros_like(target))
+    inner = blocks[index, j]  # (B, CDF_BLOCK)
+    inner_cdf = before[:, None] + inner.cumsum(dim=-1, dtype=torch.float64)
+    i = torch.searchsorted(inner_cdf, target[:, None], right=True).squeeze(-1)
+    # Where the block's float32 mass and its float64 CDF disagree in the last bits: its last positive token.
+    i = torch.minimum(i, CDF_BLOCK - 1 - (inner > 0).flip(-1).int().argmax(dim=-1))
+    return j * CDF_BLOCK + i
