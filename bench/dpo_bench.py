@@ -167,6 +167,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
     parser.add_argument("--micro-batch", type=int, default=1, help="our pairs per forward (TRL: the whole batch)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of (TRL, ours), alternated so that drifts in machine speed hit both sides; medians reported")
     parser.add_argument("--only", choices=("trl", "ours"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
@@ -175,15 +177,20 @@ def main() -> None:
     from itermerge.checkpoint import resolve_model
 
     model = resolve_model(args.model)
-    results = {}
-    for side in ("trl", "ours"):
-        cmd = [sys.executable, __file__, "--only", side, "--model", model, "--steps", str(args.steps),
-               "--batch", str(args.batch), "--micro-batch", str(args.micro_batch), "--threads", str(args.threads)]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
-        results[side] = json.loads(line[-1][len("RESULT ") :])
+    rounds: list[dict[str, dict]] = []
+    for _ in range(args.repeats):
+        rounds.append({})
+        for side in ("trl", "ours"):
+            cmd = [sys.executable, __file__, "--only", side, "--model", model, "--steps", str(args.steps),
+                   "--batch", str(args.batch), "--micro-batch", str(args.micro_batch), "--threads", str(args.threads)]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode or not line:
+                sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
+            rounds[-1][side] = json.loads(line[-1][len("RESULT ") :])
+    # Each side's median run by tokens/s; the per-round ratios show the spread.
+    results = {side: sorted((r[side] for r in rounds), key=lambda x: x["tokens_per_s"])[len(rounds) // 2] for side in ("trl", "ours")}
+    round_ratios = [r["ours"]["tokens_per_s"] / r["trl"]["tokens_per_s"] for r in rounds]
     trl, ours = results["trl"], results["ours"]
     summary = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -192,6 +199,7 @@ def main() -> None:
         "speedup_tokens_per_cpu_s": (ours["tokens"] / ours["cpu_s"]) / (trl["tokens"] / trl["cpu_s"]),
         "peak_rss_ratio": ours["peak_rss"] / trl["peak_rss"],
         "peak_anon_ratio": ours["peak_anon"] / trl["peak_anon"],
+        "round_speedups": round_ratios, "rounds": rounds,
     }  # fmt: skip
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -207,6 +215,8 @@ def main() -> None:
     print(f"ours/TRL: {summary['speedup_tokens_per_s']:.2f}x tokens/s ({summary['speedup_tokens_per_cpu_s']:.2f}x per "
           f"CPU second), peak RSS {summary['peak_rss_ratio']:.0%}, peak anon {summary['peak_anon_ratio']:.0%}; "
           f"θ0 log-probs took {ours['reference_s']:.1f} s of ours")  # fmt: skip
+    if len(rounds) > 1:
+        print("tokens/s ratio per round: " + ", ".join(f"{x:.2f}x" for x in round_ratios))
     print(f"wrote {OUT / 'results.json'}")
 
 
