@@ -105,6 +105,11 @@ def all_finite(raw: np.ndarray, st_dtype: str) -> bool:
     return bool(np.isfinite(raw).all())
 
 
+def n_chunks(numel: int) -> int:
+    """Blocks of CHUNK elements in a tensor (an empty tensor still has one, empty, block)."""
+    return max(1, -(-numel // CHUNK))
+
+
 def chunk_digest(raw: np.ndarray) -> bytes:
     return xxhash.xxh3_128_digest(raw)
 
@@ -315,7 +320,7 @@ class CheckpointReader:
             h.update(f.name.encode())
             h.update(self._header_bytes[f])
             for t in sorted((t for t in self._tensors.values() if t.file == f), key=lambda t: t.offset):
-                for i in range(max(1, -(-t.numel // CHUNK))):
+                for i in range(n_chunks(t.numel)):
                     digest = self._digests.get((t.name, i))
                     if digest is None:
                         if buf is None:

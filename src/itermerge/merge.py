@@ -164,18 +164,14 @@ class _Scratch:
 BlockFn = Callable[[str, int, _Scratch], np.ndarray]
 
 
-def _n_chunks(numel: int) -> int:
-    return max(1, -(-numel // ckpt.CHUNK))
-
-
 def _stream(writer: ShardedWriter, plan: Sequence[tuple[str, tuple[int, ...], str]], numel: Mapping[str, int],
             block: BlockFn, desc: str, progress: bool) -> None:
-    """Compute every CHUNK-element block of every planned tensor with ``block`` and write it in place.
+    """Compute every CHUNK-element block of every planned tensor with ``block``, write it in place, close the writer.
 
     Blocks run on one thread per core (numpy releases the GIL), each with its own scratch buffers,
     so the working set is a few MiB per core plus what numpy allocates; a failing block cancels the rest.
     """
-    jobs = [(name, i) for name, _, _ in plan for i in range(_n_chunks(numel[name]))]
+    jobs = [(name, i) for name, _, _ in plan for i in range(ckpt.n_chunks(numel[name]))]
     local = threading.local()
 
     def run(job: tuple[str, int]) -> int:
@@ -203,7 +199,9 @@ def _stream(writer: ShardedWriter, plan: Sequence[tuple[str, tuple[int, ...], st
         except BaseException:  # an error or Ctrl-C: drop the queued blocks, let running ones finish
             for f in pending:
                 f.cancel()
+            writer.abort()
             raise
+    writer.close()
 
 
 def _chunk_len(reader: CheckpointReader, name: str, i: int) -> int:
@@ -256,10 +254,7 @@ def mean_checkpoint(checkpoints: Sequence[str | os.PathLike], out: str | os.Path
 
     with atomic_dir(out, force=force) as tmp:
         writer = ShardedWriter(tmp, plan)
-        try:
-            _stream(writer, plan, {name: first.numel(name) for name in names}, block, "θ̄ = mean(θ1..θT−1)", progress)
-        finally:
-            writer.close()
+        _stream(writer, plan, {name: first.numel(name) for name in names}, block, "θ̄ = mean(θ1..θT−1)", progress)
         copy_metadata(readers[-1], tmp)
         atomic_write_json(tmp / "mean.json", {
             "itermerge_version": __version__,
@@ -390,10 +385,7 @@ def merge_checkpoints(
 
     with atomic_dir(out, force=force) as tmp:
         writer = ShardedWriter(tmp, plan, max_bytes)
-        try:
-            _stream(writer, plan, {n: base.numel(n) for n in names}, block, "merging", progress)
-        finally:
-            writer.close()
+        _stream(writer, plan, {n: base.numel(n) for n in names}, block, "merging", progress)
         copy_metadata(last, tmp)
         if out_dtype is not None:
             _set_config_dtype(tmp / "config.json", out_dtype)
