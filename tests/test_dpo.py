@@ -193,6 +193,21 @@ def test_gradient_accumulation_equals_one_big_micro_batch():
     assert [h["pairs"] for h in ma["history"]] == [4, 2, 4, 2]
 
 
+def test_bfloat16_weights_train_as_float32_master_weights():
+    """At the paper's lr (5e-7) a bf16 weight cannot move (half an ulp is ~1e-4 here): train in fp32, compute in bf16."""
+    cfg = DPOConfig(global_batch_size=4, micro_batch_size=2, epochs=2)  # appendix C's lr, 5e-7
+    pairs = add_reference_logprobs(tiny_model(0), make_pairs(8), cfg, progress=False)
+    model = tiny_model(0).to(torch.bfloat16)
+    before = {k: v.float() for k, v in model.state_dict().items()}
+    metrics = train_dpo(model, pairs, cfg, progress=False)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # left in float32: bf16 would round it back
+    moved = sum(int((v != before[k]).sum()) for k, v in model.state_dict().items())
+    assert moved > 0.99 * sum(v.numel() for v in before.values())  # in pure bf16 only ~1 % moved
+    assert max((v - before[k]).abs().max().item() for k, v in model.state_dict().items()) < 1e-4  # ~lr per step
+    # the forward ran in bf16: the first loss is log 2 only up to bf16 rounding of the log-probs
+    assert metrics["history"][0]["loss"] == pytest.approx(math.log(2), abs=0.05)
+
+
 def test_flat_gradient_and_moment_buffers_change_memory_not_results(monkeypatch):
     """Gradients and AdamW moments as views of three flat buffers: bit-identical weights, and nothing left behind."""
     import itermerge.dpo as dpo

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -320,6 +321,31 @@ def _pair_losses(
     return dpo_loss(logps[0::2], logps[1::2], ref[:, 0], ref[:, 1], beta)
 
 
+def _float32_master_weights(model: nn.Module, accelerator: Accelerator) -> torch.dtype | None:
+    """Upcast 16-bit trainable weights to float32 in place; returns the 16-bit dtype to compute in, or None.
+
+    Why: at DPO learning rates (5e-7) an AdamW step moves a weight by ~lr, far below half a bfloat16
+    ulp (~6e-5 for a weight of 0.02), so 16-bit weights round every update away: on a tiny Llama in
+    bfloat16, 99 % of the weights never changed. As mixed-precision training does, the weights train in
+    float32 and the forward runs under autocast in the 16-bit dtype. DeepSpeed keeps float32 master
+    weights itself (its bf16/fp16 modes), so there nothing changes.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return None
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    low = dtypes & {torch.bfloat16, torch.float16}
+    if not low:
+        return None
+    model.float()
+    return torch.bfloat16 if torch.bfloat16 in low else torch.float16
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def _sharded_parameters(accelerator: Accelerator) -> bool:
     """Whether each process holds only a shard of the weights (DeepSpeed ZeRO-3, FSDP): the model alone cannot be saved."""
     from accelerate.utils import DistributedType
@@ -341,7 +367,8 @@ def train_dpo(
     """θ_t = argmin_θ L(θ; D_t) from the model's current weights (Alg. 1), trained in place; returns metrics.
 
     The reference log-probs are read from the pairs (θ0's, see `add_reference_logprobs`), so only the
-    policy is in memory. Under `accelerate launch` (DDP, DeepSpeed) every process passes all pairs; each
+    policy is in memory. A model in bfloat16/float16 trains as float32 master weights under autocast and
+    is left in float32 (rounding back to 16 bits would undo most DPO updates); DeepSpeed keeps its own. Under `accelerate launch` (DDP, DeepSpeed) every process passes all pairs; each
     takes its slots of every global batch, and the result matches one process with the same global batch.
     The accelerator's prepared objects are released at the end.
 
@@ -372,6 +399,7 @@ def train_dpo(
     batches = _global_batches(len(pairs), cfg)
 
     was_training = model.training
+    compute_dtype = _float32_master_weights(model, accelerator)
     if cfg.gradient_checkpointing:
         _set_checkpointing(model, True)
     model.train()
@@ -393,7 +421,7 @@ def train_dpo(
             rows = torch.zeros(accumulation * cfg.micro_batch_size, 4)  # (loss, r_w, r_l, weight) per local pair
             micro_batches = _micro_batches(batch, rank, processes, accumulation, cfg.micro_batch_size)
             for k, (indices, weight) in enumerate(micro_batches):
-                with accelerator.accumulate(scorer):
+                with accelerator.accumulate(scorer), _autocast(accelerator.device, compute_dtype):
                     losses, chosen_rewards, rejected_rewards = _pair_losses(
                         scorer, [tokens[i] for i in indices], pad_id, eos_ids, cfg.beta, accelerator.device
                     )
