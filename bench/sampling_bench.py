@@ -51,14 +51,15 @@ def hf_generate(model, tokenizer, prompts: list[list[int]], k: int, max_new: int
     """Tokens generated (up to EOS) by one left-padded ``generate`` call with K return sequences."""
     width = max(map(len, prompts))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     with torch.inference_mode():
         out = model.generate(
             input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
             num_return_sequences=k, max_new_tokens=max_new, pad_token_id=pad,
         )
     new = out[:, width:]
+    new = new.cpu()
     is_eos = torch.isin(new, torch.tensor(eos))
     first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full((len(new),), new.shape[1]))
     return int(first.sum())
@@ -81,6 +82,8 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=2, help="batches of prompts in the workload")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", help="float32 (CPU) or bfloat16 (GPU)")
     args = ap.parse_args()
 
     from itermerge.checkpoint import load_model, load_tokenizer, resolve_model
@@ -89,7 +92,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
-    model, tokenizer = load_model(path), load_tokenizer(path)
+    model, tokenizer = load_model(path, dtype=args.dtype, device=args.device), load_tokenizer(path)
     eos = eos_token_ids(model, tokenizer)
     torch.manual_seed(0)
     warm_up = arithmetic_prompts(tokenizer, 1, seed=1)  # first-call costs (allocator, kernels) off the clock
@@ -108,7 +111,8 @@ def main() -> None:
             print(f"batch {batch} {name}: {tokens} tokens, {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
-    print(f"\nSmolLM2-135M-Instruct fp32, {platform.processor() or platform.machine()}, "
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    print(f"\n{path} {args.dtype}, {where}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, K={args.k}, "
           f"max_new_tokens={args.max_new_tokens}, temperature 1.0, {args.chunks} batches of prompts\n")
     print("| batch (prompts × K) × batches | mean tokens generate / HFSampler | generate tok/s | HFSampler tok/s | speed-up "

@@ -263,6 +263,58 @@ def test_sharded_weights_are_gathered_for_saving(monkeypatch):
     assert all(torch.equal(gathered[k], want[k]) for k in want)
 
 
+def _deepspeed_accelerator(ds_config: dict, processes: int = 1, main: bool = True):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    return SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED, num_processes=processes, is_main_process=main,
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds_config)),
+    )
+
+
+def test_deepspeed_batch_comes_from_the_dpo_config():
+    """accelerate cannot fill DeepSpeed's 'auto' batch without a DataLoader, and a GAS of 1 from a launcher config
+    would step after every micro-batch: the dpo section is written over both."""
+    from itermerge.dpo import _set_deepspeed_batch
+
+    cfg = DPOConfig(global_batch_size=128, micro_batch_size=2)
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
+    _set_deepspeed_batch(_deepspeed_accelerator(ds, processes=8), cfg, cfg.accumulation_steps(8))
+    assert ds == {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 8, "train_batch_size": 128,
+                  "gradient_clipping": 1.0, "zero_optimization": {"stage": 3}}
+
+
+def test_zero3_saves_the_float32_master_weights(monkeypatch):
+    """Under ZeRO-3 each parameter's fp32 master copy is gathered (on every process, kept on the main one);
+    a frozen parameter (no master copy) falls back to accelerate's 16-bit gather on every process."""
+    import sys
+    from types import ModuleType
+
+    from itermerge.dpo import _gather_full_weights
+
+    model = tiny_model(0)
+    master = {id(p): (p.detach() + 1).to(torch.float64) for p in model.parameters()}  # "fp32 masters": θ + 1
+    calls = []
+    fake = ModuleType("deepspeed.utils")
+    fake.safe_get_full_fp32_param = lambda p: calls.append(p) or (master[id(p)] if p.requires_grad else None)
+    monkeypatch.setitem(sys.modules, "deepspeed", ModuleType("deepspeed"))
+    monkeypatch.setitem(sys.modules, "deepspeed.utils", fake)
+    names = [n for n, _ in model.named_parameters()]
+
+    full = _gather_full_weights(_deepspeed_accelerator({}), None, model)
+    assert list(full) == names and len(calls) == len(names)
+    for name, p in model.named_parameters():
+        assert full[name].dtype == torch.float32 and torch.equal(full[name], (p.detach() + 1).float())
+    assert _gather_full_weights(_deepspeed_accelerator({}, main=False), None, model) == {}  # took part, kept nothing
+
+    model.model.norm.weight.requires_grad_(False)
+    accelerator = _deepspeed_accelerator({})
+    accelerator.get_state_dict = lambda scorer: {"model." + k: v for k, v in model.state_dict().items()}
+    assert _gather_full_weights(accelerator, None, model).keys() == model.state_dict().keys()
+
+
 def test_gradient_checkpointing_changes_memory_not_results():
     results = []
     for checkpointing in (False, True):

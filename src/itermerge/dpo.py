@@ -346,6 +346,50 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+def _set_deepspeed_batch(accelerator: Accelerator, cfg: DPOConfig, accumulation: int) -> None:
+    """Write the DPO config's batch sizes and clipping into DeepSpeed's config before ``prepare``.
+
+    accelerate fills DeepSpeed's ``auto`` batch sizes from a DataLoader, which this loop does not have
+    (it refuses to prepare without one), and otherwise lets DeepSpeed's gradient_accumulation_steps
+    (often 1 from an accelerate config file) override ours: DeepSpeed would then step the optimizer
+    after every micro-batch. The DPO config decides the batch (appendix C: 128 pairs), so it is written
+    over whatever the launcher's config says.
+    """
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ours = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": cfg.micro_batch_size * accumulation * accelerator.num_processes,
+        "gradient_clipping": cfg.max_grad_norm,
+    }
+    differ = {k: ds[k] for k, v in ours.items() if ds.get(k, "auto") not in ("auto", v)}
+    if differ and accelerator.is_main_process:
+        print(f"DPO: the DeepSpeed config's {differ} replaced by the dpo section's {ours}", flush=True)
+    ds.update(ours)
+
+
+def _gather_full_weights(accelerator: Accelerator, scorer: nn.Module, model: nn.Module) -> dict[str, Tensor]:
+    """The trained weights, whole, on the main process (empty elsewhere): a collective every process calls.
+
+    Under ZeRO-3 these are DeepSpeed's float32 master weights, gathered one parameter at a time: its
+    16-bit gather (``stage3_gather_16bit_weights_on_model_save``) would round most DPO updates away,
+    as `_float32_master_weights` explains. FSDP's come from accelerate's ``get_state_dict``.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full: dict[str, Tensor | None] = {}
+        for name, p in model.named_parameters():  # the same order on every process
+            value = safe_get_full_fp32_param(p)  # None for a frozen parameter (no master copy), on every process
+            full[name] = None if value is None else value.detach().float().cpu() if accelerator.is_main_process else value
+        if all(value is not None for value in full.values()):
+            return dict(full) if accelerator.is_main_process else {}  # type: ignore[arg-type]
+    gathered = accelerator.get_state_dict(scorer) or {}
+    return {name.removeprefix("model."): value for name, value in gathered.items()}
+
+
 def _sharded_parameters(accelerator: Accelerator) -> bool:
     """Whether each process holds only a shard of the weights (DeepSpeed ZeRO-3, FSDP): the model alone cannot be saved."""
     from accelerate.utils import DistributedType
@@ -395,6 +439,8 @@ def train_dpo(
     accumulation = cfg.accumulation_steps(processes)
     accelerator.gradient_accumulation_steps = accumulation
     accelerator.step = 0  # align accelerate's accumulation counter with our optimizer steps
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _set_deepspeed_batch(accelerator, cfg, accumulation)
     pad_id, eos_ids = _pad_id(model), _eos_ids(model, cfg)
     batches = _global_batches(len(pairs), cfg)
 
@@ -443,9 +489,7 @@ def train_dpo(
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", acc=f"{history[-1]['accuracy']:.2f}")
         if state_dict is not None and _sharded_parameters(accelerator):
-            # A collective: all processes gather the shards (ZeRO-3 needs stage3_gather_16bit_weights_on_model_save).
-            gathered = accelerator.get_state_dict(scorer) or {}
-            state_dict.update({name.removeprefix("model."): value for name, value in gathered.items()})
+            state_dict.update(_gather_full_weights(accelerator, scorer, model))  # a collective: every process
     finally:
         bar.close()
         if cfg.gradient_checkpointing:

@@ -208,6 +208,7 @@ class CompletionLogprobs(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.config = getattr(model, "config", None)  # DeepSpeed's "auto" bucket sizes are read from model.config.hidden_size
         self.from_hidden_states = _scores_from_hidden_states(model)
         self.accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.cache_argument = _cache_argument(model.base_model) if self.from_hidden_states else None

@@ -1,0 +1,234 @@
+"""The CUDA path in one short run: bf16 sampling against HF ``generate``, Alg. 1 on one GPU, and Alg. 1 under
+``accelerate launch`` with DeepSpeed ZeRO-3 (examples/accelerate_zero3.yaml), the weights checked after each.
+
+    python bench/gpu_check.py --tokenizer DIR --out DIR [--skip-zero3]
+
+θ0 has SmolLM2-135M's architecture with seeded random weights (no weights are downloaded): the point is
+the GPU code path and its throughput, not what the model learns. ``--tokenizer`` is a directory with
+SmolLM2's config.json and tokenizer files (e.g. the cached demo checkpoint). The completions are scored
+by length (``itermerge.tasks.arithmetic:brevity``), which random text never ties. Every step records
+its numbers or its error in OUT/gpu_check.json, and a failed step does not stop the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+RESULTS: dict[str, object] = {}
+
+CONFIG = """\
+name: gpu-check
+seed: 0
+iterations: 2
+model: {{path: {theta0}, device: {device}}}
+prompts: {{source: task, task: arithmetic, per_iteration: 64, dev: 8, max_prompt_length: 256}}
+sampling: {{n: 4, temperature: 1.0, max_new_tokens: 64, batch_size: 256}}
+scorer: {{type: verifier, function: "itermerge.tasks.arithmetic:brevity"}}
+dpo: {{learning_rate: 5.0e-7, global_batch_size: 16, micro_batch_size: 4, warmup_ratio: 0.1,
+       max_length: 384, max_prompt_length: 256}}
+"""
+
+
+def step(name: str):
+    def wrap(fn):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            print(f"== {name}", flush=True)
+            try:
+                RESULTS[name] = {"ok": True, **(fn(*args, **kwargs) or {})}
+            except Exception as e:  # every step reports, none stops the others
+                traceback.print_exc()
+                RESULTS[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[-2000:]}
+            RESULTS[name]["seconds"] = round(time.perf_counter() - start, 1)
+            print(json.dumps({name: RESULTS[name]}, default=str), flush=True)
+
+        return run
+
+    return wrap
+
+
+@step("environment")
+def environment() -> dict:
+    import torch
+    import transformers
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    for name in ("accelerate", "deepspeed"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception as e:
+            info[name] = f"missing ({e})"
+    return info
+
+
+@step("theta0")
+def make_theta0(tokenizer_dir: Path, out: Path) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "generation_config", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    return {"parameters": sum(p.numel() for p in model.parameters())}
+
+
+@step("sampling")
+def sampling(theta0: Path, batches: list[int], max_new: int, device: str) -> dict:
+    import torch
+    from sampling_bench import arithmetic_prompts, hf_generate, hf_generate_loop, sampler_generate, timed
+
+    from itermerge.checkpoint import load_model, load_tokenizer
+    from itermerge.sampling import SamplingParams
+    from itermerge.sampling.hf import HFSampler, eos_token_ids
+
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    model, tokenizer = load_model(theta0, dtype=dtype, device=device), load_tokenizer(theta0)
+    eos, k = eos_token_ids(model, tokenizer), 8
+    warm = arithmetic_prompts(tokenizer, 2, seed=1)
+    hf_generate(model, tokenizer, warm, 2, 4, eos)
+    sampler_generate(model, tokenizer, warm, 2, 4, 4)
+    rows = {}
+    for batch in batches:
+        prompts = arithmetic_prompts(tokenizer, 2 * batch // k, seed=batch)
+        hf = timed(hf_generate_loop, model, tokenizer, prompts, batch // k, k, max_new, eos)
+        ours = timed(sampler_generate, model, tokenizer, prompts, k, max_new, batch)
+        rows[f"batch_{batch}"] = {
+            "generate_tok_s": round(hf[0] / hf[1]), "sampler_tok_s": round(ours[0] / ours[1]),
+            "speedup": round((ours[0] / ours[1]) / (hf[0] / hf[1]), 2), "tokens": [hf[0], ours[0]],
+        }
+        print(rows[f"batch_{batch}"], flush=True)
+    # greedy: the same tokens as generate(do_sample=False), one prompt per call (no padding differences)
+    prompts = arithmetic_prompts(tokenizer, 8, seed=3)
+    ours = HFSampler(model, tokenizer, batch_size=8, progress=False).generate(
+        prompts, SamplingParams(n=2, temperature=0.0, max_new_tokens=32, seed=0))
+    same, prefix = 0, []
+    for p, row in zip(prompts, ours):
+        with torch.inference_mode():
+            ref = model.generate(torch.tensor([p], device=device), do_sample=False, max_new_tokens=32)[0, len(p):].tolist()
+        mine = row[0].token_ids
+        same += mine == ref[: len(mine)]
+        prefix.append(next((i for i, (a, b) in enumerate(zip(mine, ref)) if a != b), min(len(mine), len(ref))))
+    rows["greedy_identical"] = f"{same}/{len(prompts)}"
+    rows["greedy_common_prefix"] = prefix
+    return rows
+
+
+def weights(path: Path) -> dict[str, np.ndarray]:
+    from itermerge.checkpoint import CheckpointReader, to_float32
+
+    reader = CheckpointReader(path)
+    try:
+        out = {}
+        for name in reader.keys():  # noqa: SIM118 - a reader, not a dict
+            raw = reader.read(name)
+            out[name] = to_float32(raw, reader.dtype(name), np.empty(raw.shape, np.float32)).copy()
+        out["__dtype__"] = reader.dtype(reader.keys()[0])
+        return out
+    finally:
+        reader.close()
+
+
+def compare(before: dict, after: dict) -> dict:
+    names = [n for n in before if n != "__dtype__"]
+    moved = sum(int((before[n] != after[n]).sum()) for n in names)
+    total = sum(before[n].size for n in names)
+    return {"saved_dtype": after["__dtype__"], "moved_fraction": round(moved / total, 4),
+            "max_abs_change": float(max(np.abs(after[n] - before[n]).max() for n in names)),
+            "finite": bool(all(np.isfinite(after[n]).all() for n in names))}
+
+
+def run_iterate(cmd: list[str], run_dir: Path, theta0: Path, log: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+               PYTHONUNBUFFERED="1", DS_ACCELERATOR="cuda")
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=240)
+    tail = log.read_text()[-3000:]
+    if proc.returncode:
+        raise RuntimeError(f"exit {proc.returncode}: {tail}")
+    base = weights(theta0)
+    out: dict[str, object] = {}
+    prev = base
+    for t in (1, 2):
+        now = weights(run_dir / f"iter_{t:02d}" / "model")
+        metrics = json.loads((run_dir / f"iter_{t:02d}" / "metrics.json").read_text())
+        out[f"theta{t}"] = {"vs_theta0": compare(base, now), "vs_previous": compare(prev, now), **{
+            k: metrics.get(k) for k in ("pairs", "loss", "accuracy", "sampling_tokens_per_second", "tokens_per_s", "wall_s")}}
+        prev = now
+    return out
+
+
+@step("iterate_one_gpu")
+def iterate_one_gpu(config: Path, work: Path, theta0: Path) -> dict:
+    cmd = [sys.executable, "-m", "itermerge.cli", "iterate", str(config), "--run-dir", str(work / "plain")]
+    return run_iterate(cmd, work / "plain", theta0, work / "plain.log")
+
+
+@step("iterate_zero3")
+def iterate_zero3(config: Path, work: Path, theta0: Path) -> dict:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "examples/accelerate_zero3.yaml"),
+           "--num_processes", "1", "-m", "itermerge.cli", "iterate", str(config), "--run-dir", str(work / "zero3")]
+    out = run_iterate(cmd, work / "zero3", theta0, work / "zero3.log")
+    # the same samples and pairs as the one-GPU run? then the two θ1 updates should point the same way
+    same_pairs = (work / "plain/iter_01/pairs.jsonl").read_bytes() == (work / "zero3/iter_01/pairs.jsonl").read_bytes()
+    out["same_pairs_as_one_gpu"] = same_pairs
+    base, a, b = weights(theta0), weights(work / "plain/iter_01/model"), weights(work / "zero3/iter_01/model")
+    names = [n for n in base if n != "__dtype__"]
+    da = np.concatenate([(a[n] - base[n]).ravel() for n in names])
+    db = np.concatenate([(b[n] - base[n]).ravel() for n in names])
+    out["theta1_update_cosine_vs_one_gpu"] = float(da @ db / (np.linalg.norm(da) * np.linalg.norm(db) + 1e-30))
+    out["theta1_update_norm_ratio"] = float(np.linalg.norm(db) / (np.linalg.norm(da) + 1e-30))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/gpu_check"))
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--skip-zero3", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only to try this script out")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    theta0 = args.work / "theta0"
+    config = args.work / "gpu_check.yaml"
+    config.write_text(CONFIG.format(theta0=theta0, device=args.device))
+    try:
+        environment()
+        make_theta0(args.tokenizer, theta0)
+        sampling(theta0, args.batches, args.max_new_tokens, args.device)
+        iterate_one_gpu(config, args.work, theta0)
+        if not args.skip_zero3:
+            iterate_zero3(config, args.work, theta0)
+    finally:
+        (args.out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+        for log in ("plain.log", "zero3.log"):
+            if (args.work / log).exists():
+                shutil.copy(args.work / log, args.out / log)
+
+
+if __name__ == "__main__":
+    main()
