@@ -191,12 +191,14 @@ def iterate_zero3(config: Path, work: Path, theta0: Path) -> dict:
     # the same samples and pairs as the one-GPU run? then the two θ1 updates should point the same way
     same_pairs = (work / "plain/iter_01/pairs.jsonl").read_bytes() == (work / "zero3/iter_01/pairs.jsonl").read_bytes()
     out["same_pairs_as_one_gpu"] = same_pairs
-    base, a, b = weights(theta0), weights(work / "plain/iter_01/model"), weights(work / "zero3/iter_01/model")
+    base = weights(theta0)
     names = [n for n in base if n != "__dtype__"]
-    da = np.concatenate([(a[n] - base[n]).ravel() for n in names])
-    db = np.concatenate([(b[n] - base[n]).ravel() for n in names])
-    out["theta1_update_cosine_vs_one_gpu"] = float(da @ db / (np.linalg.norm(da) * np.linalg.norm(db) + 1e-30))
-    out["theta1_update_norm_ratio"] = float(np.linalg.norm(db) / (np.linalg.norm(da) + 1e-30))
+    for t in (1, 2):
+        a, b = weights(work / f"plain/iter_0{t}/model"), weights(work / f"zero3/iter_0{t}/model")
+        da = np.concatenate([(a[n] - base[n]).ravel() for n in names])
+        db = np.concatenate([(b[n] - base[n]).ravel() for n in names])
+        out[f"theta{t}_minus_theta0_cosine_vs_one_gpu"] = float(da @ db / (np.linalg.norm(da) * np.linalg.norm(db) + 1e-30))
+        out[f"theta{t}_minus_theta0_norm_ratio"] = float(np.linalg.norm(db) / (np.linalg.norm(da) + 1e-30))
     return out
 
 
@@ -208,6 +210,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--skip-zero3", action="store_true")
+    ap.add_argument("--skip-sampling", action="store_true")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to try this script out")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -219,7 +222,8 @@ def main() -> None:
     try:
         environment()
         make_theta0(args.tokenizer, theta0)
-        sampling(theta0, args.batches, args.max_new_tokens, args.device)
+        if not args.skip_sampling:
+            sampling(theta0, args.batches, args.max_new_tokens, args.device)
         iterate_one_gpu(config, args.work, theta0)
         if not args.skip_zero3:
             iterate_zero3(config, args.work, theta0)

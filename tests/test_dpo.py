@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+import typing
 
 import pytest
 import torch
@@ -313,6 +314,56 @@ def test_zero3_saves_the_float32_master_weights(monkeypatch):
     accelerator = _deepspeed_accelerator({})
     accelerator.get_state_dict = lambda scorer: {"model." + k: v for k, v in model.state_dict().items()}
     assert _gather_full_weights(accelerator, None, model).keys() == model.state_dict().keys()
+
+
+def test_deepspeed_master_weights_come_from_the_float32_checkpoint(tmp_path, monkeypatch):
+    """DeepSpeed builds its fp32 masters from the 16-bit model; a float32 θ_{t−1}'s own values replace them."""
+    import sys
+    from types import ModuleType
+
+    from itermerge.dpo import _set_float32_masters
+
+    source = tiny_model(3)
+    source.save_pretrained(tmp_path / "fp32")
+    tiny_model(3).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model = tiny_model(3).to(torch.bfloat16)  # what DeepSpeed trains: the 16-bit copy
+    masters = {}
+    fake = ModuleType("deepspeed.utils")
+    fake.safe_set_full_fp32_param = lambda p, value: masters.__setitem__(id(p), value.clone())
+    monkeypatch.setitem(sys.modules, "deepspeed", ModuleType("deepspeed"))
+    monkeypatch.setitem(sys.modules, "deepspeed.utils", fake)
+    assert _set_float32_masters(model, tmp_path / "fp32", torch.device("cpu")) == len(list(model.parameters()))
+    for (name, p), (_, want) in zip(model.named_parameters(), source.named_parameters()):
+        assert masters[id(p)].dtype == torch.float32 and torch.equal(masters[id(p)], want.detach()), name
+    masters.clear()
+    # 16-bit on disk: the masters are exact already
+    assert _set_float32_masters(model, tmp_path / "bf16", torch.device("cpu")) == 0 and not masters
+    model.model.extra = torch.nn.Linear(2, 2)  # a parameter the checkpoint lacks: nothing is replaced
+    assert _set_float32_masters(model, tmp_path / "fp32", torch.device("cpu")) == 0 and not masters
+
+
+def test_models_load_whole_after_a_zero3_accelerator_registered_itself(tmp_path, monkeypatch):
+    """After a ZeRO-3 training, transformers would partition every later load (zero.Init): iteration 2's sampler
+    got a model with 0 vocabulary rows on the GPU box. Samplers, θ0's scoring and evaluation load whole models."""
+    import weakref
+
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    from itermerge.checkpoint import load_model
+
+    class Zero3Config:
+        config: typing.ClassVar[dict] = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self) -> bool:
+            return True
+
+    registered = Zero3Config()
+    monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", weakref.ref(registered))
+    assert hf_deepspeed.is_deepspeed_zero3_enabled()
+    tiny_model(0).save_pretrained(tmp_path)
+    model = load_model(tmp_path)  # zero.Init would need deepspeed (absent here) and give empty shards
+    assert model.get_output_embeddings().weight.shape == (128, 32)
+    assert hf_deepspeed.is_deepspeed_zero3_enabled()  # the registration is back for the training that follows
 
 
 def test_gradient_checkpointing_changes_memory_not_results():

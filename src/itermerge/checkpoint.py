@@ -8,6 +8,7 @@ in advance, so it never imports torch (1.8 s of start-up) and never page-faults 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -541,15 +542,44 @@ def load_model(
     dtype: torch.dtype | str = "float32",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    partitioned: bool = False,
 ):
-    """A causal LM in eval mode; fp32 by default (bf16 is ~4× slower than fp32 on CPUs)."""
+    """A causal LM in eval mode; fp32 by default (bf16 is ~4× slower than fp32 on CPUs).
+
+    The weights are whole even where a DeepSpeed ZeRO-3 accelerator exists in this process, unless
+    ``partitioned`` (training, when the launcher's ``zero3_init_flag`` asks for zero.Init).
+    """
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        with contextlib.nullcontext() if partitioned else _whole_weights():
+            model = AutoModelForCausalLM.from_pretrained(resolve_model(path), dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ItermergeError(f"model {path}: cannot be loaded ({e})") from e
     return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def _whole_weights() -> Iterator[None]:
+    """Make transformers load whole weights although accelerate registered a ZeRO-3 config with it.
+
+    Once a DeepSpeed ZeRO-3 accelerator exists in a process, accelerate registers its config with
+    transformers, and ``from_pretrained`` then partitions every model it loads (zero.Init), whatever
+    ``zero3_init_flag`` says: iteration 2's sampler got a model with 0 vocabulary rows. A sampler,
+    θ0's reference scoring and evaluation need the whole model on one device.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    name = "_hf_deepspeed_config_weak_ref"
+    saved = getattr(hf_deepspeed, name, None)
+    setattr(hf_deepspeed, name, None)
+    try:
+        yield
+    finally:
+        setattr(hf_deepspeed, name, saved)
 
 
 def save_model(

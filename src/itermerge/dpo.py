@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -368,6 +369,44 @@ def _set_deepspeed_batch(accelerator: Accelerator, cfg: DPOConfig, accumulation:
     ds.update(ours)
 
 
+def _set_float32_masters(model: nn.Module, checkpoint: str | Path, device: torch.device) -> int:
+    """Overwrite DeepSpeed's float32 master weights with the checkpoint's float32 tensors; returns how many.
+
+    Each process reads every tensor whole and keeps its own partition (no collective). Tensors stored in
+    16 bits are left as they are (their master copy is already exact), and so is everything when a
+    parameter's name is missing from the checkpoint (the same decision on every process).
+    """
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    from itermerge.checkpoint import CheckpointReader
+
+    reader = CheckpointReader(checkpoint)
+    try:
+        stored = set(reader.keys())
+        params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if any(name not in stored for name, _ in params):
+            return 0
+        restored = 0
+        for name, p in params:
+            if reader.dtype(name) not in ("F32", "F64"):
+                continue
+            value = reader.get(name).to(device=device, dtype=torch.float32)
+            partition = getattr(p, "ds_tensor", None)  # ZeRO-3: this process's slice, padded on the last ones
+            if partition is None or partition.numel() * torch.distributed.get_world_size() == value.numel():
+                safe_set_full_fp32_param(p, value)
+            else:  # an uneven split: DeepSpeed 0.19's setter would read past the tensor's end on the last process
+                optimizer = p._z3_optimizer
+                master, _ = optimizer._get_fp32_opt_state_partition(p, release_swap_buffers=False)
+                start = master.numel() * optimizer._get_param_partition_rank(p)
+                mine = value.flatten()[start : start + master.numel()]
+                master.data.zero_()
+                master.data[: mine.numel()].copy_(mine)
+            restored += 1
+        return restored
+    finally:
+        reader.close()
+
+
 def _gather_full_weights(accelerator: Accelerator, scorer: nn.Module, model: nn.Module) -> dict[str, Tensor]:
     """The trained weights, whole, on the main process (empty elsewhere): a collective every process calls.
 
@@ -407,6 +446,8 @@ def train_dpo(
     progress: bool = True,
     *,
     state_dict: dict[str, Tensor] | None = None,
+    compute_dtype: torch.dtype | None = None,
+    master_weights_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """θ_t = argmin_θ L(θ; D_t) from the model's current weights (Alg. 1), trained in place; returns metrics.
 
@@ -415,6 +456,13 @@ def train_dpo(
     is left in float32 (rounding back to 16 bits would undo most DPO updates); DeepSpeed keeps its own. Under `accelerate launch` (DDP, DeepSpeed) every process passes all pairs; each
     takes its slots of every global batch, and the result matches one process with the same global batch.
     The accelerator's prepared objects are released at the end.
+
+    ``compute_dtype``: run the forward under autocast in this dtype (e.g. bfloat16 on a GPU, with float32
+    weights); by default a 16-bit model's own dtype, else none.
+
+    ``master_weights_from``: the checkpoint directory the model was read from. Under DeepSpeed its float32
+    tensors become the float32 master weights (DeepSpeed makes them from the 16-bit model, so a float32
+    θ_{t−1} would lose every update smaller than half a bfloat16 ulp, i.e. most of iteration t−1's).
 
     ``state_dict``: where the weights are sharded across processes (DeepSpeed ZeRO-3, FSDP), the trained
     weights are gathered into it before the release (every process takes part; the main process receives
@@ -445,12 +493,17 @@ def train_dpo(
     batches = _global_batches(len(pairs), cfg)
 
     was_training = model.training
-    compute_dtype = _float32_master_weights(model, accelerator)
+    upcast_from = _float32_master_weights(model, accelerator)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED or compute_dtype == torch.float32:
+        compute_dtype = None  # DeepSpeed casts itself; float32 needs no autocast
+    compute_dtype = compute_dtype or upcast_from
     if cfg.gradient_checkpointing:
         _set_checkpointing(model, True)
     model.train()
     optimizer = _adamw(model, cfg, fused=accelerator.distributed_type != DistributedType.DEEPSPEED)
     scorer, optimizer = accelerator.prepare(CompletionLogprobs(model), optimizer)
+    if master_weights_from is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _set_float32_masters(model, master_weights_from, accelerator.device)
     flat_grads = None
     if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         flat_grads = _flat_gradients_and_moments(getattr(optimizer, "optimizer", optimizer))

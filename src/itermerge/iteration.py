@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import defaultdict
 from dataclasses import replace
@@ -200,10 +201,19 @@ def train(cfg: RunConfig, t: int, policy_path: Path, out: Path, accelerator=None
     """θ_t ← argmin_θ L(θ; D_t) starting from θ_{t−1}, on D_t only; saved as iter_XX/model."""
     pairs = read_jsonl(out / "pairs.jsonl", PreferencePair)
     torch.manual_seed(iteration_seed(cfg, t, "train"))
-    model = load_policy(policy_path, cfg)
+    device, dtype = resolve_device(cfg)
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    # Weights train in float32 (read as such, so a float32 θ_{t−1} is not first rounded to 16 bits) and the
+    # forward runs in the configured dtype; DeepSpeed keeps its own float32 master copy of a 16-bit model.
+    model = load_model(
+        policy_path, dtype=dtype if deepspeed else torch.float32, device=device,
+        trust_remote_code=cfg.model.trust_remote_code,
+        partitioned=os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() == "true",
+    )
     tokenizer = load_tokenizer(policy_path)
     gathered: dict[str, torch.Tensor] = {}  # the trained weights, when ZeRO-3 leaves each process only a shard
-    metrics = train_dpo(model, pairs, dpo_config(cfg, t), accelerator=accelerator, state_dict=gathered)
+    metrics = train_dpo(model, pairs, dpo_config(cfg, t), accelerator=accelerator, state_dict=gathered,
+                        compute_dtype=None if deepspeed else dtype, master_weights_from=policy_path)
     if accelerator is None or accelerator.is_main_process:
         model.eval()
         save_model(model, tokenizer, out / "model", force=True, state_dict=gathered or None,
