@@ -212,7 +212,11 @@ def test_bfloat16_weights_train_as_float32_master_weights():
 def test_flat_gradient_and_moment_buffers_change_memory_not_results(monkeypatch):
     """Gradients and AdamW moments as views of three flat buffers: bit-identical weights, and nothing left behind."""
     import itermerge.dpo as dpo
+    import itermerge.logprobs as logprobs
 
+    # the flat buffers also switch on gradients written straight into .grad (their own test, below): off here
+    monkeypatch.setattr(logprobs, "_plain_embedding", lambda model: None)
+    monkeypatch.setattr(logprobs, "_plain_output_layer", lambda model: None)
     cfg = DPOConfig(global_batch_size=4, micro_batch_size=2, epochs=2, learning_rate=1e-2, weight_decay=0.01)
     pairs = add_reference_logprobs(tiny_model(0), make_pairs(6), cfg, progress=False)
     flat = tiny_model(0)
@@ -224,6 +228,36 @@ def test_flat_gradient_and_moment_buffers_change_memory_not_results(monkeypatch)
     for (name, a), b in zip(flat.state_dict().items(), lazy.state_dict().values()):
         assert torch.equal(a, b), name
     assert [h["grad_norm"] for h in flat_metrics["history"]] == [h["grad_norm"] for h in lazy_metrics["history"]]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_and_output_gradients_written_into_grad_equal_autograds(tied):
+    """One process, plain AdamW: the input embedding's and output layer's gradients are added into .grad directly
+    (no dense (V, H) temporaries). The same gradients as autograd's, accumulated over two micro-batches,
+    padding row excluded as nn.Embedding excludes it."""
+    from itermerge.dpo import _pair_losses, _pair_tokens
+    from itermerge.logprobs import CompletionLogprobs, _plain_embedding, _plain_output_layer
+
+    cfg = DPOConfig()
+    pairs = add_reference_logprobs(tiny_model(0), make_pairs(4), cfg, progress=False)
+    tokens = [_pair_tokens(p, i, cfg) for i, p in enumerate(pairs)]
+    grads = []
+    for into in (False, True):
+        model = perturbed_theta0() if tied else tiny_model(0, tie_word_embeddings=False)
+        model.model.embed_tokens.padding_idx = 0
+        scorer = CompletionLogprobs(model)
+        scorer.grads_into_weights = into
+        assert _plain_embedding(model) is not None and _plain_output_layer(model) is not None  # the path is taken
+        for batch in (tokens[:2], tokens[2:]):  # accumulation into an existing .grad
+            losses, _, _ = _pair_losses(scorer, batch, 0, (EOS,), 0.1, torch.device("cpu"))
+            losses.sum().backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    auto, direct = grads
+    assert auto.keys() == direct.keys()
+    for name in auto:
+        torch.testing.assert_close(direct[name], auto[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert auto["model.embed_tokens.weight"].abs().sum() > 0
+    assert torch.equal(direct["model.embed_tokens.weight"][0], auto["model.embed_tokens.weight"][0])
 
 
 def test_fused_adamw_is_used_and_matches_the_plain_update(monkeypatch):

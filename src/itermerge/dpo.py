@@ -507,6 +507,8 @@ def train_dpo(
     flat_grads = None
     if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         flat_grads = _flat_gradients_and_moments(getattr(optimizer, "optimizer", optimizer))
+    if flat_grads is not None and processes == 1:  # .grad is ours alone: no DDP hook waits on it
+        accelerator.unwrap_model(scorer).grads_into_weights = True
 
     from tqdm.auto import tqdm
 
