@@ -111,7 +111,7 @@ def run_trl(model_path: str, texts: list[dict], steps: int, batch: int) -> dict:
             "config": "TRL defaults (gradient checkpointing on), ref_model=θ0, fp32"}  # fmt: skip
 
 
-def run_ours(model_path: str, texts: list[dict], steps: int, batch: int, micro: int) -> dict:
+def run_ours(model_path: str, texts: list[dict], steps: int, batch: int, micro: int, reference_batch: int) -> dict:
     from itermerge.checkpoint import load_model, load_tokenizer
     from itermerge.dpo import DPOConfig, add_reference_logprobs, train_dpo
     from itermerge.records import PreferencePair
@@ -131,13 +131,14 @@ def run_ours(model_path: str, texts: list[dict], steps: int, batch: int, micro: 
     # Iteration 1 of Alg. 1: θ0 is both the reference and the starting policy, loaded once.
     model = load_model(model_path)
     start, cpu = time.perf_counter(), time.process_time()
-    pairs = add_reference_logprobs(model, pairs, cfg, batch_size=2 * micro, progress=False)
+    pairs = add_reference_logprobs(model, pairs, cfg, batch_size=reference_batch, progress=False)
     ref_s = time.perf_counter() - start
     metrics = train_dpo(model, pairs, cfg, progress=False)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {
         "wall_s": wall, "cpu_s": cpu, "reference_s": ref_s, "train_s": metrics["wall_s"], "tokens": metrics["tokens"],
-        "params": model.num_parameters(), "config": f"micro_batch_size={micro}, fp32", "loss": metrics["loss"],
+        "params": model.num_parameters(), "loss": metrics["loss"],
+        "config": f"micro_batch_size={micro}, θ0 log-probs {reference_batch} pairs per forward, fp32",
     }  # fmt: skip
 
 
@@ -151,7 +152,7 @@ def child(args: argparse.Namespace) -> None:
         if args.only == "trl":
             result = run_trl(args.model, texts, args.steps, args.batch)
         else:
-            result = run_ours(args.model, texts, args.steps, args.batch, args.micro_batch)
+            result = run_ours(args.model, texts, args.steps, args.batch, args.micro_batch, args.reference_batch)
     result.update(peak_rss=mem.peak_rss, peak_anon=mem.peak_anon, threads=torch.get_num_threads(), load=load)
     result["tokens_per_s"] = result["tokens"] / result["wall_s"]
     # The floor scales with the cores used: 168 GFLOP/s is both cores of this machine.
@@ -166,6 +167,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per side")
     parser.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
     parser.add_argument("--micro-batch", type=int, default=1, help="our pairs per forward (TRL: the whole batch)")
+    parser.add_argument("--reference-batch", type=int, default=16,
+                        help="pairs per forward of θ0's log-probs; the pipeline uses sampling.batch_size // 4 (default 64 // 4)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of (TRL, ours), alternated so that drifts in machine speed hit both sides; medians reported")
@@ -182,7 +185,8 @@ def main() -> None:
         rounds.append({})
         for side in ("trl", "ours"):
             cmd = [sys.executable, __file__, "--only", side, "--model", model, "--steps", str(args.steps),
-                   "--batch", str(args.batch), "--micro-batch", str(args.micro_batch), "--threads", str(args.threads)]  # fmt: skip
+                   "--batch", str(args.batch), "--micro-batch", str(args.micro_batch), "--threads", str(args.threads),
+                   "--reference-batch", str(args.reference_batch)]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:

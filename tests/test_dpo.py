@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import socket
@@ -217,6 +218,7 @@ def test_flat_gradient_and_moment_buffers_change_memory_not_results(monkeypatch)
     # the flat buffers also switch on gradients written straight into .grad (their own test, below): off here
     monkeypatch.setattr(logprobs, "_plain_embedding", lambda model: None)
     monkeypatch.setattr(logprobs, "_plain_output_layer", lambda model: None)
+    monkeypatch.setattr(dpo, "lean_modules", lambda model: contextlib.nullcontext(0))
     cfg = DPOConfig(global_batch_size=4, micro_batch_size=2, epochs=2, learning_rate=1e-2, weight_decay=0.01)
     pairs = add_reference_logprobs(tiny_model(0), make_pairs(6), cfg, progress=False)
     flat = tiny_model(0)
@@ -231,11 +233,12 @@ def test_flat_gradient_and_moment_buffers_change_memory_not_results(monkeypatch)
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_embedding_and_output_gradients_written_into_grad_equal_autograds(tied):
+def test_lean_autograd_gives_autograds_gradients(tied):
     """One process, plain AdamW: the input embedding's and output layer's gradients are added into .grad directly
-    (no dense (V, H) temporaries). The same gradients as autograd's, accumulated over two micro-batches,
-    padding row excluded as nn.Embedding excludes it."""
+    (no dense (V, H) temporaries), SwiGLU and RMSNorm recompute what they used to keep. The same gradients as
+    autograd's, accumulated over two micro-batches, padding row excluded as nn.Embedding excludes it."""
     from itermerge.dpo import _pair_losses, _pair_tokens
+    from itermerge.lean_autograd import lean_modules
     from itermerge.logprobs import CompletionLogprobs, _plain_embedding, _plain_output_layer
 
     cfg = DPOConfig()
@@ -248,9 +251,12 @@ def test_embedding_and_output_gradients_written_into_grad_equal_autograds(tied):
         scorer = CompletionLogprobs(model)
         scorer.grads_into_weights = into
         assert _plain_embedding(model) is not None and _plain_output_layer(model) is not None  # the path is taken
-        for batch in (tokens[:2], tokens[2:]):  # accumulation into an existing .grad
-            losses, _, _ = _pair_losses(scorer, batch, 0, (EOS,), 0.1, torch.device("cpu"))
-            losses.sum().backward()
+        with lean_modules(model) if into else contextlib.nullcontext(0) as swapped:
+            assert swapped == (7 if into else 0)  # per layer its MLP and 2 RMSNorms, and the final norm
+            for batch in (tokens[:2], tokens[2:]):  # accumulation into an existing .grad
+                losses, _, _ = _pair_losses(scorer, batch, 0, (EOS,), 0.1, torch.device("cpu"))
+                losses.sum().backward()
+        assert "forward" not in vars(model.model.layers[0].mlp)  # the module's own forward is back
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
     auto, direct = grads
     assert auto.keys() == direct.keys()

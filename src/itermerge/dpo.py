@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itermerge.errors import ItermergeError
+from itermerge.lean_autograd import lean_modules
 from itermerge.logprobs import CompletionLogprobs, collate_grouped, score_grouped
 
 if TYPE_CHECKING:
@@ -507,14 +508,17 @@ def train_dpo(
     flat_grads = None
     if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         flat_grads = _flat_gradients_and_moments(getattr(optimizer, "optimizer", optimizer))
-    if flat_grads is not None and processes == 1:  # .grad is ours alone: no DDP hook waits on it
-        accelerator.unwrap_model(scorer).grads_into_weights = True
+    # .grad is ours alone (one process, plain AdamW): no DDP or DeepSpeed hook waits on it or owns it
+    own_grads, lean = flat_grads is not None and processes == 1, contextlib.ExitStack()
+    accelerator.unwrap_model(scorer).grads_into_weights = own_grads
 
     from tqdm.auto import tqdm
 
     history: list[dict[str, float]] = []
     bar = tqdm(total=len(batches), desc="DPO", unit="step", disable=not (progress and accelerator.is_main_process))
     try:
+        if own_grads:
+            lean.enter_context(lean_modules(model))  # SwiGLU and RMSNorm keep a third less for backward
         for step, batch in enumerate(batches):
             lr = scheduled_lr(step, len(batches), cfg.learning_rate, cfg.warmup_ratio, cfg.lr_scheduler)
             for group in optimizer.param_groups:
@@ -547,6 +551,7 @@ def train_dpo(
             state_dict.update(_gather_full_weights(accelerator, scorer, model))  # a collective: every process
     finally:
         bar.close()
+        lean.close()
         if cfg.gradient_checkpointing:
             _set_checkpointing(model, False)
         model.train(was_training)

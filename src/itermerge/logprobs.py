@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itermerge.errors import ItermergeError
+from itermerge.lean_autograd import EmbeddingIntoGrad, OutputLayerIntoGrad
 
 # Config attributes through which a model caps or rescales its logits after the output layer. A model
 # that sets one (a scale other than 1) is scored through its own forward, so the transform is never skipped.
@@ -197,58 +198,6 @@ def _completion_logprobs(logits: Tensor, targets: Tensor, mask: Tensor) -> Tenso
     return token_logps.new_zeros(mask.shape).masked_scatter(mask, token_logps)
 
 
-class _EmbeddingIntoGrad(torch.autograd.Function):
-    """An embedding lookup whose backward adds the looked-up rows' gradients straight into ``weight.grad``.
-
-    Why: ``nn.Embedding``'s backward builds a dense (V, H) gradient, zero-filled, for the few hundred
-    tokens of a micro-batch, which autograd then adds into ``.grad``: for SmolLM2's 49k × 576
-    embedding that is 2 × 113 MB of memory traffic and ~0.2 s per micro-batch on 2 CPU cores (8 % of
-    a DPO step). Only valid where nothing else watches ``.grad`` (one process, no DDP/DeepSpeed hooks).
-    """
-
-    @staticmethod
-    def forward(ctx, ids: Tensor, weight: Tensor, padding_idx: int | None) -> Tensor:
-        ctx.save_for_backward(ids)
-        ctx.weight, ctx.padding_idx = weight, padding_idx
-        return F.embedding(ids, weight)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[None, None, None]:
-        (ids,) = ctx.saved_tensors
-        weight, ids, rows = ctx.weight, ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1])
-        if ctx.padding_idx is not None:  # as nn.Embedding: the padding row gets no gradient
-            keep = ids != ctx.padding_idx
-            ids, rows = ids[keep], rows[keep]
-        if weight.grad is None:
-            weight.grad = torch.zeros_like(weight)
-        weight.grad.index_add_(0, ids, rows.to(weight.grad.dtype))
-        return None, None, None
-
-
-class _OutputLayerIntoGrad(torch.autograd.Function):
-    """``hidden @ weight.T`` whose backward adds ``grad_logits.T @ hidden`` straight into ``weight.grad`` (addmm_).
-
-    Why: autograd would allocate the (V, H) weight gradient afresh for every micro-batch (113 MB for
-    SmolLM2, page-faulted in: the matmul ran at 40 GFLOP/s against ~90 for the others) and then add it
-    into ``.grad``. Same validity condition as `_EmbeddingIntoGrad`.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor) -> Tensor:
-        ctx.save_for_backward(hidden)
-        ctx.weight = weight
-        return hidden @ weight.t()
-
-    @staticmethod
-    def backward(ctx, grad_logits: Tensor) -> tuple[Tensor, None]:
-        (hidden,) = ctx.saved_tensors
-        weight = ctx.weight
-        if weight.grad is None:
-            weight.grad = torch.zeros_like(weight)
-        weight.grad.addmm_(grad_logits.t().to(weight.grad.dtype), hidden.to(weight.grad.dtype))
-        return grad_logits @ weight.to(grad_logits.dtype), None
-
-
 def _plain_output_layer(model: nn.Module) -> nn.Linear | None:
     """The output layer when it is a bias-free nn.Linear, else None."""
     head = model.get_output_embeddings()
@@ -281,7 +230,7 @@ class CompletionLogprobs(nn.Module):
         self.cache_argument = _cache_argument(model.base_model) if self.from_hidden_states else None
         # Packing needs what the cache path needs (position ids) plus a custom attention mask.
         self.packs_groups = self.cache_argument is not None and _takes_custom_masks(model)
-        # Set by a training loop that owns .grad alone (see _EmbeddingIntoGrad, _OutputLayerIntoGrad).
+        # Set by a training loop that owns .grad alone (see itermerge.lean_autograd).
         self.grads_into_weights = False
 
     def forward(self, batch: TokenBatch | GroupedBatch) -> Tensor:
@@ -352,7 +301,7 @@ class CompletionLogprobs(nn.Module):
         into_grad = self.grads_into_weights and torch.is_grad_enabled()
         embedding = _plain_embedding(self.model) if into_grad else None
         if embedding is not None and embedding.weight.requires_grad:
-            tokens = {"inputs_embeds": _EmbeddingIntoGrad.apply(input_ids, embedding.weight, embedding.padding_idx)}
+            tokens = {"inputs_embeds": EmbeddingIntoGrad.apply(input_ids, embedding.weight, embedding.padding_idx)}
         else:
             tokens = {"input_ids": input_ids}
         hidden = self.model.base_model(
@@ -366,7 +315,7 @@ class CompletionLogprobs(nn.Module):
         predicting = hidden[rows[scored], columns[scored]]  # (N, H)
         output = _plain_output_layer(self.model) if into_grad else None
         if output is not None and output.weight.requires_grad:
-            logits = _OutputLayerIntoGrad.apply(predicting, output.weight)  # (N, V)
+            logits = OutputLayerIntoGrad.apply(predicting, output.weight)  # (N, V)
         else:
             logits = head(predicting)
         return _completion_logprobs(logits, batch.completion_ids[scored], scored)
