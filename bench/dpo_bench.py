@@ -167,8 +167,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per side")
     parser.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
     parser.add_argument("--micro-batch", type=int, default=1, help="our pairs per forward (TRL: the whole batch)")
-    parser.add_argument("--reference-batch", type=int, default=16,
-                        help="pairs per forward of θ0's log-probs; the pipeline uses sampling.batch_size // 4 (default 64 // 4)")
+    parser.add_argument("--reference-batch", type=int, default=32,
+                        help="pairs per forward of θ0's log-probs; the pipeline uses sampling.batch_size // 4 (the default 128 gives 32)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of (TRL, ours), alternated so that drifts in machine speed hit both sides; medians reported")

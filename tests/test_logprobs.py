@@ -216,3 +216,23 @@ def test_score_grouped_matches_score_sequences(model):
         model, [p for p in PROMPTS for _ in range(2)], [c for g in GROUPS for c in g], pad_id=0, eos_ids=[EOS]
     )
     assert [x for pair in grouped for x in pair] == pytest.approx(flat, abs=1e-5)
+
+
+def test_scoring_without_gradients_runs_the_output_layer_in_blocks(model, monkeypatch):
+    """θ0's log-probs of long completions would need (N, V) logits at once; in blocks of a few rows they are the same."""
+    import itermerge.logprobs as logprobs
+
+    flat_whole = score_sequences(model, PROMPTS, COMPLETIONS, pad_id=0, batch_size=4)
+    grouped_whole = score_grouped(model, PROMPTS, GROUPS, pad_id=0, batch_size=4)
+    calls = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    monkeypatch.setattr(logprobs, "SCORE_ROWS", 3)
+    try:
+        flat_blocks = score_sequences(model, PROMPTS, COMPLETIONS, pad_id=0, batch_size=4)
+        grouped_blocks = score_grouped(model, PROMPTS, GROUPS, pad_id=0, batch_size=4)
+    finally:
+        handle.remove()
+    assert calls and max(calls) <= 3  # every output-layer call saw at most 3 rows
+    assert flat_blocks == pytest.approx(flat_whole, abs=1e-6)
+    assert [x for g in grouped_blocks for x in g] == pytest.approx([x for g in grouped_whole for x in g], abs=1e-6)

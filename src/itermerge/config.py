@@ -62,7 +62,7 @@ class SamplingConfig:
     """Sampling K completions per prompt (appendix A's training column by default)."""
 
     backend: str = field(default="hf", metadata={"help": "hf (CPU and GPU) or vllm (GPU, extra itermerge[vllm])"})
-    batch_size: int = field(default=64, metadata={"help": "sequences decoded together (prompts × K)"})
+    batch_size: int = field(default=128, metadata={"help": "sequences decoded together (prompts × K); 128 keeps a CPU busy (64 is ~25 % slower per token)"})
     n: int = field(default=8, metadata={"help": "K: completions per prompt"})
     temperature: float = field(default=1.0, metadata={"help": "0 means greedy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus mass; 1 turns it off"})

@@ -188,6 +188,25 @@ def _checkpointing(model: nn.Module) -> bool:
     return bool(getattr(model, name, False))
 
 
+SCORE_ROWS = 512  # scored positions per output-layer block when no gradient is needed
+
+
+def _head_logprobs(head: nn.Module, hidden: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """``_completion_logprobs(head(hidden), …)``; without gradients, ``SCORE_ROWS`` rows at a time.
+
+    Why: the (N, V) logits and their log-softmax grow with the batch: θ0's log-probs of 32 pairs of
+    1,024-token completions would need 2 × 13 GB at SmolLM2's 49k vocabulary. In blocks they take
+    2 × 100 MB, whatever the batch.
+    """
+    if torch.is_grad_enabled() or len(targets) <= SCORE_ROWS:
+        return _completion_logprobs(head(hidden), targets, mask)
+    token_logps = torch.cat([
+        -F.cross_entropy(head(h).float(), t, reduction="none")
+        for h, t in zip(hidden.split(SCORE_ROWS), targets.split(SCORE_ROWS))
+    ])  # fmt: skip
+    return token_logps.new_zeros(mask.shape).masked_scatter(mask, token_logps)
+
+
 def _completion_logprobs(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     """log-softmax(logits)[target] for the N scored rows, scattered into mask's shape (zeros elsewhere).
 
@@ -262,7 +281,8 @@ class CompletionLogprobs(nn.Module):
         if self.from_hidden_states:
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
             # Only the N rows that predict a completion token go through the output layer: no (B, L, V) logits.
-            logits = self.model.get_output_embeddings()(hidden[:, :-1][target_mask])  # (N, V)
+            head, rows = self.model.get_output_embeddings(), hidden[:, :-1][target_mask]  # (N, H)
+            return F.pad(_head_logprobs(head, rows, targets, target_mask), (1, 0))  # (B, L)
         else:
             # Ask only for the logits from the first scored position on (`logits_to_keep` keeps the last k).
             scored_columns = target_mask.any(dim=0).nonzero()
@@ -340,8 +360,8 @@ class CompletionLogprobs(nn.Module):
             **{self.cache_argument: cache},
         )[0]  # (P·k, Lc, H)
         predicting = torch.cat([last.repeat_interleave(k, dim=0)[:, None], hidden[:, :-1]], dim=1)  # (P·k, Lc, H)
-        logits = self.model.get_output_embeddings()(predicting[batch.completion_mask])  # (N, V)
-        return _completion_logprobs(logits, batch.completion_ids[batch.completion_mask], batch.completion_mask)
+        mask = batch.completion_mask
+        return _head_logprobs(self.model.get_output_embeddings(), predicting[mask], batch.completion_ids[mask], mask)
 
 
 def token_logprobs(model: nn.Module, batch: TokenBatch | GroupedBatch) -> Tensor:

@@ -81,7 +81,7 @@ class EvalConfig:
 
     prompts: PromptSource = field(default_factory=PromptSource)
     max_new_tokens: int = 64
-    batch_size: int = field(default=64, metadata={"help": "sampler rows per batch"})
+    batch_size: int = field(default=128, metadata={"help": "sampler rows per batch"})
     accuracy: AccuracyConfig | None = field(default_factory=AccuracyConfig)
     reward: RewardConfig | None = field(default_factory=RewardConfig)
     kl: KLConfig | None = None
