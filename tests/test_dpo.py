@@ -266,6 +266,31 @@ def test_lean_autograd_gives_autograds_gradients(tied):
     assert torch.equal(direct["model.embed_tokens.weight"][0], auto["model.embed_tokens.weight"][0])
 
 
+def test_lean_autograd_under_bfloat16_autocast():
+    """On a GPU the weights are float32 and the forward runs under bf16 autocast: the lean functions' backward
+    gets 16-bit gradients against float32 weights. It runs, and its gradients point where autograd's do."""
+    from itermerge.dpo import _pair_losses, _pair_tokens
+    from itermerge.lean_autograd import lean_modules
+    from itermerge.logprobs import CompletionLogprobs
+
+    cfg = DPOConfig()
+    pairs = add_reference_logprobs(tiny_model(0), make_pairs(2), cfg, progress=False)
+    tokens = [_pair_tokens(p, i, cfg) for i, p in enumerate(pairs)]
+    grads = []
+    for lean in (False, True):
+        model = perturbed_theta0()
+        scorer = CompletionLogprobs(model)
+        scorer.grads_into_weights = lean
+        with lean_modules(model) if lean else contextlib.nullcontext(0), torch.autocast("cpu", dtype=torch.bfloat16):
+            losses, _, _ = _pair_losses(scorer, tokens, 0, (EOS,), 0.1, torch.device("cpu"))
+        losses.sum().backward()
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    auto, lean = grads
+    assert torch.nn.functional.cosine_similarity(auto, lean, dim=0) > 0.999
+    assert (lean.norm() / auto.norm() - 1).abs() < 0.01
+
+
 def test_fused_adamw_is_used_and_matches_the_plain_update(monkeypatch):
     """The fused AdamW kernel (one pass per step) takes the same steps as torch's default loop, to rounding."""
     import itermerge.dpo as dpo

@@ -84,7 +84,7 @@ class SwiGLUDown(torch.autograd.Function):
         product = silu * up
         grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ product.reshape(-1, product.shape[-1])
         del product
-        grad_product = grad_out @ weight
+        grad_product = grad_out @ weight.to(grad_out.dtype)  # under autocast the forward ran in 16 bits
         grad_up = grad_product * silu
         # d silu / d gate = σ(g)(1 + g(1 − σ(g)))
         grad_gate = grad_product.mul_(up).mul_(sigmoid * (1 + gate * (1 - sigmoid)))
