@@ -454,8 +454,9 @@ def train_dpo(
 
     The reference log-probs are read from the pairs (θ0's, see `add_reference_logprobs`), so only the
     policy is in memory. A model in bfloat16/float16 trains as float32 master weights under autocast and
-    is left in float32 (rounding back to 16 bits would undo most DPO updates); DeepSpeed keeps its own. Under `accelerate launch` (DDP, DeepSpeed) every process passes all pairs; each
-    takes its slots of every global batch, and the result matches one process with the same global batch.
+    is left in float32 (rounding back to 16 bits would undo most DPO updates); DeepSpeed keeps its own.
+    Under `accelerate launch` (DDP, DeepSpeed) every process passes all pairs; each takes its slots of
+    every global batch, and the result matches one process with the same global batch.
     The accelerator's prepared objects are released at the end.
 
     ``compute_dtype``: run the forward under autocast in this dtype (e.g. bfloat16 on a GPU, with float32

@@ -202,13 +202,13 @@ def train(cfg: RunConfig, t: int, policy_path: Path, out: Path, accelerator=None
     pairs = read_jsonl(out / "pairs.jsonl", PreferencePair)
     torch.manual_seed(iteration_seed(cfg, t, "train"))
     device, dtype = resolve_device(cfg)
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    deepspeed = _launcher_flag("ACCELERATE_USE_DEEPSPEED")
     # Weights train in float32 (read as such, so a float32 θ_{t−1} is not first rounded to 16 bits) and the
     # forward runs in the configured dtype; DeepSpeed keeps its own float32 master copy of a 16-bit model.
     model = load_model(
         policy_path, dtype=dtype if deepspeed else torch.float32, device=device,
         trust_remote_code=cfg.model.trust_remote_code,
-        partitioned=os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() == "true",
+        partitioned=_launcher_flag("ACCELERATE_DEEPSPEED_ZERO3_INIT"),
     )
     tokenizer = load_tokenizer(policy_path)
     gathered: dict[str, torch.Tensor] = {}  # the trained weights, when ZeRO-3 leaves each process only a shard
@@ -219,6 +219,11 @@ def train(cfg: RunConfig, t: int, policy_path: Path, out: Path, accelerator=None
         save_model(model, tokenizer, out / "model", force=True, state_dict=gathered or None,
                    extra=[("training_metrics.json", json.dumps(metrics, indent=2, default=float))])
     return metrics
+
+
+def _launcher_flag(name: str) -> bool:
+    """A boolean that `accelerate launch` passes its processes in the environment (absent: false)."""
+    return os.environ.get(name, "false").lower() == "true"
 
 
 def write_metrics(out: Path, t: int, stages: dict[str, Any]) -> None:

@@ -223,6 +223,16 @@ def _plain_output_layer(model: nn.Module) -> nn.Linear | None:
     return head if type(head) is nn.Linear and head.bias is None else None
 
 
+def plain_output_path(model: nn.Module) -> tuple[nn.Linear, str] | None:
+    """(output layer, the body's cache argument) where logits are exactly output_layer(body(x)) — a bias-free
+    nn.Linear, no soft-capping or logit scale, a body that takes a KV cache — else None. Decoders that call
+    the two halves themselves (the sampler's blocked output layer) need all of it."""
+    if not _scores_from_hidden_states(model):
+        return None
+    head, cache_argument = _plain_output_layer(model), _cache_argument(model.base_model)
+    return None if head is None or cache_argument is None else (head, cache_argument)
+
+
 def _plain_embedding(model: nn.Module) -> nn.Embedding | None:
     """The input embedding when it is a plain lookup (no max_norm, no frequency scaling), else None."""
     get = getattr(model, "get_input_embeddings", None)

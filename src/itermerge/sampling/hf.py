@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from itermerge.errors import ItermergeError
-from itermerge.logprobs import _cache_argument, _plain_output_layer, _scores_from_hidden_states
+from itermerge.logprobs import plain_output_path
 from itermerge.sampling import Sample, SamplingParams, prompt_seeds
 from itermerge.sampling.batch import DecodeBatch
 
@@ -77,11 +77,7 @@ class HFSampler:
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # On CPUs the output layer runs in vocabulary blocks (see output_logits) where the logits are
         # exactly head(body(x)): a plain bias-free output layer, no soft-capping or logit scale.
-        self._head = None
-        if self.device.type == "cpu" and _scores_from_hidden_states(model):
-            head, body_cache_arg = _plain_output_layer(model), _cache_argument(model.base_model)
-            if head is not None and body_cache_arg is not None:
-                self._head, self._body_cache_arg = head, body_cache_arg
+        self._split = plain_output_path(model) if self.device.type == "cpu" else None
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
         """``params.n`` samples per prompt, in prompt order. Same seed and prompt → same samples."""
@@ -136,11 +132,12 @@ class HFSampler:
 
     def _forward(self, cache: Any, **inputs: torch.Tensor) -> torch.Tensor:
         """Last-position logits (B, V) in float32, appending this step's keys/values to ``cache``."""
-        if self._head is None:
+        if self._split is None:
             out = self.model(**inputs, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
             return out.logits[:, -1, :].float()
-        hidden = self.model.base_model(**inputs, use_cache=True, **{self._body_cache_arg: cache})[0]
-        return output_logits(hidden[:, -1, :], self._head.weight).float()
+        head, body_cache_arg = self._split
+        hidden = self.model.base_model(**inputs, use_cache=True, **{body_cache_arg: cache})[0]
+        return output_logits(hidden[:, -1, :], head.weight).float()
 
 
 VOCAB_BLOCK = 4096  # output-layer rows per block in output_logits
