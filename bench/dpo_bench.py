@@ -99,13 +99,17 @@ def run_trl(model_path: str, texts: list[dict], steps: int, batch: int) -> dict:
         dataloader_num_workers=0,
     )  # fmt: skip
     policy, reference = load_model(model_path), load_model(model_path)
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = DPOTrainer(
+        model=policy, ref_model=reference, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
     rows = trainer.train_dataset
     start, cpu = time.perf_counter(), time.process_time()
     trainer.train()
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     # Sequential sampler order is not guaranteed; all pairs are used when steps × batch = pairs.
-    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]))
+    tokens = sum(
+        2 * len(p) + len(c) + len(r) for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"])
+    )
     tokens = tokens * steps * batch // len(rows)
     return {"wall_s": wall, "cpu_s": cpu, "tokens": tokens, "params": policy.num_parameters(),
             "config": "TRL defaults (gradient checkpointing on), ref_model=θ0, fp32"}  # fmt: skip
@@ -113,9 +117,11 @@ def run_trl(model_path: str, texts: list[dict], steps: int, batch: int) -> dict:
 
 def run_ours(model_path: str, texts: list[dict], steps: int, batch: int, micro: int, reference_batch: int) -> dict:
     from itermerge.checkpoint import load_model, load_tokenizer
-    from itermerge.dpo import DPOConfig, add_reference_logprobs, train_dpo
+    from itermerge.config import DPOConfig
     from itermerge.records import PreferencePair
     from itermerge.tokenization import encode_completion, encode_prompt
+    from itermerge.training.loop import train_dpo
+    from itermerge.training.reference import add_reference_logprobs
 
     tokenizer = load_tokenizer(model_path)
     pairs = []
@@ -167,11 +173,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per side")
     parser.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
     parser.add_argument("--micro-batch", type=int, default=1, help="our pairs per forward (TRL: the whole batch)")
-    parser.add_argument("--reference-batch", type=int, default=32,
-                        help="pairs per forward of θ0's log-probs; the pipeline uses sampling.batch_size // 4 (the default 128 gives 32)")
+    parser.add_argument(
+        "--reference-batch",
+        type=int,
+        default=32,
+        help="pairs per forward of θ0's log-probs; the pipeline uses sampling.batch_size // 4 (128 gives 32)",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="rounds of (TRL, ours), alternated so that drifts in machine speed hit both sides; medians reported")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of (TRL, ours), alternated so that drifts in machine speed hit both sides; medians reported",
+    )
     parser.add_argument("--only", choices=("trl", "ours"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
@@ -193,7 +207,10 @@ def main() -> None:
                 sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
             rounds[-1][side] = json.loads(line[-1][len("RESULT ") :])
     # Each side's median run by tokens/s; the per-round ratios show the spread.
-    results = {side: sorted((r[side] for r in rounds), key=lambda x: x["tokens_per_s"])[len(rounds) // 2] for side in ("trl", "ours")}
+    results = {
+        side: sorted((r[side] for r in rounds), key=lambda x: x["tokens_per_s"])[len(rounds) // 2]
+        for side in ("trl", "ours")
+    }
     round_ratios = [r["ours"]["tokens_per_s"] / r["trl"]["tokens_per_s"] for r in rounds]
     trl, ours = results["trl"], results["ours"]
     summary = {

@@ -21,14 +21,13 @@ from pathlib import Path
 
 import torch
 
-from itermerge.approximation import approximation_error, decoding_cost, merged_model
 from itermerge.checkpoint import load_model, load_tokenizer, resolve_model
-from itermerge.ensemble import ensemble_coefficients
-from itermerge.merge import merge_weights
+from itermerge.maths.ensemble import ensemble_coefficients
+from itermerge.maths.merge import merge_weights
 from itermerge.sampling import SamplingParams
-from itermerge.sampling.hf import eos_token_ids
+from itermerge.studies.approximation import approximation_error, decoding_cost, merged_model
 from itermerge.tasks import get_task
-from itermerge.tokenization import encode_prompt, pad_id
+from itermerge.tokenization import encode_prompt, pad_id, stop_token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "ensemble"
@@ -85,7 +84,7 @@ def main() -> None:
 
     prompts = get_task("arithmetic").prompts("dev", args.prompts, seed=0)
     prompt_ids = [encode_prompt(tokenizer, p.messages) for p in prompts]
-    eos, pad = eos_token_ids(theta0, tokenizer), pad_id(tokenizer)
+    eos, pad = list(stop_token_ids(theta0, tokenizer)), pad_id(tokenizer)
     params = SamplingParams(n=1, temperature=1.0, max_new_tokens=args.new_tokens, seed=0)
 
     t0 = time.perf_counter()
@@ -104,7 +103,11 @@ def main() -> None:
     (OUT / "results.json").write_text(json.dumps(result, indent=2) + "\n")
 
     c = error["candidates"]
-    names = {"merged": f"merge (λ={args.lam}, α={args.alpha})", "theta_T": "θT alone", "uniform_average": "mean(θ1..θT)"}
+    names = {
+        "merged": f"merge (λ={args.lam}, α={args.alpha})",
+        "theta_T": "θT alone",
+        "uniform_average": "mean(θ1..θT)",
+    }
     print(f"\nSmolLM2-135M, {inputs}; ensemble c = {[round(x, 3) for x in coeffs]}; "
           f"{error['completions']} completions, {error['tokens']} tokens sampled from the ensemble\n")
     print("| candidate | KL(ens ‖ model) / token | KL(model ‖ ens) / token | Pearson r of log π(y|x) |")
@@ -112,12 +115,17 @@ def main() -> None:
     for key, label in names.items():
         row = c[key]
         r = row["seq_logp_pearson"]
-        print(f"| {label} | {row['kl_ensemble_to_model_per_token']:.2e} | {row['kl_model_to_ensemble_per_token']:.2e} | "
-              f"{'n/a' if r is None else f'{r:.7f}'} |")
+        print(
+            f"| {label} | {row['kl_ensemble_to_model_per_token']:.2e} | {row['kl_model_to_ensemble_per_token']:.2e} | "
+            f"{'n/a' if r is None else f'{r:.7f}'} |"
+        )
     e, m = cost["ensemble"], cost["merged"]
     mib = 2**20
-    print(f"\n| decoding {e['tokens']} tokens (greedy, batch {args.prompts}, {args.threads} threads) | wall s | tokens/s | "
-          "weights MiB | KV cache MiB |")
+    print(
+        f"\n| decoding {e['tokens']} tokens (greedy, batch {args.prompts}, {args.threads} threads) | wall s "
+        "| tokens/s | "
+        "weights MiB | KV cache MiB |"
+    )
     print("|---|---|---|---|---|")
     for label, row in ((f"ensemble ({e['models_run']} models)", e), ("merged (1 model)", m)):
         print(f"| {label} | {row['seconds']:.2f} | {row['tokens_per_s']:.1f} | {row['weights_bytes'] / mib:.0f} | "

@@ -99,11 +99,12 @@ def sampling(theta0: Path, batches: list[int], max_new: int, device: str) -> dic
 
     from itermerge.checkpoint import load_model, load_tokenizer
     from itermerge.sampling import SamplingParams
-    from itermerge.sampling.hf import HFSampler, eos_token_ids
+    from itermerge.sampling.hf import HFSampler
+    from itermerge.tokenization import stop_token_ids
 
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     model, tokenizer = load_model(theta0, dtype=dtype, device=device), load_tokenizer(theta0)
-    eos, k = eos_token_ids(model, tokenizer), 8
+    eos, k = list(stop_token_ids(model, tokenizer)), 8
     warm = arithmetic_prompts(tokenizer, 2, seed=1)
     hf_generate(model, tokenizer, warm, 2, 4, eos)
     sampler_generate(model, tokenizer, warm, 2, 4, 4)
@@ -124,7 +125,9 @@ def sampling(theta0: Path, batches: list[int], max_new: int, device: str) -> dic
     same, prefix = 0, []
     for p, row in zip(prompts, ours):
         with torch.inference_mode():
-            ref = model.generate(torch.tensor([p], device=device), do_sample=False, max_new_tokens=32)[0, len(p):].tolist()
+            ref = model.generate(torch.tensor([p], device=device), do_sample=False, max_new_tokens=32)[
+                0, len(p) :
+            ].tolist()
         mine = row[0].token_ids
         same += mine == ref[: len(mine)]
         prefix.append(next((i for i, (a, b) in enumerate(zip(mine, ref)) if a != b), min(len(mine), len(ref))))
@@ -134,7 +137,8 @@ def sampling(theta0: Path, batches: list[int], max_new: int, device: str) -> dic
 
 
 def weights(path: Path) -> dict[str, np.ndarray]:
-    from itermerge.checkpoint import CheckpointReader, to_float32
+    from itermerge.checkpoint import CheckpointReader
+    from itermerge.checkpoint.dtypes import to_float32
 
     reader = CheckpointReader(path)
     try:
@@ -171,8 +175,14 @@ def run_iterate(cmd: list[str], run_dir: Path, theta0: Path, log: Path) -> dict:
     for t in (1, 2):
         now = weights(run_dir / f"iter_{t:02d}" / "model")
         metrics = json.loads((run_dir / f"iter_{t:02d}" / "metrics.json").read_text())
-        out[f"theta{t}"] = {"vs_theta0": compare(base, now), "vs_previous": compare(prev, now), **{
-            k: metrics.get(k) for k in ("pairs", "loss", "accuracy", "sampling_tokens_per_second", "tokens_per_s", "wall_s")}}
+        out[f"theta{t}"] = {
+            "vs_theta0": compare(base, now),
+            "vs_previous": compare(prev, now),
+            **{
+                k: metrics.get(k)
+                for k in ("pairs", "loss", "accuracy", "sampling_tokens_per_second", "tokens_per_s", "wall_s")
+            },
+        }
         prev = now
     return out
 
@@ -185,8 +195,21 @@ def iterate_one_gpu(config: Path, work: Path, theta0: Path) -> dict:
 
 @step("iterate_zero3")
 def iterate_zero3(config: Path, work: Path, theta0: Path) -> dict:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "examples/accelerate_zero3.yaml"),
-           "--num_processes", "1", "-m", "itermerge.cli", "iterate", str(config), "--run-dir", str(work / "zero3")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "examples/accelerate_zero3.yaml"),
+        "--num_processes",
+        "1",
+        "-m",
+        "itermerge.cli",
+        "iterate",
+        str(config),
+        "--run-dir",
+        str(work / "zero3"),
+    ]
     out = run_iterate(cmd, work / "zero3", theta0, work / "zero3.log")
     # the same samples and pairs as the one-GPU run? then the two θ1 updates should point the same way
     same_pairs = (work / "plain/iter_01/pairs.jsonl").read_bytes() == (work / "zero3/iter_01/pairs.jsonl").read_bytes()
@@ -197,7 +220,9 @@ def iterate_zero3(config: Path, work: Path, theta0: Path) -> dict:
         a, b = weights(work / f"plain/iter_0{t}/model"), weights(work / f"zero3/iter_0{t}/model")
         da = np.concatenate([(a[n] - base[n]).ravel() for n in names])
         db = np.concatenate([(b[n] - base[n]).ravel() for n in names])
-        out[f"theta{t}_minus_theta0_cosine_vs_one_gpu"] = float(da @ db / (np.linalg.norm(da) * np.linalg.norm(db) + 1e-30))
+        out[f"theta{t}_minus_theta0_cosine_vs_one_gpu"] = float(
+            da @ db / (np.linalg.norm(da) * np.linalg.norm(db) + 1e-30)
+        )
         out[f"theta{t}_minus_theta0_norm_ratio"] = float(np.linalg.norm(db) / (np.linalg.norm(da) + 1e-30))
     return out
 

@@ -33,7 +33,7 @@ def build_inputs() -> list[Path]:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from itermerge.checkpoint import demo_checkpoint
+    from itermerge.checkpoint.demo import demo_checkpoint
 
     theta0 = demo_checkpoint()
     paths = [theta0]
@@ -46,7 +46,9 @@ def build_inputs() -> list[Path]:
         d.mkdir(parents=True, exist_ok=True)
         g = torch.Generator().manual_seed(t)
         # Adam-like updates: every element moves ~1e-4·t of the tensor's scale, whatever its own size.
-        sd = {n: (w + 1e-4 * t * w.abs().mean() * torch.randn(w.shape, generator=g)).contiguous() for n, w in base.items()}
+        sd = {
+            n: (w + 1e-4 * t * w.abs().mean() * torch.randn(w.shape, generator=g)).contiguous() for n, w in base.items()
+        }
         save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
         for f in theta0.iterdir():
             if f.suffix != ".safetensors":
@@ -96,8 +98,10 @@ PLAIN_TORCH = textwrap.dedent("""
     from safetensors.torch import load_file, save_file
     paths, k, out = sys.argv[1:8], [float(x) for x in sys.argv[8].split(",")], sys.argv[9]
     sds = [load_file(p + "/model.safetensors") for p in paths]
-    merged = {n: (sds[0][n].float() + sum(kt * (sd[n].float() - sds[0][n].float()) for kt, sd in zip(k, sds[1:]))).contiguous()
-              for n in sds[0]}
+    def merge(n):
+        base = sds[0][n].float()
+        return (base + sum(kt * (sd[n].float() - base) for kt, sd in zip(k, sds[1:]))).contiguous()
+    merged = {n: merge(n) for n in sds[0]}
     save_file(merged, out, metadata={"format": "pt"})
 """)
 
@@ -112,7 +116,7 @@ def compare(paths: list[Path], ours: Path, theirs: Path) -> dict:
     import torch
 
     from itermerge.checkpoint import CheckpointReader
-    from itermerge.merge import merge_weights
+    from itermerge.maths.merge import merge_weights
 
     k = merge_weights(T, LAM, ALPHA)
     readers = [CheckpointReader(p) for p in paths]
@@ -142,7 +146,7 @@ def in_memory_point(paths: list[Path], repeats: int = 5) -> dict:
     import torch
 
     from itermerge.checkpoint import load_model
-    from itermerge.merge import MergeBasis
+    from itermerge.merging import MergeBasis
 
     torch.set_num_threads(os.cpu_count() or 1)
     basis = MergeBasis.from_checkpoints(paths[0], paths[1:], mean_cache=OUT / "mean_cache")
@@ -162,16 +166,44 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     paths = build_inputs()
     mergekit = ensure_mergekit()
-    from itermerge.merge import merge_weights, mergekit_config
+    from itermerge.maths.merge import merge_weights
+    from itermerge.merging import mergekit_config
 
     k = merge_weights(T, LAM, ALPHA)
     (OUT / "mergekit.yaml").write_text(mergekit_config(paths[0], paths[1:], k))
     itermerge = ROOT / ".venv" / "bin" / "itermerge"
     runs = {
-        "mergekit 0.1.5 task_arithmetic": [str(mergekit), str(OUT / "mergekit.yaml"), str(OUT / "mk_out"), "--allow-crimes", "--no-copy-tokenizer"],
-        "plain torch (load all, fp32)": [sys.executable, "-c", PLAIN_TORCH, *map(str, paths), ",".join(map(str, k)), str(OUT / "torch.safetensors")],
-        "itermerge merge": [str(itermerge), "merge", "--reference", str(paths[0]), "--checkpoints", *map(str, paths[1:]),
-                            "--lam", str(LAM), "--alpha", str(ALPHA), "--out", str(OUT / "ours"), "--force", "--quiet"],
+        "mergekit 0.1.5 task_arithmetic": [
+            str(mergekit),
+            str(OUT / "mergekit.yaml"),
+            str(OUT / "mk_out"),
+            "--allow-crimes",
+            "--no-copy-tokenizer",
+        ],
+        "plain torch (load all, fp32)": [
+            sys.executable,
+            "-c",
+            PLAIN_TORCH,
+            *map(str, paths),
+            ",".join(map(str, k)),
+            str(OUT / "torch.safetensors"),
+        ],
+        "itermerge merge": [
+            str(itermerge),
+            "merge",
+            "--reference",
+            str(paths[0]),
+            "--checkpoints",
+            *map(str, paths[1:]),
+            "--lam",
+            str(LAM),
+            "--alpha",
+            str(ALPHA),
+            "--out",
+            str(OUT / "ours"),
+            "--force",
+            "--quiet",
+        ],
     }
     for cmd in runs.values():  # warm the page cache and the interpreters
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -191,7 +223,11 @@ def main() -> None:
         "in_memory_point": point, "speedup_vs_mergekit": anchor / ours["wall_s"],
     }
     (OUT / "results.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps({"speedup_vs_mergekit": round(anchor / ours["wall_s"], 2), **accuracy, "in_memory_point": point}, indent=2))
+    print(
+        json.dumps(
+            {"speedup_vs_mergekit": round(anchor / ours["wall_s"], 2), **accuracy, "in_memory_point": point}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

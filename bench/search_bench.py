@@ -36,9 +36,11 @@ def main() -> None:
     from merge_bench import build_inputs
 
     from itermerge.checkpoint import load_model
-    from itermerge.evaluation import EvalConfig, KLConfig, PromptSource
-    from itermerge.merge import MergeBasis
-    from itermerge.search import SearchConfig, read_records, run_search
+    from itermerge.config.evaluation import EvalConfig, KLConfig, PromptSource
+    from itermerge.config.search import SearchConfig
+    from itermerge.merging import MergeBasis
+    from itermerge.records import read_records
+    from itermerge.search.points import run_search
 
     paths = build_inputs()
     reference, checkpoints = paths[0], paths[1:4]

@@ -52,7 +52,9 @@ def train_in_process_group(rank: int, world_size: int, port: int, cfg_kwargs: di
     from accelerate import Accelerator
     from conftest import tiny_model
 
-    from itermerge.dpo import DPOConfig, add_reference_logprobs, train_dpo
+    from itermerge.config import DPOConfig
+    from itermerge.training.loop import train_dpo
+    from itermerge.training.reference import add_reference_logprobs
 
     cfg = DPOConfig(**cfg_kwargs)
     accelerator = Accelerator(cpu=True)

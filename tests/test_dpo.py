@@ -13,16 +13,15 @@ import torch
 from _dist_worker import EOS, make_pairs
 from conftest import tiny_model, tiny_tokenizer
 
-from itermerge.dpo import (
-    DPOConfig,
-    add_reference_logprobs,
-    dpo_loss,
-    scheduled_lr,
-    train_dpo,
-    truncate_pair,
-)
+from itermerge.config import DPOConfig
 from itermerge.errors import ItermergeError
 from itermerge.logprobs import collate, sequence_logprobs
+from itermerge.maths.dpo import dpo_loss, induced_reward
+from itermerge.training.loop import train_dpo
+from itermerge.training.optim import scheduled_lr
+from itermerge.training.reference import add_reference_logprobs, truncate_pair
+
+PLAIN = dict(lean_activations=False, grads_into_weights=False, flat_buffers=False, fused_adamw=False)
 
 FAST = dict(learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant", weight_decay=0.0)
 
@@ -67,6 +66,13 @@ def test_dpo_loss_hand_computed():
     losses.sum().backward()
     torch.testing.assert_close(pc.grad, torch.tensor([-0.134471, -0.365529, -0.25]), atol=1e-6, rtol=0)
     assert not chosen.requires_grad
+
+
+def test_induced_reward_is_eq_4_on_floats_and_tensors():
+    # r = β (log π − log π_ref): 0.1 · (−2 − (−3)) = 0.1; 0.5 · (−5 − (−4)) = −0.5.
+    assert induced_reward(-2.0, -3.0, 0.1) == pytest.approx(0.1)
+    torch.testing.assert_close(induced_reward(torch.tensor([-5.0, -1.0]), torch.tensor([-4.0, -1.0]), 0.5),
+                               torch.tensor([-0.5, 0.0]))
 
 
 def test_scheduled_lr_hand_computed():
@@ -152,7 +158,9 @@ def test_the_reference_is_theta0_from_the_pairs_not_the_starting_policy():
     theta1 = tiny_model(1)
     with torch.no_grad():
         prompts = [p.prompt_ids for p in pairs]
-        batch = collate(prompts + prompts, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], 0, eos_ids=[EOS])
+        batch = collate(
+            prompts + prompts, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], 0, eos_ids=[EOS]
+        )
         chosen, rejected = sequence_logprobs(theta1, batch).chunk(2)
     ref_c = torch.tensor([p.ref_chosen_logp for p in pairs])
     ref_r = torch.tensor([p.ref_rejected_logp for p in pairs])
@@ -196,7 +204,7 @@ def test_gradient_accumulation_equals_one_big_micro_batch():
 
 
 def test_bfloat16_weights_train_as_float32_master_weights():
-    """At the paper's lr (5e-7) a bf16 weight cannot move (half an ulp is ~1e-4 here): train in fp32, compute in bf16."""
+    """At the paper's lr (5e-7) a bf16 weight cannot move (half an ulp is ~1e-4): train in fp32, compute in bf16."""
     cfg = DPOConfig(global_batch_size=4, micro_batch_size=2, epochs=2)  # appendix C's lr, 5e-7
     pairs = add_reference_logprobs(tiny_model(0), make_pairs(8), cfg, progress=False)
     model = tiny_model(0).to(torch.bfloat16)
@@ -210,26 +218,35 @@ def test_bfloat16_weights_train_as_float32_master_weights():
     assert metrics["history"][0]["loss"] == pytest.approx(math.log(2), abs=0.05)
 
 
-def test_flat_gradient_and_moment_buffers_change_memory_not_results(monkeypatch):
-    """Gradients and AdamW moments as views of three flat buffers: bit-identical weights, and nothing left behind."""
-    import itermerge.dpo as dpo
-    import itermerge.logprobs as logprobs
-
-    # the flat buffers also switch on gradients written straight into .grad (their own test, below): off here
-    monkeypatch.setattr(logprobs, "_plain_embedding", lambda model: None)
-    monkeypatch.setattr(logprobs, "_plain_output_layer", lambda model: None)
-    monkeypatch.setattr(dpo, "lean_modules", lambda model: contextlib.nullcontext(0))
-    cfg = DPOConfig(global_batch_size=4, micro_batch_size=2, epochs=2, learning_rate=1e-2, weight_decay=0.01)
+def test_flat_gradient_and_moment_buffers_change_memory_not_results():
+    """dpo.flat_buffers: gradients and AdamW moments as views of three flat buffers: bit-identical weights, and
+    nothing left behind."""
+    common = dict(global_batch_size=4, micro_batch_size=2, epochs=2, learning_rate=1e-2, weight_decay=0.01,
+                  grads_into_weights=False, lean_activations=False)
+    cfg = DPOConfig(**common)
     pairs = add_reference_logprobs(tiny_model(0), make_pairs(6), cfg, progress=False)
     flat = tiny_model(0)
     flat_metrics = train_dpo(flat, pairs, cfg, progress=False)
     assert all(p.grad is None for p in flat.parameters())  # the views (and so the buffers) are released
-    monkeypatch.setattr(dpo, "_flat_gradients_and_moments", lambda optimizer: None)
     lazy = tiny_model(0)
-    lazy_metrics = train_dpo(lazy, pairs, cfg, progress=False)
+    lazy_metrics = train_dpo(lazy, pairs, DPOConfig(**common, flat_buffers=False), progress=False)
     for (name, a), b in zip(flat.state_dict().items(), lazy.state_dict().values()):
         assert torch.equal(a, b), name
     assert [h["grad_norm"] for h in flat_metrics["history"]] == [h["grad_norm"] for h in lazy_metrics["history"]]
+
+
+def test_every_speed_setting_off_is_the_plain_path_to_rounding():
+    """The speed settings (the defaults) against all of them off (``--plain``): the same θ_t to float rounding,
+    and the plain run really took the plain path (no swapped module forwards, no fused optimizer)."""
+    cfg = DPOConfig(global_batch_size=4, micro_batch_size=2, epochs=2, learning_rate=1e-2, weight_decay=0.01)
+    pairs = add_reference_logprobs(tiny_model(0), make_pairs(6), cfg, progress=False)
+    fast, plain = perturbed_theta0(), perturbed_theta0()
+    train_dpo(fast, pairs, cfg, progress=False)
+    train_dpo(plain, pairs, DPOConfig(**{**vars(cfg), **PLAIN}), progress=False)
+    start = perturbed_theta0().state_dict()
+    for (name, a), b in zip(fast.state_dict().items(), plain.state_dict().values()):
+        assert not torch.equal(a, start[name]), name  # trained
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -237,20 +254,22 @@ def test_lean_autograd_gives_autograds_gradients(tied):
     """One process, plain AdamW: the input embedding's and output layer's gradients are added into .grad directly
     (no dense (V, H) temporaries), SwiGLU and RMSNorm recompute what they used to keep. The same gradients as
     autograd's, accumulated over two micro-batches, padding row excluded as nn.Embedding excludes it."""
-    from itermerge.dpo import _pair_losses, _pair_tokens
-    from itermerge.lean_autograd import lean_modules
-    from itermerge.logprobs import CompletionLogprobs, _plain_embedding, _plain_output_layer
+    from itermerge.logprobs import CompletionLogprobs
+    from itermerge.logprobs.structure import plain_embedding, plain_output_layer
+    from itermerge.training.lean_autograd import lean_modules
+    from itermerge.training.loop import _pair_losses
+    from itermerge.training.reference import pair_tokens
 
     cfg = DPOConfig()
     pairs = add_reference_logprobs(tiny_model(0), make_pairs(4), cfg, progress=False)
-    tokens = [_pair_tokens(p, i, cfg) for i, p in enumerate(pairs)]
+    tokens = [pair_tokens(p, i, cfg) for i, p in enumerate(pairs)]
     grads = []
     for into in (False, True):
         model = perturbed_theta0() if tied else tiny_model(0, tie_word_embeddings=False)
         model.model.embed_tokens.padding_idx = 0
         scorer = CompletionLogprobs(model)
         scorer.grads_into_weights = into
-        assert _plain_embedding(model) is not None and _plain_output_layer(model) is not None  # the path is taken
+        assert plain_embedding(model) is not None and plain_output_layer(model) is not None  # the path is taken
         with lean_modules(model) if into else contextlib.nullcontext(0) as swapped:
             assert swapped == (7 if into else 0)  # per layer its MLP and 2 RMSNorms, and the final norm
             for batch in (tokens[:2], tokens[2:]):  # accumulation into an existing .grad
@@ -269,13 +288,14 @@ def test_lean_autograd_gives_autograds_gradients(tied):
 def test_lean_autograd_under_bfloat16_autocast():
     """On a GPU the weights are float32 and the forward runs under bf16 autocast: the lean functions' backward
     gets 16-bit gradients against float32 weights. It runs, and its gradients point where autograd's do."""
-    from itermerge.dpo import _pair_losses, _pair_tokens
-    from itermerge.lean_autograd import lean_modules
     from itermerge.logprobs import CompletionLogprobs
+    from itermerge.training.lean_autograd import lean_modules
+    from itermerge.training.loop import _pair_losses
+    from itermerge.training.reference import pair_tokens
 
     cfg = DPOConfig()
     pairs = add_reference_logprobs(tiny_model(0), make_pairs(2), cfg, progress=False)
-    tokens = [_pair_tokens(p, i, cfg) for i, p in enumerate(pairs)]
+    tokens = [pair_tokens(p, i, cfg) for i, p in enumerate(pairs)]
     grads = []
     for lean in (False, True):
         model = perturbed_theta0()
@@ -291,23 +311,21 @@ def test_lean_autograd_under_bfloat16_autocast():
     assert (lean.norm() / auto.norm() - 1).abs() < 0.01
 
 
-def test_fused_adamw_is_used_and_matches_the_plain_update(monkeypatch):
-    """The fused AdamW kernel (one pass per step) takes the same steps as torch's default loop, to rounding."""
-    import itermerge.dpo as dpo
+def test_fused_adamw_is_used_and_matches_the_plain_update():
+    """dpo.fused_adamw: the fused AdamW kernel (one pass per step) takes the same steps as torch's default loop."""
+    from itermerge.training.optim import adamw
 
     cfg = DPOConfig(global_batch_size=4, micro_batch_size=2, epochs=2, learning_rate=1e-2, weight_decay=0.01)
+    assert [g["fused"] for g in adamw(tiny_model(0), cfg, fused=cfg.fused_adamw).param_groups] == [True, True]
+    assert not adamw(tiny_model(0), cfg, fused=False).param_groups[0]["fused"]
     pairs = add_reference_logprobs(tiny_model(0), make_pairs(6), cfg, progress=False)
-    made = []
-    real = dpo._adamw
-    monkeypatch.setattr(dpo, "_adamw", lambda model, cfg, fused: made.append(real(model, cfg, fused)) or made[-1])
-    fused = tiny_model(0)
+    fused, plain = tiny_model(0), tiny_model(0)
     train_dpo(fused, pairs, cfg, progress=False)
-    monkeypatch.setattr(dpo, "_adamw", lambda model, cfg, fused: made.append(real(model, cfg, False)) or made[-1])
-    plain = tiny_model(0)
-    train_dpo(plain, pairs, cfg, progress=False)
-    assert [g["fused"] for g in made[0].param_groups] == [True, True] and not made[1].param_groups[0]["fused"]
+    train_dpo(plain, pairs, DPOConfig(**{**vars(cfg), "fused_adamw": False}), progress=False)
     moved = 0
-    for (name, a), b, c in zip(fused.state_dict().items(), plain.state_dict().values(), tiny_model(0).state_dict().values()):
+    for (name, a), b, c in zip(
+        fused.state_dict().items(), plain.state_dict().values(), tiny_model(0).state_dict().values()
+    ):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
         moved += not torch.equal(a, c)
     assert moved > 10  # both trained
@@ -315,14 +333,14 @@ def test_fused_adamw_is_used_and_matches_the_plain_update(monkeypatch):
 
 def test_sharded_weights_are_gathered_for_saving(monkeypatch):
     """Under ZeRO-3 the trained weights come from accelerator.get_state_dict, keyed as the model's own state dict."""
-    import itermerge.dpo as dpo
+    import itermerge.training.loop as loop
 
     cfg = DPOConfig(global_batch_size=2, micro_batch_size=2, **FAST)
     pairs = add_reference_logprobs(tiny_model(0), make_pairs(2), cfg, progress=False)
     model, gathered = tiny_model(0), {}
     train_dpo(model, pairs, cfg, progress=False, state_dict=gathered)
     assert gathered == {}  # one process: the model holds its weights
-    monkeypatch.setattr(dpo, "_sharded_parameters", lambda accelerator: True)
+    monkeypatch.setattr(loop, "sharded_parameters", lambda accelerator: True)
     train_dpo(model, pairs, cfg, progress=False, state_dict=gathered)
     want = model.state_dict()
     assert gathered.keys() == want.keys()
@@ -343,7 +361,7 @@ def _deepspeed_accelerator(ds_config: dict, processes: int = 1, main: bool = Tru
 def test_deepspeed_batch_comes_from_the_dpo_config():
     """accelerate cannot fill DeepSpeed's 'auto' batch without a DataLoader, and a GAS of 1 from a launcher config
     would step after every micro-batch: the dpo section is written over both."""
-    from itermerge.dpo import _set_deepspeed_batch
+    from itermerge.training.distributed import set_deepspeed_batch as _set_deepspeed_batch
 
     cfg = DPOConfig(global_batch_size=128, micro_batch_size=2)
     ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
@@ -358,7 +376,7 @@ def test_zero3_saves_the_float32_master_weights(monkeypatch):
     import sys
     from types import ModuleType
 
-    from itermerge.dpo import _gather_full_weights
+    from itermerge.training.distributed import gather_full_weights as _gather_full_weights
 
     model = tiny_model(0)
     master = {id(p): (p.detach() + 1).to(torch.float64) for p in model.parameters()}  # "fp32 masters": θ + 1
@@ -386,7 +404,7 @@ def test_deepspeed_master_weights_come_from_the_float32_checkpoint(tmp_path, mon
     import sys
     from types import ModuleType
 
-    from itermerge.dpo import _set_float32_masters
+    from itermerge.training.distributed import set_float32_masters as _set_float32_masters
 
     source = tiny_model(3)
     source.save_pretrained(tmp_path / "fp32")
@@ -446,7 +464,9 @@ def test_gradient_checkpointing_changes_memory_not_results():
     assert not checkpointed.is_activation_checkpointing  # switched off again after training
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # TRL's config sets transformers' deprecated gradient_checkpointing
+@pytest.mark.filterwarnings(
+    "ignore::FutureWarning"
+)  # TRL's config sets transformers' deprecated gradient_checkpointing
 def test_loss_and_gradients_match_trl_dpo_trainer(tmp_path):
     """TRL 1.16's DPOTrainer.compute_loss (with an explicit ref_model = θ0) vs ours, on one batch of 3 pairs.
 
@@ -482,7 +502,9 @@ def test_loss_and_gradients_match_trl_dpo_trainer(tmp_path):
     policy = perturbed_theta0()
     policy.train()
     prompts = [p.prompt_ids for p in pairs]
-    logps = sequence_logprobs(policy, collate(prompts + prompts, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], 0))
+    logps = sequence_logprobs(
+        policy, collate(prompts + prompts, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], 0)
+    )
     chosen, rejected = logps.chunk(2)
     ref_c = torch.tensor([p.ref_chosen_logp for p in scored])
     ref_r = torch.tensor([p.ref_rejected_logp for p in scored])
@@ -529,7 +551,12 @@ def test_two_processes_give_the_same_weights_as_one(tmp_path):
         # Adam turns float-rounding differences of near-zero gradients into ~1e-6 moves; a step moves ~1e-2.
         torch.testing.assert_close(two[k], v, atol=1e-5, rtol=1e-4, msg=k)
     assert [h["pairs"] for h in two_metrics["history"]] == [4, 4, 2]
-    for key in ("loss", "accuracy", "reward_margin", "grad_norm"):  # Adam hides a gradient scale error; the norm does not
+    for key in (
+        "loss",
+        "accuracy",
+        "reward_margin",
+        "grad_norm",
+    ):  # Adam hides a gradient scale error; the norm does not
         assert [h[key] for h in two_metrics["history"]] == pytest.approx(
             [h[key] for h in one_metrics["history"]], rel=1e-4, abs=1e-6
         ), key

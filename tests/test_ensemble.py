@@ -1,4 +1,4 @@
-"""The exact ensemble (eq. 6) against hand numbers, HFSampler, logprobs.py and an unbatched oracle; merge-vs-ensemble error."""
+"""The exact ensemble (eq. 6) against hand numbers, HFSampler, logprobs and an unbatched oracle; merge vs ensemble."""
 
 from __future__ import annotations
 
@@ -10,32 +10,30 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
-from itermerge.approximation import (
-    approximation_error,
-    approximation_study,
-    decoding_cost,
-    kl_per_position,
-    merged_model,
-    uniform_average,
-)
 from itermerge.checkpoint import load_model
-from itermerge.ensemble import (
-    EnsembleSampler,
+from itermerge.errors import ItermergeError
+from itermerge.logprobs import collate, token_logprobs
+from itermerge.logprobs.ensemble import ensemble_token_logprobs, live_members
+from itermerge.maths.ensemble import (
     dera_coefficients,
     eft_coefficients,
     ensemble_coefficients,
-    ensemble_generate,
-    ensemble_token_logprobs,
-    live_members,
+    kl_per_position,
     merge_coefficients,
     mix_logprobs,
 )
-from itermerge.errors import ItermergeError
-from itermerge.logprobs import collate, token_logprobs
-from itermerge.merge import merge_weights
+from itermerge.maths.merge import merge_weights
 from itermerge.records import Prompt
 from itermerge.sampling import SamplingParams
+from itermerge.sampling.ensemble import EnsembleSampler, ensemble_generate
 from itermerge.sampling.hf import HFSampler
+from itermerge.studies.approximation import (
+    approximation_error,
+    approximation_study,
+    decoding_cost,
+    merged_model,
+    uniform_average,
+)
 
 EOS, PAD = 2, 0
 PROMPTS = [[1, 5, 6, 7], [1, 8], [1, 9, 10, 11, 12, 13], [1, 40, 41]]
@@ -104,7 +102,10 @@ def test_one_hot_ensemble_is_theta_T_token_for_token(sharp, tok):
 def test_a_model_mixed_with_itself_is_that_model(sharp, tok):
     """(θ, θ) with c = (−1, 2) sums to log π_θ: the negative coefficient and the renormalisation cancel exactly."""
     want = texts(HFSampler(sharp[1], tok, batch_size=4, progress=False).generate(PROMPTS, SAMPLED))
-    assert texts(EnsembleSampler([sharp[1], sharp[1]], [-1.0, 2.0], tok, progress=False).generate(PROMPTS, SAMPLED)) == want
+    assert (
+        texts(EnsembleSampler([sharp[1], sharp[1]], [-1.0, 2.0], tok, progress=False).generate(PROMPTS, SAMPLED))
+        == want
+    )
     assert texts(EnsembleSampler([sharp[1]], [1.0], tok, progress=False).generate(PROMPTS, SAMPLED)) == want
 
 

@@ -11,16 +11,11 @@ import pytest
 import torch
 from conftest import save_tiny, tiny_model, tiny_tokenizer
 
+from itermerge.config.evaluation import AccuracyConfig, EvalConfig, KLConfig, LmEvalTask, PromptSource, RewardConfig
 from itermerge.errors import ItermergeError
 from itermerge.evaluation import (
-    AccuracyConfig,
-    EvalConfig,
     Evaluator,
-    KLConfig,
-    LmEvalTask,
     Metric,
-    PromptSource,
-    RewardConfig,
     clustered_mean,
     is_bare_number,
     load_prompts,
@@ -54,7 +49,11 @@ def test_clustered_mean_uses_prompts_as_units():
 
 def test_bare_number():
     assert is_bare_number(None, "42") and is_bare_number(None, " 42.") and is_bare_number(None, "-3")
-    assert not is_bare_number(None, "The answer is 42.") and not is_bare_number(None, "") and not is_bare_number(None, "4 2")
+    assert (
+        not is_bare_number(None, "The answer is 42.")
+        and not is_bare_number(None, "")
+        and not is_bare_number(None, "4 2")
+    )
 
 
 # --- task accuracy and reward -----------------------------------------------------------------------
@@ -164,7 +163,9 @@ def _local_task(tmp_path, model, tok):
     prefers = []
     for q, cs in zip(questions, choices):
         ctx = tok(q, add_special_tokens=False)["input_ids"]
-        lls = score_sequences(model, [ctx] * 2, [tok(" " + c, add_special_tokens=False)["input_ids"] for c in cs], pad_id=0)
+        lls = score_sequences(
+            model, [ctx] * 2, [tok(" " + c, add_special_tokens=False)["input_ids"] for c in cs], pad_id=0
+        )
         prefers.append(int(lls[1] > lls[0]))
     labels = [prefers[0], prefers[1], 1 - prefers[2], 1 - prefers[3]]
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -180,7 +181,9 @@ def _local_task(tmp_path, model, tok):
     return tmp_path
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval not installed (pip install 'itermerge[eval]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None, reason="lm-eval not installed (pip install 'itermerge[eval]')"
+)
 def test_lm_eval_local_task_offline(tmp_path):
     from itermerge.evaluation.lm_eval import run_lm_eval
 

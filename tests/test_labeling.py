@@ -68,7 +68,9 @@ def test_verifier_failure_names_prompt_and_completion():
             raise ValueError("cannot parse")
         return 0.0
 
-    with pytest.raises(ItermergeError, match=r"prompt 'b', completion 1 \(batch item 3, text 'bad'\): raised ValueError: cannot parse"):
+    with pytest.raises(
+        ItermergeError, match=r"prompt 'b', completion 1 \(batch item 3, text 'bad'\): raised ValueError: cannot parse"
+    ):
         VerifierScorer(picky).score([A, A, B, B], ["x", "y", "z", "bad"])
 
 

@@ -146,7 +146,12 @@ def test_score_sequences_restores_training_mode_and_checks_batch_size(model):
 
 
 # Two completions per prompt (DPO's chosen and rejected), prompts of different lengths.
-GROUPS = [[COMPLETIONS[0], [60, 61, 62, 63, EOS]], [COMPLETIONS[1], [64]], [COMPLETIONS[2], [65, 66]], [[67], COMPLETIONS[3]]]
+GROUPS = [
+    [COMPLETIONS[0], [60, 61, 62, 63, EOS]],
+    [COMPLETIONS[1], [64]],
+    [COMPLETIONS[2], [65, 66]],
+    [[67], COMPLETIONS[3]],
+]
 
 
 def flat_twin(eos_ids=()):
@@ -202,7 +207,9 @@ def test_grouped_batches_fall_back_to_flat_sequences(model):
     no_cache.cache_argument, no_cache.packs_groups = None, False
     torch.testing.assert_close(token_logprobs(no_cache, batch), want, atol=1e-5, rtol=1e-5)
     checkpointed = tiny_model(0)
-    enable = getattr(checkpointed, "activation_checkpointing_enable", None) or checkpointed.gradient_checkpointing_enable
+    enable = (
+        getattr(checkpointed, "activation_checkpointing_enable", None) or checkpointed.gradient_checkpointing_enable
+    )
     enable()
     checkpointed.train()
     torch.testing.assert_close(token_logprobs(checkpointed, batch), want, atol=1e-5, rtol=1e-5)
@@ -219,8 +226,8 @@ def test_score_grouped_matches_score_sequences(model):
 
 
 def test_scoring_without_gradients_runs_the_output_layer_in_blocks(model, monkeypatch):
-    """θ0's log-probs of long completions would need (N, V) logits at once; in blocks of a few rows they are the same."""
-    import itermerge.logprobs as logprobs
+    """θ0's log-probs of long completions would need (N, V) logits at once; in blocks of a few rows, the same."""
+    import itermerge.logprobs.structure as logprobs
 
     flat_whole = score_sequences(model, PROMPTS, COMPLETIONS, pad_id=0, batch_size=4)
     grouped_whole = score_grouped(model, PROMPTS, GROUPS, pad_id=0, batch_size=4)

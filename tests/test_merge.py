@@ -14,12 +14,12 @@ from conftest import save_tiny, tiny_model
 from itermerge.checkpoint import CheckpointReader
 from itermerge.cli import main
 from itermerge.errors import ItermergeError
-from itermerge.merge import (
+from itermerge.maths.merge import merge_weights
+from itermerge.merging import (
     MergeBasis,
     mean_checkpoint,
     merge_checkpoints,
     merge_state_dicts,
-    merge_weights,
     mergekit_config,
     task_arithmetic,
 )
@@ -103,8 +103,12 @@ def test_streamed_merge_within_one_rounding_of_float64(tmp_path, lam, alpha):
 
 def test_edge_cases_exact(tiny_ckpts, tmp_path):
     theta = [CheckpointReader(p) for p in tiny_ckpts]
-    out_T = CheckpointReader(merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "a", lam=0, alpha=0, progress=False))
-    out_0 = CheckpointReader(merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "b", lam=0.7, alpha=-1, progress=False))
+    out_T = CheckpointReader(
+        merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "a", lam=0, alpha=0, progress=False)
+    )
+    out_0 = CheckpointReader(
+        merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "b", lam=0.7, alpha=-1, progress=False)
+    )
     for name in theta[0]:
         assert torch.equal(out_T.get(name), theta[3].get(name))
         assert torch.equal(out_0.get(name), theta[0].get(name))
@@ -155,8 +159,12 @@ def test_sharded_output_bf16_and_sharded_inputs(tiny_ckpts, tmp_path):
 
 def test_mean_cache_gives_the_same_merge(tiny_ckpts, tmp_path):
     cache = tmp_path / "cache"
-    direct = CheckpointReader(merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "d", lam=0.3, alpha=0.4, progress=False))
-    cached = merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "c", lam=0.3, alpha=0.4, mean_cache=cache, progress=False)
+    direct = CheckpointReader(
+        merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "d", lam=0.3, alpha=0.4, progress=False)
+    )
+    cached = merge_checkpoints(
+        tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "c", lam=0.3, alpha=0.4, mean_cache=cache, progress=False
+    )
     assert json.loads((cached / "merge.json").read_text())["mean_cache"] == str(cache)
     mean = CheckpointReader(cache)
     theta = [CheckpointReader(p) for p in tiny_ckpts]
@@ -184,7 +192,10 @@ def test_mergekit_config(tiny_ckpts):
     cfg = yaml.safe_load(mergekit_config(tiny_ckpts[0], tiny_ckpts[1:], [0.21, 0.0, 0.98], torch.bfloat16))
     assert cfg["merge_method"] == "task_arithmetic" and cfg["base_model"] == str(tiny_ckpts[0])
     assert cfg["parameters"] == {"normalize": False} and cfg["dtype"] == "float32" and cfg["out_dtype"] == "bfloat16"
-    assert [(m["model"], m["parameters"]["weight"]) for m in cfg["models"]] == [(str(tiny_ckpts[1]), 0.21), (str(tiny_ckpts[3]), 0.98)]
+    assert [(m["model"], m["parameters"]["weight"]) for m in cfg["models"]] == [
+        (str(tiny_ckpts[1]), 0.21),
+        (str(tiny_ckpts[3]), 0.98),
+    ]
 
 
 # --- bad inputs: a named error, and nothing left behind -----------------------------------------
@@ -217,7 +228,9 @@ def test_refuses_truncated_and_corrupt_safetensors(tiny_ckpts, tmp_path):
     shutil.copytree(tiny_ckpts[1], truncated)
     f = truncated / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
-    _assert_refused(tmp_path, tiny_ckpts[0], [truncated], r"truncated/model.safetensors: tensor .* truncated or corrupt")
+    _assert_refused(
+        tmp_path, tiny_ckpts[0], [truncated], r"truncated/model.safetensors: tensor .* truncated or corrupt"
+    )
     corrupt = tmp_path / "corrupt"
     shutil.copytree(tiny_ckpts[1], corrupt)
     (corrupt / "model.safetensors").write_bytes(struct.pack("<Q", 40) + b"{not json" + b" " * 31)
@@ -229,17 +242,40 @@ def test_refuses_nan_input_and_overflowing_result(tiny_ckpts, tmp_path):
     with torch.no_grad():
         bad.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     nan_dir = save_tiny(tmp_path / "nan", bad)
-    _assert_refused(tmp_path, tiny_ckpts[0], [tiny_ckpts[1], nan_dir], r"nan: tensor 'model.layers.0.mlp.up_proj.weight' holds NaN")
-    _assert_refused(tmp_path, tiny_ckpts[0], tiny_ckpts[1:], r"overflows .* smaller \|alpha\|", lam=0.5, alpha=1e7, dtype=torch.float16)
+    _assert_refused(
+        tmp_path, tiny_ckpts[0], [tiny_ckpts[1], nan_dir], r"nan: tensor 'model.layers.0.mlp.up_proj.weight' holds NaN"
+    )
+    _assert_refused(
+        tmp_path,
+        tiny_ckpts[0],
+        tiny_ckpts[1:],
+        r"overflows .* smaller \|alpha\|",
+        lam=0.5,
+        alpha=1e7,
+        dtype=torch.float16,
+    )
 
 
 def test_refuses_pickle_missing_and_existing_output(tiny_ckpts, tmp_path):
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     torch.save({"w": torch.zeros(2)}, pickled / "pytorch_model.bin")
-    _assert_refused(tmp_path, tiny_ckpts[0], [pickled], r"pickled: only pickle weights \(pytorch_model.bin\); itermerge never unpickles")
+    _assert_refused(
+        tmp_path,
+        tiny_ckpts[0],
+        [pickled],
+        r"pickled: only pickle weights \(pytorch_model.bin\); itermerge never unpickles",
+    )
     _assert_refused(tmp_path, tiny_ckpts[0], [tmp_path / "nope"], r"nope: no such checkpoint directory")
-    _assert_refused(tmp_path, tiny_ckpts[0], tiny_ckpts[1:], r"--weights has 2 values but there are 3", lam=None, alpha=None, weights=[0.5, 0.5])
+    _assert_refused(
+        tmp_path,
+        tiny_ckpts[0],
+        tiny_ckpts[1:],
+        r"--weights has 2 values but there are 3",
+        lam=None,
+        alpha=None,
+        weights=[0.5, 0.5],
+    )
     existing = tmp_path / "exists"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
@@ -282,10 +318,14 @@ def test_cli_bad_numbers(tiny_ckpts, tmp_path, capsys):
 
 def test_block_size_does_not_change_the_merge(tiny_ckpts, tmp_path, monkeypatch):
     """Blocks of 100 elements (tensors span many, ragged ends) give the same bytes as whole-tensor blocks."""
-    whole = CheckpointReader(merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "whole", lam=0.3, alpha=0.4, progress=False))
-    monkeypatch.setattr("itermerge.checkpoint.CHUNK", 100)
+    whole = CheckpointReader(
+        merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "whole", lam=0.3, alpha=0.4, progress=False)
+    )
+    monkeypatch.setattr("itermerge.checkpoint.dtypes.CHUNK", 100)
     assert max(whole.numel(n) for n in whole) > 10 * 100
-    blocks = merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "blocks", lam=0.3, alpha=0.4, dtype="bfloat16", progress=False)
+    blocks = merge_checkpoints(
+        tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "blocks", lam=0.3, alpha=0.4, dtype="bfloat16", progress=False
+    )
     got = CheckpointReader(blocks)
     for name in whole:
         assert torch.equal(got.get(name), whole.get(name).bfloat16()), name
@@ -339,12 +379,18 @@ def test_integer_tensors_come_from_theta_T_and_fp8_is_refused(tmp_path):
     import numpy as np
 
     def ckpt(name, w, steps):
-        return _raw_checkpoint(tmp_path / name, {"w": ("F32", np.array(w, dtype=np.float32)), "steps": ("I64", np.array([steps]))})
+        return _raw_checkpoint(
+            tmp_path / name, {"w": ("F32", np.array(w, dtype=np.float32)), "steps": ("I64", np.array([steps]))}
+        )
 
     paths = [ckpt("t0", [1.0, 2.0], 0), ckpt("t1", [3.0, 2.0], 10), ckpt("t2", [1.0, 6.0], 20)]
-    out = CheckpointReader(merge_checkpoints(paths[0], paths[1:], tmp_path / "int", weights=[0.5, 0.25], progress=False))
+    out = CheckpointReader(
+        merge_checkpoints(paths[0], paths[1:], tmp_path / "int", weights=[0.5, 0.25], progress=False)
+    )
     assert out.read("w").tolist() == [2.0, 3.0] and out.read("steps").tolist() == [20] and out.dtype("steps") == "I64"
-    fp8 = _raw_checkpoint(tmp_path / "fp8", {"w": ("F8_E4M3", np.array([1, 2], dtype=np.uint8)), "steps": ("I64", np.array([0]))})
+    fp8 = _raw_checkpoint(
+        tmp_path / "fp8", {"w": ("F8_E4M3", np.array([1, 2], dtype=np.uint8)), "steps": ("I64", np.array([0]))}
+    )
     _assert_refused(tmp_path, fp8, [fp8], r"fp8: tensor 'w' is F8_E4M3; .* dequantise")
 
 
@@ -363,7 +409,8 @@ def test_merge_command_never_imports_torch(tiny_ckpts, tmp_path):
 
     code = (
         "import sys; from itermerge.cli import main; "
-        f"rc = main(['merge', '--reference', {str(tiny_ckpts[0])!r}, '--checkpoints', *{[str(p) for p in tiny_ckpts[1:]]!r}, "
+        f"rc = main(['merge', '--reference', {str(tiny_ckpts[0])!r}, "
+        f"'--checkpoints', *{[str(p) for p in tiny_ckpts[1:]]!r}, "
         f"'--lam', '0.3', '--alpha', '0.4', '--out', {str(tmp_path / 'o')!r}, '--quiet']); "
         "assert rc == 0; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))"
     )

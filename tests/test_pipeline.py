@@ -21,11 +21,19 @@ from itermerge.records import PreferencePair, read_jsonl
 
 def tiny_run_config(theta0: Path, **overrides) -> dict:
     cfg = {
-        "name": "tiny", "iterations": 2, "seed": 3,
+        "name": "tiny",
+        "iterations": 2,
+        "seed": 3,
         "model": {"path": str(theta0)},
         "prompts": {"per_iteration": 6, "dev": 6, "max_prompt_length": 128},
         "sampling": {"n": 4, "max_new_tokens": 10, "batch_size": 24},
-        "dpo": {"learning_rate": 1e-3, "global_batch_size": 4, "micro_batch_size": 2, "max_length": 256, "max_prompt_length": 128},
+        "dpo": {
+            "learning_rate": 1e-3,
+            "global_batch_size": 4,
+            "micro_batch_size": 2,
+            "max_length": 256,
+            "max_prompt_length": 128,
+        },
     }
     for key, value in overrides.items():
         section, _, leaf = key.partition("__")
@@ -130,11 +138,17 @@ def test_bad_inputs_get_named_errors(theta0, tmp_path):
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "What is 2 + 2?"}\n{"prompt": oops}\n')
     with pytest.raises(ItermergeError, match=r"prompts.jsonl line 2"):
-        iterate(from_dict(tiny_run_config(theta0, prompts={"source": "jsonl", "path": str(bad), "per_iteration": 1})), tmp_path / "r2")
+        iterate(
+            from_dict(tiny_run_config(theta0, prompts={"source": "jsonl", "path": str(bad), "per_iteration": 1})),
+            tmp_path / "r2",
+        )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(ItermergeError, match=r"empty"):
-        iterate(from_dict(tiny_run_config(theta0, prompts={"source": "jsonl", "path": str(empty), "per_iteration": 1})), tmp_path / "r3")
+        iterate(
+            from_dict(tiny_run_config(theta0, prompts={"source": "jsonl", "path": str(empty), "per_iteration": 1})),
+            tmp_path / "r3",
+        )
     with pytest.raises(ItermergeError, match=r"no_such_module"):
         iterate(from_dict(tiny_run_config(theta0, scorer={"function": "no_such_module:score"})), tmp_path / "r4")
 
@@ -200,7 +214,12 @@ def test_accelerate_launch_two_processes_gives_the_same_theta(finished_run, thet
     path.write_text(yaml.safe_dump(cfg))
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "itermerge.cli"]
-    done = subprocess.run([*launcher, "iterate", str(path), "--run-dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [*launcher, "iterate", str(path), "--run-dir", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     one = iterate(from_dict(cfg), tmp_path / "one")
     a, b = _params(tmp_path / "two" / "iter_01" / "model"), _params(one[1])

@@ -81,7 +81,10 @@ def test_blank_lines_are_skipped_and_line_numbers_count_them(tmp_path):
         (pair(extra=1), r"line 2: unknown field\(s\) \['extra'\] for PreferencePair"),
         ({k: v for k, v in pair().items() if k != "rejected"}, r"line 2: missing field\(s\) \['rejected'\]"),
         (pair(messages=[{"role": "bot", "content": "hi"}]), r"line 2: \"messages\"\[0\]: role 'bot' is not one of"),
-        (pair(messages=[*MSG, {"role": "assistant", "content": "5"}]), r"line 2: \"messages\": the last message has role 'assistant'; a prompt must end with the user's turn"),
+        (
+            pair(messages=[*MSG, {"role": "assistant", "content": "5"}]),
+            r"line 2: \"messages\": the last message has role 'assistant'; a prompt must end with the user's turn",
+        ),
     ],
 )
 def test_bad_pair_lines_are_named_by_file_and_line(tmp_path, row, message):
@@ -123,7 +126,9 @@ def test_missing_file_is_named(tmp_path):
 def test_prompt_file_accepts_prompt_or_messages(tmp_path):
     path = tmp_path / "mine.jsonl"
     chat = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
-    write_lines(path, [{"prompt": "What is 2 + 3?", "answer": 5}, {"messages": chat, "id": 7}, {"prompt": "x", "id": "q"}])
+    write_lines(
+        path, [{"prompt": "What is 2 + 3?", "answer": 5}, {"messages": chat, "id": 7}, {"prompt": "x", "id": "q"}]
+    )
     prompts = read_prompts_jsonl(path)
     assert prompts == [
         Prompt("mine-1", [{"role": "user", "content": "What is 2 + 3?"}], answer=5),
@@ -142,7 +147,10 @@ def test_prompt_file_accepts_prompt_or_messages(tmp_path):
         ({"prompt": "a", "id": "dup"}, r"line 2: \"id\" 'dup' already used on line 1"),
         ({"prompt": "a", "answer": [5]}, r'line 2: "answer" must be a string or a number'),
         ({"messages": []}, r'line 2: "messages" must be a non-empty list'),
-        ({"messages": [{"role": "user"}]}, r'line 2: "messages"\[0\] must be an object with exactly "role" and "content"'),
+        (
+            {"messages": [{"role": "user"}]},
+            r'line 2: "messages"\[0\] must be an object with exactly "role" and "content"',
+        ),
     ],
 )
 def test_bad_prompt_lines_are_named(tmp_path, row, message):

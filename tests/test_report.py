@@ -8,10 +8,14 @@ import shutil
 
 import pytest
 
-from itermerge.evaluation import EvalConfig, Metric
+from itermerge.config.evaluation import EvalConfig
+from itermerge.config.search import SearchConfig
+from itermerge.evaluation import Metric
+from itermerge.records import read_records
 from itermerge.report import fmt_metric, write_report
 from itermerge.rundir import Manifest
-from itermerge.search import SearchConfig, finalize, read_records, run_search
+from itermerge.search.finalize import finalize
+from itermerge.search.points import run_search
 
 
 class PlaneEvaluator:
@@ -33,15 +37,25 @@ def run_dir(tiny_ckpts, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     for t, ckpt in enumerate(tiny_ckpts[1:], start=1):
         shutil.copytree(ckpt, run / f"iter_{t:02d}" / "model")
-        (run / f"iter_{t:02d}" / "metrics.json").write_text(json.dumps({"loss": 0.69 - 0.01 * t, "seconds": {"train": 1.5}}))
+        (run / f"iter_{t:02d}" / "metrics.json").write_text(
+            json.dumps({"loss": 0.69 - 0.01 * t, "seconds": {"train": 1.5}})
+        )
     Manifest(run).set_meta("reference", str(tiny_ckpts[0]))
     (run / "config.yaml").write_text("model: tiny\niterations: 3\n")
-    from itermerge.search import run_paths
+    from itermerge.search.finalize import run_paths
 
     reference, checkpoints = run_paths(run)
     cfg = SearchConfig(lams=(0.0, 0.3, 0.6), alphas=(0.0, 0.4, 1.0))
-    run_search(run / "search", reference, checkpoints, EvalConfig(), cfg, mean_cache=run / "cache" / "mean_intermediate",
-               evaluate_fn=PlaneEvaluator(), progress=False)
+    run_search(
+        run / "search",
+        reference,
+        checkpoints,
+        EvalConfig(),
+        cfg,
+        mean_cache=run / "cache" / "mean_intermediate",
+        evaluate_fn=PlaneEvaluator(),
+        progress=False,
+    )
     finalize(run / "search", reference, checkpoints, EvalConfig(), run / "merged", evaluate_fn=PlaneEvaluator(),
              mean_cache=run / "cache" / "mean_intermediate", progress=False)
     return run
@@ -71,7 +85,10 @@ def test_report_numbers_match_the_run_files(run_dir):
     merged = next(v for k, v in dev.items() if k.startswith("Merged"))
     base = next(c for c in read_records(search / "checkpoints.jsonl") if c["t"] == 3)
     for cell, n in zip(merged, names):
-        value, delta = chosen_point["metrics"][n]["value"], chosen_point["metrics"][n]["value"] - base["metrics"][n]["value"]
+        value, delta = (
+            chosen_point["metrics"][n]["value"],
+            chosen_point["metrics"][n]["value"] - base["metrics"][n]["value"],
+        )
         assert cell == f"{fmt_metric(chosen_point['metrics'][n])} ({delta:+.3g})", (cell, value)
     assert "accuracy (n=50)" in report and "kl ↓ (n=50)" in report
     test = _table_rows(report, "## Table 2 style, test split")
@@ -87,11 +104,25 @@ def test_report_numbers_match_the_run_files(run_dir):
 def test_report_shows_studies_when_present(run_dir):
     studies = run_dir / "studies"
     studies.mkdir(exist_ok=True)
-    (studies / "alpha.json").write_text(json.dumps({
-        "what": "Table 1 / Fig. 2: scaling α with λ = 0", "alpha": [0.0, 0.5, 1.0],
-        "series": {"r_merged": {"mean": [0.1, 0.2, 0.3], "sem": [0.01, 0.01, 0.02], "pearson_r": 0.999, "p_value": 0.02}},
-    }))
-    (studies / "accuracy.json").write_text(json.dumps({
+    (studies / "alpha").mkdir()
+    (studies / "accuracy").mkdir()
+    (studies / "alpha" / "alpha.json").write_text(
+        json.dumps(
+            {
+                "what": "Table 1 / Fig. 2: scaling α with λ = 0",
+                "alpha": [0.0, 0.5, 1.0],
+                "series": {
+                    "r_merged": {
+                        "mean": [0.1, 0.2, 0.3],
+                        "sem": [0.01, 0.01, 0.02],
+                        "pearson_r": 0.999,
+                        "p_value": 0.02,
+                    }
+                },
+            }
+        )
+    )
+    (studies / "accuracy" / "accuracy.json").write_text(json.dumps({
         "rows": ["theta1", "theta2"], "columns": ["theta1", "merged"], "accuracy": [[0.6, 0.7], [0.55, 0.65]]}))
     try:
         report = write_report(run_dir).read_text()

@@ -12,19 +12,15 @@ from conftest import save_tiny, tiny_model, tiny_tokenizer
 from itermerge.checkpoint import load_model
 from itermerge.errors import ItermergeError
 from itermerge.labeling import VerifierScorer
-from itermerge.merge import MergeBasis
+from itermerge.maths.statistics import mean_sem, preference_accuracy
+from itermerge.merging import MergeBasis
 from itermerge.records import PreferencePair, Prompt
-from itermerge.rewards import (
-    accuracy_matrix,
-    alpha_study,
-    build_test_sets,
-    induced_rewards,
-    lambda_study,
-    mean_sem,
-    preference_accuracy,
-)
 from itermerge.sampling import SamplingParams
 from itermerge.sampling.hf import HFSampler
+from itermerge.studies.accuracy_matrix import accuracy_matrix, build_test_sets
+from itermerge.studies.alpha import alpha_study
+from itermerge.studies.induced import induced_rewards
+from itermerge.studies.lambdas import lambda_study
 from itermerge.tasks.arithmetic import brevity
 from itermerge.tokenization import encode_prompt
 
@@ -58,7 +54,9 @@ def test_induced_reward_is_beta_times_the_log_ratio_with_the_trailing_eos_masked
     got = induced_rewards(policy, reference, PROMPTS, COMPLETIONS, PAD, beta=0.1, batch_size=3)
     for r, x, y in zip(got, PROMPTS, COMPLETIONS):
         scored = y[:-1] if y[-1] == EOS else y  # as DPO training scores it (appendix C)
-        assert r == pytest.approx(0.1 * (naive_logprob(policy, x, scored) - naive_logprob(reference, x, scored)), abs=1e-5)
+        assert r == pytest.approx(
+            0.1 * (naive_logprob(policy, x, scored) - naive_logprob(reference, x, scored)), abs=1e-5
+        )
     with_eos = induced_rewards(policy, reference, PROMPTS, COMPLETIONS, PAD, beta=0.1, eos_ids=())
     assert with_eos[0] != pytest.approx(got[0]) and with_eos[2] == pytest.approx(got[2])  # [30] has no EOS
     assert induced_rewards(reference, reference, PROMPTS, COMPLETIONS, PAD, beta=0.1) == [0.0] * 4
@@ -80,7 +78,7 @@ def test_accuracy_and_standard_error_by_hand():
 
 @pytest.fixture(scope="module")
 def known_answer(tmp_path_factory):
-    """θ0 nearly uniform; a sharp policy; pairs chosen = the sharp model's greedy text, rejected = fixed other tokens."""
+    """θ0 nearly uniform; a sharp policy; chosen = the sharp model's greedy text, rejected = fixed other tokens."""
     root = tmp_path_factory.mktemp("known")
     sharp = tiny_model(1, initializer_range=0.5)
     theta0 = save_tiny(root / "theta0", tiny_model(0))
@@ -91,7 +89,9 @@ def known_answer(tmp_path_factory):
     pairs = []
     for i, (x, [s]) in enumerate(zip(PROMPTS, greedy)):
         rejected = torch.randint(5, 128, (len(s.token_ids),), generator=g).tolist()
-        pairs.append(PreferencePair(f"p{i}", [{"role": "user", "content": "?"}], x, "c", "r", s.token_ids, rejected, 1.0, 0.0))
+        pairs.append(
+            PreferencePair(f"p{i}", [{"role": "user", "content": "?"}], x, "c", "r", s.token_ids, rejected, 1.0, 0.0)
+        )
     swapped = [PreferencePair(p.prompt_id, p.messages, p.prompt_ids, p.rejected, p.chosen, p.rejected_ids, p.chosen_ids,
                               1.0, 0.0) for p in pairs]
     return theta0, sharp_dir, pairs, swapped

@@ -1,4 +1,4 @@
-"""Sampling: parameters, HF-exact logits warping, exact categorical draws, the HF backend against generate, vLLM mapping."""
+"""Sampling: parameters, HF-exact logit warping, exact categorical draws, the HF backend against generate, vLLM."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from conftest import tiny_model
 
 from itermerge.errors import ItermergeError
 from itermerge.sampling import Sample, Sampler, SamplingParams, make_sampler, prompt_seeds
-from itermerge.sampling.hf import HFSampler, eos_token_ids
+from itermerge.sampling.hf import HFSampler
 from itermerge.sampling.logits import apply_penalties, sample_categorical, top_k_mask, top_p_mask, warp_logits
 from itermerge.sampling.vllm import import_vllm, to_sample, vllm_sampling_kwargs
+from itermerge.tokenization import stop_token_ids
 
 INF = float("inf")
 EXTRA_EOS = 73  # with initializer_range=0.5 the tiny model's greedy text hits 73 early for some prompts only
@@ -191,8 +192,8 @@ def test_growing_cache_layers_equal_concatenation():
 
 
 def test_eos_ids_come_from_generation_config(sharp_model, tiny_tok):
-    assert eos_token_ids(sharp_model, tiny_tok) == [2, EXTRA_EOS]
-    assert eos_token_ids(tiny_model(0), tiny_tok) == [2]
+    assert stop_token_ids(sharp_model, tiny_tok) == (2, EXTRA_EOS)
+    assert stop_token_ids(tiny_model(0), tiny_tok) == (2,)
 
 
 @pytest.mark.parametrize(
@@ -206,8 +207,8 @@ def test_greedy_matches_hf_generate_token_for_token(sharp_model, tiny_tok, promp
     real_append = batch_module.append_rows
     monkeypatch.setattr(batch_module, "INITIAL_ROOM", room)
     monkeypatch.setattr(batch_module, "append_rows", lambda *a: joins.append(1) or real_append(*a))
-    monkeypatch.setattr(batch_module, "can_append_rows", batch_module.can_append_rows if refill else lambda c: False)
-    sampler = HFSampler(sharp_model, tiny_tok, batch_size=3, progress=False)  # 5 rows (greedy: one per prompt)
+    # sampling.growing_kv_cache off: transformers' own cache, which rows join only when the batch is empty
+    sampler = HFSampler(sharp_model, tiny_tok, batch_size=3, progress=False, growing_kv_cache=refill)  # 5 greedy rows
     assert isinstance(sampler, Sampler)
     out = sampler.generate(prompts, SamplingParams(n=2, temperature=0, max_new_tokens=24))
     assert bool(joins) == refill  # rows did join a running batch (or, without refill, never did)
@@ -251,7 +252,9 @@ def test_samples_are_reproducible_and_independent_of_batching(sharp_model, tiny_
     assert a == b == c[::-1]
     texts = [s.text for row in a for s in row]
     assert len(set(texts)) > len(texts) // 2  # samples differ between k and between prompts
-    other = HFSampler(sharp_model, tiny_tok, progress=False).generate(prompts, SamplingParams(**{**params.__dict__, "seed": 8}))
+    other = HFSampler(sharp_model, tiny_tok, progress=False).generate(
+        prompts, SamplingParams(**{**params.__dict__, "seed": 8})
+    )
     assert other != a
 
 
@@ -368,3 +371,16 @@ def test_greedy_matches_generate_on_smollm2():
         ref = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=48)[0, len(prompt) :].tolist()
         assert sample.token_ids == ref
     assert any(s.finished for (s,) in out)
+
+
+def test_every_sampler_speed_setting_off_gives_the_same_samples(sharp_model, tiny_tok, prompts):
+    """sampling.blocked_output_layer, growing_kv_cache and grouped_query_sdpa off (``--plain``): the same samples."""
+    plain = dict(blocked_output_layer=False, growing_kv_cache=False, grouped_query_sdpa=False)
+    for params in (
+        SamplingParams(n=1, temperature=0, max_new_tokens=16),
+        SamplingParams(n=3, max_new_tokens=16, seed=5),
+    ):
+        fast = HFSampler(sharp_model, tiny_tok, batch_size=4, progress=False)
+        slow = HFSampler(sharp_model, tiny_tok, batch_size=4, progress=False, **plain)
+        assert fast._split is not None and slow._split is None  # the settings did switch the path
+        assert fast.generate(prompts, params) == slow.generate(prompts, params)

@@ -7,11 +7,16 @@ import json
 import pytest
 
 from itermerge.checkpoint import CheckpointReader
+from itermerge.config.evaluation import EvalConfig, KLConfig, PromptSource
+from itermerge.config.search import SearchConfig, SelectionRule
 from itermerge.errors import ItermergeError
-from itermerge.evaluation import EvalConfig, KLConfig, Metric, PromptSource
-from itermerge.merge import merge_weights
-from itermerge.search import SearchConfig, finalize, grid, read_records, run_search
-from itermerge.selection import SelectionRule, pareto_frontier, select_point
+from itermerge.evaluation import Metric
+from itermerge.maths.merge import merge_weights
+from itermerge.records import read_records
+from itermerge.search.finalize import finalize
+from itermerge.search.grid import grid
+from itermerge.search.points import run_search
+from itermerge.search.selection import pareto_frontier, select_point
 
 # --- pure parts -------------------------------------------------------------------------------------
 
@@ -115,18 +120,31 @@ def test_search_end_to_end_on_a_3x3_grid(tiny_ckpts, tmp_path):
     assert json.loads((out / "choice.json").read_text())["lam"] == choice["lam"]
 
     # a rerun evaluates nothing; a torn last line (crash mid-append) is cut off and only that point redone
-    run_search(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), cfg, mean_cache=tmp_path / "mean", evaluate_fn=ev, progress=False)
+    run_search(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), cfg, mean_cache=tmp_path / "mean", evaluate_fn=ev,
+               progress=False)
     assert ev.calls == 12
     lines = (out / "points.jsonl").read_text().splitlines(keepends=True)
     (out / "points.jsonl").write_text("".join(lines[:-1]) + lines[-1][:25])
-    run_search(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), cfg, mean_cache=tmp_path / "mean", evaluate_fn=ev, progress=False)
+    run_search(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), cfg, mean_cache=tmp_path / "mean", evaluate_fn=ev,
+               progress=False)
     assert ev.calls == 13 and len(read_records(out / "points.jsonl")) == 9
     # a wider grid evaluates only the new points; another evaluator config redoes everything
     wider = SearchConfig(lams=cfg.lams, alphas=(*cfg.alphas, 1.5))
-    run_search(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), wider, mean_cache=tmp_path / "mean", evaluate_fn=ev, progress=False)
+    run_search(
+        out,
+        tiny_ckpts[0],
+        tiny_ckpts[1:],
+        EvalConfig(),
+        wider,
+        mean_cache=tmp_path / "mean",
+        evaluate_fn=ev,
+        progress=False,
+    )
     assert ev.calls == 16
     other = EvalConfig(prompts=PromptSource(n=7))
-    run_search(out, tiny_ckpts[0], tiny_ckpts[1:], other, cfg, mean_cache=tmp_path / "mean", evaluate_fn=ev, progress=False)
+    run_search(
+        out, tiny_ckpts[0], tiny_ckpts[1:], other, cfg, mean_cache=tmp_path / "mean", evaluate_fn=ev, progress=False
+    )
     assert ev.calls == 16 + 12
 
 
@@ -152,8 +170,15 @@ def test_finalize_writes_the_chosen_merge_and_tests_once(tiny_ckpts, tmp_path):
 def test_search_with_the_real_evaluators(tiny_ckpts, tmp_path):
     """Greedy accuracy, reward and KL through the HF sampler on a 2×2 grid; θ0's KL to itself is exactly 0."""
     evc = EvalConfig(prompts=PromptSource(n=3), max_new_tokens=4, kl=KLConfig(samples=1))
-    choice = run_search(tmp_path / "s", tiny_ckpts[0], tiny_ckpts[1:], evc, SearchConfig(lams=(0.0, 0.5), alphas=(0.0, 0.5)),
-                        mean_cache=tmp_path / "mean", progress=False)
+    choice = run_search(
+        tmp_path / "s",
+        tiny_ckpts[0],
+        tiny_ckpts[1:],
+        evc,
+        SearchConfig(lams=(0.0, 0.5), alphas=(0.0, 0.5)),
+        mean_cache=tmp_path / "mean",
+        progress=False,
+    )
     points = read_records(tmp_path / "s" / "points.jsonl")
     assert len(points) == 4 and set(points[0]["metrics"]) == {"accuracy", "format", "reward", "kl"}
     assert all(p["metrics"]["reward"]["n"] == 3 for p in points)

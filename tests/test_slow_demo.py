@@ -28,7 +28,12 @@ def test_quick_demo_end_to_end(tmp_path):
     report = (run_dir / "report.md").read_text()
     for section in ("Table 2 style, dev split", "test split", "Fig. 5", "accuracy", "alpha", "approximation"):
         assert section in report, section
-    for png in ("search/pareto.png", "studies/alpha/alpha.png", "studies/accuracy/accuracy.png", "studies/ensemble/approximation.png"):
+    for png in (
+        "search/pareto.png",
+        "studies/alpha/alpha.png",
+        "studies/accuracy/accuracy.png",
+        "studies/ensemble/approximation.png",
+    ):
         assert (run_dir / png).stat().st_size > 1000, png
     test = json.loads((run_dir / "search" / "test.json").read_text())
     numbers = _finite_numbers(test)

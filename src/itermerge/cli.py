@@ -5,9 +5,20 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 from itermerge import __version__
+from itermerge.commands import (
+    cmd_demo,
+    cmd_ensemble,
+    cmd_eval,
+    cmd_iterate,
+    cmd_mean,
+    cmd_merge,
+    cmd_report,
+    cmd_reward,
+    cmd_run,
+    cmd_search,
+)
 from itermerge.errors import ItermergeError
 
 
@@ -28,166 +39,14 @@ def _weights(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--weights {text!r}: not a comma-separated list of numbers; write e.g. --weights 0.1,0.1,0.9") from None
+        raise argparse.ArgumentTypeError(
+            f"--weights {text!r}: not a comma-separated list of numbers; write e.g. --weights 0.1,0.1,0.9"
+        ) from None
     if not values or not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"--weights {text!r}: give one finite k_t per checkpoint, e.g. --weights 0.1,0.1,0.9")
+        raise argparse.ArgumentTypeError(
+            f"--weights {text!r}: give one finite k_t per checkpoint, e.g. --weights 0.1,0.1,0.9"
+        )
     return values
-
-
-def cmd_merge(args: argparse.Namespace) -> None:
-    from itermerge.checkpoint import parse_dtype
-    from itermerge.merge import merge_checkpoints, mergekit_config, resolve_weights
-
-    if args.weights is None and args.lam is None and args.alpha is None:
-        raise ItermergeError("itermerge merge: give --lam and --alpha (eq. 10) or --weights k1,...,kT (eq. 9)")
-    dtype = parse_dtype(args.dtype)
-    if args.emit_mergekit_config:
-        k = resolve_weights(len(args.checkpoints), args.lam, args.alpha, args.weights)
-        Path(args.emit_mergekit_config).write_text(mergekit_config(args.reference, args.checkpoints, k, dtype))
-        print(f"mergekit config: {args.emit_mergekit_config}")
-    out = merge_checkpoints(
-        args.reference, args.checkpoints, args.out, lam=args.lam, alpha=args.alpha, weights=args.weights,
-        dtype=dtype, force=args.force, max_shard_size=args.max_shard_size, mean_cache=args.mean_cache,
-        progress=not args.quiet,
-    )
-    print(f"merged checkpoint: {out}")
-
-
-def cmd_mean(args: argparse.Namespace) -> None:
-    from itermerge.merge import mean_checkpoint
-
-    out = mean_checkpoint(args.checkpoints, args.out, force=args.force, progress=not args.quiet)
-    print(f"θ̄ checkpoint: {out}")
-
-
-def _run_dir(args: argparse.Namespace, cfg) -> Path:
-    return Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
-
-
-def cmd_iterate(args: argparse.Namespace) -> None:
-    from itermerge.config import load_config
-    from itermerge.pipeline import iterate
-
-    cfg = load_config(args.config, args.set)
-    run_dir = _run_dir(args, cfg)
-    thetas = iterate(cfg, run_dir, force=args.force)
-    print(f"θ0..θ{len(thetas) - 1}: " + " ".join(str(p) for p in thetas))
-
-
-def cmd_run(args: argparse.Namespace) -> None:
-    from itermerge.config import load_config
-    from itermerge.pipeline import run
-
-    cfg = load_config(args.config, args.set)
-    run(cfg, _run_dir(args, cfg), force=args.force)
-
-
-def cmd_demo(args: argparse.Namespace) -> None:
-    from importlib.resources import files
-
-    from itermerge.config import load_config
-    from itermerge.pipeline import run
-
-    name = "demo_quick.yaml" if args.quick else "demo.yaml"
-    path = Path(str(files("itermerge") / "configs" / name))
-    cfg = load_config(path, args.set)
-    print(f"itermerge demo: {path.name} — the whole paper on SmolLM2-135M-Instruct with the built-in arithmetic task")
-    run(cfg, _run_dir(args, cfg), force=args.force)
-
-
-def _config_of(run_dir: Path, override: str | None, sets: list[str]):
-    from itermerge.config import load_config
-
-    path = Path(override) if override else run_dir / "config.yaml"
-    if not path.exists():
-        raise ItermergeError(f"{path}: no config; pass --config CONFIG.yaml (the run's own config.yaml is used by default)")
-    return load_config(path, sets)
-
-
-def cmd_search(args: argparse.Namespace) -> None:
-    import dataclasses
-
-    from itermerge.search import finalize_run, search_run
-
-    run_dir = Path(args.run_dir)
-    cfg = _config_of(run_dir, args.config, args.set)
-    search = cfg.search
-    if args.lams or args.alphas or args.tolerance is not None:
-        rule = search.rule if args.tolerance is None else dataclasses.replace(search.rule, tolerance=args.tolerance)
-        search = dataclasses.replace(search, lams=tuple(args.lams or search.lams), alphas=tuple(args.alphas or search.alphas), rule=rule)
-    choice = search_run(run_dir, cfg.evaluation, search, reference=args.reference)
-    print(f"chosen on {search.split}: λ = {choice['lam']}, α = {choice['alpha']} ({run_dir / 'search' / 'choice.json'})")
-    if not args.no_test:
-        finalize_run(run_dir, cfg.evaluation, reference=args.reference)
-        print(f"merged checkpoint: {run_dir / 'merged'}; test numbers: {run_dir / 'search' / 'test.json'}")
-
-
-def cmd_report(args: argparse.Namespace) -> None:
-    from itermerge.report import write_report
-
-    print(f"report: {write_report(args.run_dir)}")
-
-
-def cmd_eval(args: argparse.Namespace) -> None:
-    import json
-
-    from itermerge.checkpoint import load_model, load_tokenizer
-    from itermerge.config import from_dict, load_config
-    from itermerge.evaluation import evaluate, metrics_to_dict
-
-    cfg = load_config(args.config, args.set) if args.config else from_dict({})
-    if args.split == "test" and not args.allow_test:
-        print("note: evaluating on test; report test numbers once, after choosing on dev", file=sys.stderr)
-    reference = load_model(args.reference) if args.reference else None
-    metrics = evaluate(load_model(args.checkpoint), load_tokenizer(args.checkpoint), cfg.evaluation, args.split,
-                       reference_model=reference)
-    print(json.dumps(metrics_to_dict(metrics), indent=2))
-
-
-def cmd_reward(args: argparse.Namespace) -> None:
-    if args.run_dir:
-        from itermerge import studies
-        from itermerge.pipeline import iterate, stage
-        from itermerge.rundir import Manifest
-
-        run_dir = Path(args.run_dir)
-        cfg = _config_of(run_dir, args.config, args.set)
-        thetas = iterate(cfg, run_dir)  # complete: nothing is redone
-        manifest = Manifest(run_dir)
-        todo = {"alpha": lambda: studies.alpha_study(cfg, run_dir, thetas),
-                "accuracy": lambda: studies.accuracy_matrix(cfg, run_dir, thetas, _merged_or_last(run_dir, thetas)),
-                "lambda": lambda: studies.lambda_study(cfg, run_dir, thetas)}
-        for name in (todo if args.study == "all" else [args.study]):
-            stage(manifest, f"studies/{name}", todo[name])
-        print(f"studies: {run_dir / 'studies'}")
-        return
-    from itermerge.rewards import reward_file
-
-    if not (args.policy and args.reference and (args.pairs or args.samples)):
-        raise ItermergeError("itermerge reward: give --run-dir RUN (the studies) or --policy, --reference and --pairs/--samples FILE")
-    summary = reward_file(args.policy, args.reference, pairs=args.pairs, samples=args.samples, beta=args.beta, out=args.out)
-    print(summary)
-
-
-def _merged_or_last(run_dir: Path, thetas: list[Path]) -> Path:
-    return run_dir / "merged" if (run_dir / "merged" / "config.json").exists() else thetas[-1]
-
-
-def cmd_ensemble(args: argparse.Namespace) -> None:
-    from itermerge.approximation import approximation_study
-    from itermerge.sampling import SamplingParams
-    from itermerge.tasks import get_task
-
-    prompts = get_task(args.task).prompts("dev", args.prompts, seed=args.seed)
-    result = approximation_study(
-        args.reference, args.checkpoints, prompts, args.out, lam=args.lam, alpha=args.alpha, weights=args.weights,
-        params=SamplingParams(n=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed),
-        batch_size=args.batch_size,
-    )
-    error = result["error"]
-    print(f"merge vs exact ensemble (eq. 6): {Path(args.out) / 'approximation.json'}")
-    for name, row in error.get("candidates", {}).items():
-        print(f"  {name:>10}: KL(ens‖model) {row.get('kl_ensemble_to_model_per_token', float('nan')):.3g} / token")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,10 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("merge", help="Algorithm 2: merge θ0..θT with (λ, α) of eq. 10 or explicit k_t of eq. 9")
-    p.add_argument("--reference", required=True, metavar="THETA0", help="θ0, the reference / starting checkpoint directory")
+    p.add_argument(
+        "--reference", required=True, metavar="THETA0", help="θ0, the reference / starting checkpoint directory"
+    )
     p.add_argument("--checkpoints", required=True, nargs="+", metavar="THETA_T", help="θ1..θT in iteration order")
-    p.add_argument("--lam", type=_number("--lam"), help="λ: relative weight of the intermediate checkpoints (direction)")
-    p.add_argument("--alpha", type=_number("--alpha"), help="α: extrapolation of the alignment signal (magnitude); 0 = none")
+    p.add_argument(
+        "--lam", type=_number("--lam"), help="λ: relative weight of the intermediate checkpoints (direction)"
+    )
+    p.add_argument(
+        "--alpha", type=_number("--alpha"), help="α: extrapolation of the alignment signal (magnitude); 0 = none"
+    )
     p.add_argument("--weights", type=_weights, help="explicit k_1,...,k_T of eq. 9 instead of --lam/--alpha")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--dtype", default="auto", help="output dtype: auto (as θT), float32, bfloat16, float16")
@@ -225,14 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("demo", help="`run` on the built-in SmolLM2-135M arithmetic config (CPU, ~20 min; --quick ~5 min)")
+    p = sub.add_parser(
+        "demo", help="`run` on the built-in SmolLM2-135M arithmetic config (CPU, ~20 min; --quick ~5 min)"
+    )
     p.add_argument("--quick", action="store_true", help="a first look: smaller T, prompts and grid")
     p.add_argument("--run-dir", help="run directory (default runs/demo or runs/demo-quick)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--force", action="store_true", help="start the run directory over if its config differs")
+    p.add_argument("--plain", action="store_true", help=PLAIN_HELP)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("search", help="(λ, α) grid merged in memory and evaluated on dev; the choice merged and tested once")
+    p = sub.add_parser(
+        "search", help="(λ, α) grid merged in memory and evaluated on dev; the choice merged and tested once"
+    )
     p.add_argument("run_dir", help="a run directory made by `itermerge iterate`")
     p.add_argument("--config", help="config (default: the run's config.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -240,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", type=_weights, help="α grid, e.g. 0,0.4,1")
     p.add_argument("--tolerance", type=_number("--tolerance"), help="capability may fall this far below θT's")
     p.add_argument("--reference", help="θ0 (default: the run's)")
-    p.add_argument("--no-test", action="store_true", help="stop after the choice (no merge to disk, no test evaluation)")
+    p.add_argument(
+        "--no-test", action="store_true", help="stop after the choice (no merge to disk, no test evaluation)"
+    )
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("report", help="report.md + plots from what the run wrote (nothing recomputed)")
@@ -256,14 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-test", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("reward", help="induced rewards (eq. 4) of a file, or the α / λ / accuracy-matrix studies of a run")
+    p = sub.add_parser(
+        "reward", help="induced rewards (eq. 4) of a file, or the α / λ / accuracy-matrix studies of a run"
+    )
     p.add_argument("--run-dir", help="run the studies on this run directory")
-    p.add_argument("--study", default="all", choices=["all", "alpha", "accuracy", "lambda"])
+    p.add_argument("--study", default="all", choices=["all", "alpha", "accuracy", "ensemble", "lambda"])
     p.add_argument("--config", help="config (default: the run's config.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--policy", help="π: checkpoint whose induced reward is computed")
     p.add_argument("--reference", help="π_ref: θ0")
-    p.add_argument("--pairs", help="a pairs.jsonl (PreferencePair records): rewards of chosen and rejected, and accuracy")
+    p.add_argument(
+        "--pairs", help="a pairs.jsonl (PreferencePair records): rewards of chosen and rejected, and accuracy"
+    )
     p.add_argument("--samples", help="a samples.jsonl (with prompts.jsonl beside it): the reward of each completion")
     p.add_argument("--beta", type=_number("--beta"), default=0.1)
     p.add_argument("--out", help="write per-record rewards (JSONL) here")
@@ -289,8 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="run config (YAML); see examples/ and configs/")
     p.add_argument("--run-dir", help="run directory (default runs/NAME); rerun the same command to resume")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set dpo.learning_rate=1e-5")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set dpo.learning_rate=1e-5",
+    )
     p.add_argument("--force", action="store_true", help="start the run directory over if its config differs")
+    p.add_argument("--plain", action="store_true", help=PLAIN_HELP)
+
+
+PLAIN_HELP = (
+    "every speed and memory setting off (dpo.lean_activations, … sampling.growing_kv_cache): the plain reference path"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"itermerge {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"itermerge {args.command}: interrupted; completed stages are kept, rerun the same command to continue", file=sys.stderr)
+        print(
+            f"itermerge {args.command}: interrupted; completed stages are kept, rerun the same command to continue",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

@@ -13,15 +13,17 @@ from typing import Any
 import torch
 
 from itermerge.checkpoint import load_model, load_tokenizer, save_model
-from itermerge.config import RunConfig
-from itermerge.dpo import DPOConfig, add_reference_logprobs, train_dpo
+from itermerge.config import DPOConfig, RunConfig
 from itermerge.errors import ItermergeError
 from itermerge.labeling import make_scorer, select_pair
 from itermerge.logprobs import score_sequences
 from itermerge.records import Completion, PreferencePair, Prompt, read_jsonl, read_prompts_jsonl, write_jsonl
 from itermerge.rundir import atomic_write_json
 from itermerge.sampling import make_sampler
+from itermerge.seeds import stage_seed
 from itermerge.tokenization import encode_prompt, pad_id
+from itermerge.training.loop import train_dpo
+from itermerge.training.reference import add_reference_logprobs
 
 
 def resolve_device(cfg: RunConfig) -> tuple[str, torch.dtype]:
@@ -37,14 +39,16 @@ def resolve_device(cfg: RunConfig) -> tuple[str, torch.dtype]:
     return device, getattr(torch, dtype)
 
 
+def hf_sampler_options(cfg: RunConfig) -> dict[str, Any]:
+    """The hf sampler's batch and speed settings from the run's sampling section."""
+    s = cfg.sampling
+    return {"batch_size": s.batch_size, "blocked_output_layer": s.blocked_output_layer,
+            "growing_kv_cache": s.growing_kv_cache, "grouped_query_sdpa": s.grouped_query_sdpa}
+
+
 def load_policy(path: str | Path, cfg: RunConfig):
     device, dtype = resolve_device(cfg)
     return load_model(path, dtype=dtype, device=device, trust_remote_code=cfg.model.trust_remote_code)
-
-
-def iteration_seed(cfg: RunConfig, t: int, stage: str) -> int:
-    """A seed per (run seed, iteration, stage): a resumed stage draws exactly what an uninterrupted run drew."""
-    return (cfg.seed * 1_000_003 + t * 1009 + sum(map(ord, stage))) % (2**31)
 
 
 # --- prompts ------------------------------------------------------------------------------------
@@ -84,7 +88,9 @@ def _dataset_prompts(path: str) -> list[Prompt]:
             messages = [{"role": "user", "content": row["prompt"]}]
         else:
             raise ItermergeError(f"{path} row {i}: needs a 'prompt' or 'messages' column")
-        prompts.append(Prompt(id=str(row.get("id", f"{Path(path).name}-{i}")), messages=messages, answer=row.get("answer")))
+        prompts.append(
+            Prompt(id=str(row.get("id", f"{Path(path).name}-{i}")), messages=messages, answer=row.get("answer"))
+        )
     return prompts
 
 
@@ -107,31 +113,40 @@ def sample_and_score(cfg: RunConfig, t: int, policy_path: Path, prompts: list[Pr
     tokenizer = load_tokenizer(policy_path)
     kept, prompt_ids, dropped = encode_prompts(prompts, tokenizer, cfg)
     if not kept:
-        raise ItermergeError(f"iteration {t}: all {len(prompts)} prompts exceed prompts.max_prompt_length = {cfg.prompts.max_prompt_length}")
+        raise ItermergeError(
+            f"iteration {t}: all {len(prompts)} prompts exceed prompts.max_prompt_length = "
+            f"{cfg.prompts.max_prompt_length}"
+        )
     start = time.perf_counter()
     if cfg.sampling.backend == "vllm":
         sampler = make_sampler("vllm", str(policy_path), tensor_parallel_size=cfg.sampling.tensor_parallel_size,
                                gpu_memory_utilization=cfg.sampling.gpu_memory_utilization)
     else:
-        sampler = make_sampler("hf", load_policy(policy_path, cfg), tokenizer, batch_size=cfg.sampling.batch_size)
-    samples = sampler.generate(prompt_ids, cfg.sampling.params(seed=iteration_seed(cfg, t, "sample")))
+        sampler = make_sampler("hf", load_policy(policy_path, cfg), tokenizer, **hf_sampler_options(cfg))
+    samples = sampler.generate(prompt_ids, cfg.sampling.params(seed=stage_seed(cfg.seed, "sample", t)))
     sample_seconds = time.perf_counter() - start
     del sampler
     scorer = make_scorer(cfg.scorer.spec())
     flat = [(p, k, s) for p, group in zip(kept, samples) for k, s in enumerate(group)]
     scores = scorer.score([p for p, _, _ in flat], [s.text for _, _, s in flat])
     completions = [
-        Completion(prompt_id=p.id, index=k, text=s.text, token_ids=list(s.token_ids), finished=s.finished, score=float(v))
+        Completion(
+            prompt_id=p.id, index=k, text=s.text, token_ids=list(s.token_ids), finished=s.finished, score=float(v)
+        )
         for (p, k, s), v in zip(flat, scores)
     ]
     write_jsonl(out / "prompts.jsonl", kept)
     write_jsonl(out / "samples.jsonl", completions)
     tokens = sum(len(c.token_ids) for c in completions)
     return {
-        "prompts": len(kept), "prompts_dropped_too_long": dropped, "samples": len(completions),
-        "mean_score": sum(scores) / len(scores), "mean_completion_tokens": tokens / len(completions),
+        "prompts": len(kept),
+        "prompts_dropped_too_long": dropped,
+        "samples": len(completions),
+        "mean_score": sum(scores) / len(scores),
+        "mean_completion_tokens": tokens / len(completions),
         "finished_fraction": sum(c.finished for c in completions) / len(completions),
-        "sampling_seconds": round(sample_seconds, 2), "sampling_tokens_per_second": round(tokens / max(sample_seconds, 1e-9), 1),
+        "sampling_seconds": round(sample_seconds, 2),
+        "sampling_tokens_per_second": round(tokens / max(sample_seconds, 1e-9), 1),
     }
 
 
@@ -194,13 +209,13 @@ def reference_logprobs(cfg: RunConfig, theta0: Path, sampler_path: Path, out: Pa
 
 
 def dpo_config(cfg: RunConfig, t: int) -> DPOConfig:
-    return replace(cfg.dpo, seed=iteration_seed(cfg, t, "train"))
+    return replace(cfg.dpo, seed=stage_seed(cfg.seed, "train", t))
 
 
 def train(cfg: RunConfig, t: int, policy_path: Path, out: Path, accelerator=None) -> dict[str, Any]:
     """θ_t ← argmin_θ L(θ; D_t) starting from θ_{t−1}, on D_t only; saved as iter_XX/model."""
     pairs = read_jsonl(out / "pairs.jsonl", PreferencePair)
-    torch.manual_seed(iteration_seed(cfg, t, "train"))
+    torch.manual_seed(stage_seed(cfg.seed, "train", t))
     device, dtype = resolve_device(cfg)
     deepspeed = _launcher_flag("ACCELERATE_USE_DEEPSPEED")
     # Weights train in float32 (read as such, so a float32 θ_{t−1} is not first rounded to 16 bits) and the

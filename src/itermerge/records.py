@@ -133,7 +133,36 @@ def read_prompts_jsonl(path: str | os.PathLike) -> list[Prompt]:
     return prompts
 
 
-def _json_lines(path: str | os.PathLike) -> Iterable[tuple[int, Any]]:
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The objects of a JSONL file that is appended to as work finishes (search points, per-prompt results);
+    none if it does not exist. A torn last line (a crash mid-write) is cut off the file, so the work is redone."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    text = p.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        p.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
+    records = []
+    for lineno, obj in _json_lines(p, hint="; delete that line to redo it"):
+        if not isinstance(obj, dict):
+            raise ItermergeError(
+                f"{path} line {lineno}: expected a JSON object, got {obj!r:.80}; delete that line to redo it"
+            )
+        records.append(obj)
+    return records
+
+
+def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one JSON object as a line and flush it to disk (``read_records`` cuts a torn last line)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _json_lines(path: str | os.PathLike, hint: str = "") -> Iterable[tuple[int, Any]]:
     """Yield (1-based line number, parsed object) for each non-blank line."""
     p = Path(path)
     if not p.is_file():
@@ -145,7 +174,7 @@ def _json_lines(path: str | os.PathLike) -> Iterable[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ItermergeError(f"{path} line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+                raise ItermergeError(f"{path} line {lineno}: not valid JSON ({e.msg} at column {e.colno}){hint}") from e
 
 
 def _from_dict(cls: type[Record], obj: dict[str, Any], where: str) -> Record:
@@ -153,7 +182,9 @@ def _from_dict(cls: type[Record], obj: dict[str, Any], where: str) -> Record:
     unknown = sorted(set(obj) - set(fields))
     if unknown:
         raise ItermergeError(f"{where}: unknown field(s) {unknown} for {cls.__name__}; known: {list(fields)}")
-    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [n for n in required if n not in obj]
     if missing:
         raise ItermergeError(f"{where}: missing field(s) {missing} for {cls.__name__}")
@@ -229,7 +260,9 @@ def _type_name(hint: Any) -> str:
 def _check_messages(messages: Any, where: str) -> list[Message]:
     """A chat is a non-empty list of {"role", "content"} objects whose last turn is the user's."""
     if not isinstance(messages, list) or not messages:
-        raise ItermergeError(f'{where} must be a non-empty list of {{"role": ..., "content": ...}}, got {messages!r:.80}')
+        raise ItermergeError(
+            f'{where} must be a non-empty list of {{"role": ..., "content": ...}}, got {messages!r:.80}'
+        )
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or set(m) != {"role", "content"}:
             raise ItermergeError(f'{where}[{i}] must be an object with exactly "role" and "content", got {m!r:.80}')

@@ -10,15 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from itermerge.errors import ItermergeError
+from itermerge.plots import pyplot, save_figure
+from itermerge.records import read_records
 from itermerge.rundir import atomic_write_text
-from itermerge.search import read_records
-from itermerge.selection import LOWER_IS_BETTER, pareto_frontier
+from itermerge.search.selection import LOWER_IS_BETTER, pareto_frontier
 
 METRIC_ORDER = ("accuracy", "format", "reward", "kl")  # then lm_eval/* in their order
 
 
 def write_report(run_dir: str | os.PathLike) -> Path:
-    """Write ``report.md`` (and ``search/pareto.png``) for a run directory; sections whose files are absent are skipped."""
+    """Write ``report.md`` (and ``search/pareto.png``) for a run directory; sections without their files are skipped."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ItermergeError(f"{run_dir}: no such run directory")
@@ -29,9 +30,15 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         parts.append("No search results (search/choice.json is absent): run `itermerge search RUN_DIR`.\n")
     else:
         stamp = {"split": choice["split"], "eval_fingerprint": choice["eval_fingerprint"]}
-        checkpoints = sorted((r for r in read_records(search / "checkpoints.jsonl") if _same(r, stamp)), key=lambda r: r["t"])
-        considered = {(lam, alpha) for lam, alpha in choice["eligible"]} | {(e["lam"], e["alpha"]) for e in choice["excluded"]}
-        points = [p for p in read_records(search / "points.jsonl") if _same(p, stamp) and (p["lam"], p["alpha"]) in considered]
+        checkpoints = sorted(
+            (r for r in read_records(search / "checkpoints.jsonl") if _same(r, stamp)), key=lambda r: r["t"]
+        )
+        considered = {(lam, alpha) for lam, alpha in choice["eligible"]} | {
+            (e["lam"], e["alpha"]) for e in choice["excluded"]
+        }
+        points = [
+            p for p in read_records(search / "points.jsonl") if _same(p, stamp) and (p["lam"], p["alpha"]) in considered
+        ]
         parts += [_choice_section(choice), _dev_table(checkpoints, choice)]
         test = _json(search / "test.json")
         if test is not None:
@@ -136,13 +143,11 @@ def _timing_section(points: list[dict[str, Any]], checkpoints: list[dict[str, An
 # --- the Fig. 5 plot -------------------------------------------------------------------------------
 
 
-def plot_pareto(points: list[dict[str, Any]], checkpoints: list[dict[str, Any]], choice: dict[str, Any], out: Path) -> None:
+def plot_pareto(
+    points: list[dict[str, Any]], checkpoints: list[dict[str, Any]], choice: dict[str, Any], out: Path
+) -> None:
     """Reward (y) against each capability metric (x, one panel each, plus KL when measured)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     reward = choice["rule"]["reward"]
     axes_names = [c for c in choice["rule"]["capability"]]
     if points and "kl" in points[0]["metrics"] and "kl" not in axes_names:
@@ -160,12 +165,16 @@ def plot_pareto(points: list[dict[str, Any]], checkpoints: list[dict[str, Any]],
             for p in line:
                 x, y = xy(p)
                 ex, ey = (p["metrics"][k]["stderr"] or 0.0 for k in (cap, reward))
-                ax.errorbar(x, y, xerr=ex, yerr=ey, fmt="o", color=colour[lam], ecolor="0.85", elinewidth=0.8, ms=6, zorder=3)
+                ax.errorbar(
+                    x, y, xerr=ex, yerr=ey, fmt="o", color=colour[lam], ecolor="0.85", elinewidth=0.8, ms=6, zorder=3
+                )
                 # Each λ labels at its own height: points of a discrete metric often coincide.
                 ax.annotate(f"α={p['alpha']:g}", (x, y), textcoords="offset points", xytext=(4, 4 + 8 * row),
                             fontsize=7, color=colour[lam])
         frontier = [points[i] for i in pareto_frontier(points, reward, cap)]
-        ax.plot([xy(p)[0] for p in frontier], [xy(p)[1] for p in frontier], "k--", lw=1.5, label="Pareto frontier", zorder=2)
+        ax.plot(
+            [xy(p)[0] for p in frontier], [xy(p)[1] for p in frontier], "k--", lw=1.5, label="Pareto frontier", zorder=2
+        )
         for c in checkpoints:
             if c.get("same_as"):
                 continue  # θT is the λ = 0, α = 0 point
@@ -184,15 +193,7 @@ def plot_pareto(points: list[dict[str, Any]], checkpoints: list[dict[str, Any]],
         ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"Merges of θ0..θT: {reward} against capability (θT = λ 0, α 0)", fontsize=10)
     fig.tight_layout()
-    _save(fig, out, plt)
-
-
-def _save(fig: Any, out: Path, plt: Any) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out)
+    save_figure(fig, out)
 
 
 # --- what other stages wrote ----------------------------------------------------------------------------
@@ -200,10 +201,8 @@ def _save(fig: Any, out: Path, plt: Any) -> None:
 
 def _studies_section(run_dir: Path) -> str:
     """The induced-reward and ensemble studies, when their JSON exists: numbers tabulated, their PNG shown."""
-    files = sorted((run_dir / "studies").rglob("*.json")) if (run_dir / "studies").is_dir() else []
-    # A study may hold a run of its own (the λ study trains θb): its stage files are not study results.
-    sub_runs = [m.parent for m in (run_dir / "studies").rglob("manifest.json")] if files else []
-    files = [f for f in files if not any(r in f.parents for r in sub_runs) and f.name != "manifest.json"]
+    # studies/NAME/NAME.json: a study's result (the λ study's θb run lies deeper, under second_criterion/).
+    files = sorted((run_dir / "studies").glob("*/*.json")) if (run_dir / "studies").is_dir() else []
     if not files:
         return ""
     out = ["## Studies\n"]
@@ -237,7 +236,10 @@ def _study_numbers(data: Any) -> str:
             corr.append(f"{' vs '.join(rc['between'])} across {grid_name}: r = {rc['pearson_r']:.3f}")
         return "\n".join(lines) + "\n\nPearson correlation with " + grid_name + ": " + "; ".join(corr) + ".\n"
     if isinstance(data.get("accuracy"), list) and "rows" in data and "columns" in data:  # Fig. 6 matrix
-        lines = ["| set \\ reward of | " + " | ".join(data["columns"]) + " |", "|---" * (len(data["columns"]) + 1) + "|"]
+        lines = [
+            "| set \\ reward of | " + " | ".join(data["columns"]) + " |",
+            "|---" * (len(data["columns"]) + 1) + "|",
+        ]
         for row, values in zip(data["rows"], data["accuracy"]):
             lines.append(f"| {row} | " + " | ".join("" if v is None else f"{v:.3f}" for v in values) + " |")
         return "\n".join(lines) + "\n"
@@ -246,8 +248,12 @@ def _study_numbers(data: Any) -> str:
         keys = sorted({k for c in cands.values() for k, v in c.items() if isinstance(v, (int, float))})
         lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         lines += [f"| {n} | " + " | ".join(_num(c.get(k)) for k in keys) + " |" for n, c in cands.items()]
+        if data.get("measured"):
+            lines.append(f"\nMeasured: {data['measured']}.")
         cost = data.get("cost", {})
-        ratio = ", ".join(f"{k} {cost[k]:.2f}×" for k in ("time_ratio", "memory_ratio") if isinstance(cost.get(k), (int, float)))
+        ratio = ", ".join(
+            f"{k} {cost[k]:.2f}×" for k in ("time_ratio", "memory_ratio") if isinstance(cost.get(k), (int, float))
+        )
         return "\n".join(lines) + "\n" + (f"\nEnsemble / merged decoding cost: {ratio}.\n" if ratio else "")
     scalars = {k: v for k, v in data.items() if isinstance(v, (int, float, str)) and k != "what"}
     return "\n".join(f"- {k}: {_num(v)}" for k, v in scalars.items()) + "\n" if scalars else ""
@@ -304,7 +310,9 @@ def _json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ItermergeError(f"{path}: not valid JSON ({e}); it is written atomically, so it was edited — restore or delete it") from e
+        raise ItermergeError(
+            f"{path}: not valid JSON ({e}); it is written atomically, so it was edited — restore or delete it"
+        ) from e
 
 
 def _same(record: dict[str, Any], stamp: dict[str, str]) -> bool:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from itermerge.errors import ItermergeError
@@ -85,3 +88,39 @@ def pad_id(tokenizer: Any) -> int:
     raise ItermergeError(
         f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an eos token; set one"
     )
+
+
+def stop_token_ids(source: Any, tokenizer: Any = None, *, required: bool = True) -> tuple[int, ...]:
+    """Every id that ends a completion: what ``generation_config`` stops on (an int or a list), else
+    ``config.eos_token_id``, else the tokenizer's EOS. The one answer to "which tokens end a reply", so that the
+    samplers, DPO's EOS mask and the induced rewards agree (Llama-3 stops on ``<|eot_id|>``, which is not its
+    ``config.eos_token_id``).
+
+    ``source``: a loaded model, or a checkpoint directory (its generation_config.json / config.json are read).
+    With ``required`` a model that names no EOS anywhere is an error; otherwise the answer is ``()``.
+    """
+    ids = _generation_eos(source)
+    if ids is None and tokenizer is not None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        if not required:
+            return ()
+        raise ItermergeError(
+            f"{getattr(source, 'name_or_path', source)!s:.80}: the model has no EOS token "
+            "(generation_config.eos_token_id, "
+            "config.eos_token_id and the tokenizer's eos_token_id are all unset); set generation_config.eos_token_id "
+            "in the checkpoint"
+        )
+    return (int(ids),) if isinstance(ids, int) else tuple(int(i) for i in ids)
+
+
+def _generation_eos(source: Any) -> int | list[int] | None:
+    if isinstance(source, (str, os.PathLike)):
+        ids = None
+        for name in ("generation_config.json", "config.json"):
+            path = Path(source) / name
+            if ids is None and path.is_file():
+                ids = json.loads(path.read_text()).get("eos_token_id")
+        return ids
+    ids = getattr(getattr(source, "generation_config", None), "eos_token_id", None)
+    return ids if ids is not None else getattr(getattr(source, "config", None), "eos_token_id", None)

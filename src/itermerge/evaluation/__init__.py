@@ -1,29 +1,16 @@
-"""Evaluators: task accuracy and format, mean reward, KL to the reference, lm-eval-harness benchmarks."""
+"""Evaluators: task accuracy and format, mean reward, KL to the reference, lm-eval-harness benchmarks.
 
-from itermerge.evaluation.config import (
-    AccuracyConfig,
-    EvalConfig,
-    KLConfig,
-    LmEvalConfig,
-    LmEvalTask,
-    PromptSource,
-    RewardConfig,
-)
+Their settings are ``itermerge.config.evaluation``.
+"""
+
 from itermerge.evaluation.kl import sequence_kl
 from itermerge.evaluation.metric import Metric, clustered_mean, mean_metric
 from itermerge.evaluation.suite import Evaluator, evaluate, metrics_from_dict, metrics_to_dict
 from itermerge.evaluation.task import is_bare_number, load_prompts, mean_reward, task_accuracy
 
 __all__ = [
-    "AccuracyConfig",
-    "EvalConfig",
     "Evaluator",
-    "KLConfig",
-    "LmEvalConfig",
-    "LmEvalTask",
     "Metric",
-    "PromptSource",
-    "RewardConfig",
     "clustered_mean",
     "evaluate",
     "is_bare_number",

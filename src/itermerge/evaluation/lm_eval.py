@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from itermerge.config.evaluation import LmEvalConfig, LmEvalTask
 from itermerge.errors import ItermergeError
-from itermerge.evaluation.config import LmEvalConfig, LmEvalTask
 from itermerge.evaluation.metric import Metric
 
 INSTALL_HINT = "pip install 'itermerge[eval]'"
@@ -39,7 +39,9 @@ def _require_lm_eval() -> Any:
     try:
         import lm_eval
     except ImportError as e:
-        raise ItermergeError(f"the lm-eval evaluator needs lm-eval-harness, which is not installed: {INSTALL_HINT}") from e
+        raise ItermergeError(
+            f"the lm-eval evaluator needs lm-eval-harness, which is not installed: {INSTALL_HINT}"
+        ) from e
     return lm_eval
 
 
@@ -89,13 +91,21 @@ def run_lm_eval(
     for task in tasks:
         with _quiet():
             results = lm_eval.simple_evaluate(
-                model=lm, tasks=[task.name], num_fewshot=task.num_fewshot, limit=limit, task_manager=manager,
-                apply_chat_template=task.chat_template, fewshot_as_multiturn=fewshot_as_multiturn and task.chat_template,
-                log_samples=False, bootstrap_iters=1000,
+                model=lm,
+                tasks=[task.name],
+                num_fewshot=task.num_fewshot,
+                limit=limit,
+                task_manager=manager,
+                apply_chat_template=task.chat_template,
+                fewshot_as_multiturn=fewshot_as_multiturn and task.chat_template,
+                log_samples=False,
+                bootstrap_iters=1000,
             )
         out[f"lm_eval/{task.name}"] = task_metric(results, task)
     values = [m for k, m in out.items()]
-    stderr = None if any(m.stderr is None for m in values) else math.sqrt(sum(m.stderr**2 for m in values)) / len(values)
+    stderr = (
+        None if any(m.stderr is None for m in values) else math.sqrt(sum(m.stderr**2 for m in values)) / len(values)
+    )
     out["lm_eval/average"] = Metric(sum(m.value for m in values) / len(values), stderr, sum(m.n for m in values))
     return out
 
@@ -107,7 +117,8 @@ def task_metric(results: dict[str, Any], task: LmEvalTask) -> Metric:
     if key not in row:
         found = sorted(k for k in row if "stderr" not in k and "," in k)
         raise ItermergeError(
-            f"lm-eval task {task.name!r} reported no {key!r}; it reported {found}. Set metric/filter of this task to one of those"
+            f"lm-eval task {task.name!r} reported no {key!r}; it reported {found}. Set metric/filter of this "
+            "task to one of those"
         )
     stderr = row.get(f"{task.metric}_stderr,{task.filter}")
     stderr = float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None

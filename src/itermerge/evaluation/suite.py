@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import nn
 
+from itermerge.config.evaluation import EvalConfig
 from itermerge.errors import ItermergeError
-from itermerge.evaluation.config import EvalConfig
 from itermerge.evaluation.kl import sequence_kl
 from itermerge.evaluation.metric import Metric
 from itermerge.evaluation.task import load_prompts, load_task, mean_reward, task_accuracy
@@ -51,7 +51,8 @@ class Evaluator:
             )
         if config.kl is not None and reference_model is None:
             raise ItermergeError(
-                "eval.kl needs the reference model π_ref (θ0): pass reference_model= (itermerge eval --reference THETA0)"
+                "eval.kl needs the reference model π_ref (θ0): pass reference_model= (itermerge eval "
+                "--reference THETA0)"
             )
         self.reference_model = reference_model
         self.make_sampler = make_sampler
@@ -73,7 +74,9 @@ class Evaluator:
         cfg, timings = self.config, timings if timings is not None else {}
         # The largest n per decoding mode is sampled once; sample k of a prompt does not depend on n
         # (its seed is keyed on the prompt and k), so a smaller request takes the first n.
-        requests = [(section.sampling, section.samples) for section in (cfg.accuracy, cfg.reward) if section is not None]
+        requests = [
+            (section.sampling, section.samples) for section in (cfg.accuracy, cfg.reward) if section is not None
+        ]
         requests += [("exact", cfg.kl.samples)] if cfg.kl is not None else []
         wanted: dict[str, int] = {}
         for mode, n in requests:
@@ -105,8 +108,17 @@ class Evaluator:
 
             start = time.perf_counter()
             lm = cfg.lm_eval
-            out.update(run_lm_eval(model, resolve_tasks(lm), self.tokenizer, include_path=lm.include_path,
-                                   limit=lm.limit, batch_size=lm.batch_size, fewshot_as_multiturn=lm.fewshot_as_multiturn))
+            out.update(
+                run_lm_eval(
+                    model,
+                    resolve_tasks(lm),
+                    self.tokenizer,
+                    include_path=lm.include_path,
+                    limit=lm.limit,
+                    batch_size=lm.batch_size,
+                    fewshot_as_multiturn=lm.fewshot_as_multiturn,
+                )
+            )
             timings["lm_eval_s"] = time.perf_counter() - start
         return out
 

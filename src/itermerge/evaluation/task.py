@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
+from itermerge.config.evaluation import PromptSource
 from itermerge.errors import ItermergeError
-from itermerge.evaluation.config import PromptSource
 from itermerge.evaluation.metric import Metric, clustered_mean
 from itermerge.labeling import Scorer
 from itermerge.records import Prompt, read_prompts_jsonl

@@ -51,14 +51,14 @@ class RewardModelScorer:
 
     def encode(self, prompt: Prompt, completion: str) -> list[int]:
         """Token ids of the prompt's conversation followed by the reply as the assistant's turn."""
-        return encode_messages(
-            self.tokenizer, [*prompt.messages, {"role": "assistant", "content": completion}], add_generation_prompt=False
-        )
+        conversation = [*prompt.messages, {"role": "assistant", "content": completion}]
+        return encode_messages(self.tokenizer, conversation, add_generation_prompt=False)
 
     @torch.no_grad()
     def score(self, prompts: list[Prompt], completions: list[str]) -> list[float]:
         if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions; pass one prompt per completion")
+            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions; "
+                             "pass one prompt per completion")
         sequences = [self.encode(p, c) for p, c in zip(prompts, completions)]
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths share a batch
         scores = [0.0] * len(sequences)

@@ -30,7 +30,9 @@ class VerifierScorer:
 
     def score(self, prompts: list[Prompt], completions: list[str]) -> list[float]:
         if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions; pass one prompt per completion")
+            raise ValueError(
+                f"{len(prompts)} prompts for {len(completions)} completions; pass one prompt per completion"
+            )
         scores, k_of = [], {}
         for i, (prompt, text) in enumerate(zip(prompts, completions)):
             k = k_of[prompt.id] = k_of.get(prompt.id, -1) + 1  # position among this prompt's completions
@@ -40,7 +42,9 @@ class VerifierScorer:
             except Exception as e:
                 raise ItermergeError(f"{where}: raised {type(e).__name__}: {e}") from e
             if not isinstance(value, numbers.Real):
-                raise ItermergeError(f"{where}: returned {value!r:.60} ({type(value).__name__}); it must return a float")
+                raise ItermergeError(
+                    f"{where}: returned {value!r:.60} ({type(value).__name__}); it must return a float"
+                )
             value = float(value)
             if not math.isfinite(value):
                 raise ItermergeError(f"{where}: returned {value}; it must return a finite float")

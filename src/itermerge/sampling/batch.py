@@ -9,14 +9,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from itermerge.sampling import SamplingParams
-from itermerge.sampling.kv_cache import append_rows, can_append_rows, growing_cache
+from itermerge.sampling.kv_cache import append_rows, can_append_rows
 from itermerge.sampling.logits import apply_penalties, sample_categorical, warp_logits
+from itermerge.sampling.params import SamplingParams
 
 INITIAL_ROOM = 128  # KV-cache slots reserved for new tokens before the first doubling
 
 # forward(cache, input_ids, attention_mask, position_ids) -> last-position logits (B, V), float32
 Forward = Callable[..., torch.Tensor]
+# new_cache(capacity) -> an empty KV cache with room for ``capacity`` tokens (``kv_cache.growing_cache`` or any
+# transformers cache); rows may join a running batch only when ``kv_cache.can_append_rows`` says the cache allows it.
+NewCache = Callable[[int], Any]
 
 
 def row_uniforms(prompt_seed: int, k: int, steps: int) -> np.ndarray:
@@ -44,11 +47,11 @@ class DecodeBatch:
     """
 
     def __init__(
-        self, forward: Forward, config: Any, params: SamplingParams, eos_ids: list[int], pad_id: int,
+        self, forward: Forward, new_cache: NewCache, params: SamplingParams, eos_ids: list[int], pad_id: int,
         device: torch.device,
     ) -> None:
-        self.forward_fn, self.config, self.params = forward, config, params
-        self.eos = torch.tensor(eos_ids, device=device)
+        self.forward_fn, self.new_cache, self.params = forward, new_cache, params
+        self.eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
         self.pad_id, self.device = pad_id, device
         self.rows: list[Row] = []
         self.cache: Any = None
@@ -80,7 +83,7 @@ class DecodeBatch:
             input_ids[i, width - len(prompt_ids[p]) :] = torch.tensor(prompt_ids[p], device=dev)
         mask = (torch.arange(width, device=dev) >= (width - lengths)[:, None]).long()  # (U, W)
         positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # as HF generate
-        cache = growing_cache(self.config, capacity=width + min(max_new, INITIAL_ROOM))
+        cache = self.new_cache(width + min(max_new, INITIAL_ROOM))
         logits = self.forward_fn(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions)
         of_prompt = torch.tensor([distinct.index(p) for p, _ in rows], device=dev)  # (B_new,)
         cache.batch_select_indices(of_prompt)

@@ -4,39 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from itermerge.errors import ItermergeError
 from itermerge.logprobs import plain_output_path
-from itermerge.sampling import Sample, SamplingParams, prompt_seeds
-from itermerge.sampling.batch import DecodeBatch
-
-# Rows join (waiting rows fill free slots) or leave (ended rows are dropped) once that changes at
-# least this fraction of the batch: each change copies the KV cache, so doing it at every finish
-# would cost more than the dead rows' compute it saves.
-CHANGE_FRACTION = 1 / 8
-
-
-def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every id that ends a completion: generation_config's EOS (int or list), else the tokenizer's."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if ids is None:
-        ids = getattr(model.config, "eos_token_id", None)
-    if ids is None and tokenizer is not None:
-        ids = tokenizer.eos_token_id
-    if ids is None:
-        raise ItermergeError(
-            "the model has no EOS token (generation_config.eos_token_id, config.eos_token_id and the "
-            "tokenizer's eos_token_id are all unset): set generation_config.eos_token_id in the checkpoint"
-        )
-    return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+from itermerge.sampling.decode import decode
+from itermerge.sampling.kv_cache import growing_cache, plain_cache
+from itermerge.sampling.params import Sample, SamplingParams
+from itermerge.tokenization import stop_token_ids
 
 
 class HFSampler:
@@ -57,6 +36,10 @@ class HFSampler:
         device: str | torch.device | None = None,
         progress: bool = True,
         num_threads: int | None = None,
+        *,
+        blocked_output_layer: bool = True,
+        growing_kv_cache: bool = True,
+        grouped_query_sdpa: bool = True,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ItermergeError(f"HFSampler batch_size = {batch_size!r}: must be an integer >= 1")
@@ -69,7 +52,7 @@ class HFSampler:
         self.batch_size = batch_size
         self.progress = progress
         self.device = next(model.parameters()).device
-        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.eos_ids = list(stop_token_ids(model, tokenizer))
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]  # pads are masked: any id works
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
@@ -77,47 +60,27 @@ class HFSampler:
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # On CPUs the output layer runs in vocabulary blocks (see output_logits) where the logits are
         # exactly head(body(x)): a plain bias-free output layer, no soft-capping or logit scale.
-        self._split = plain_output_path(model) if self.device.type == "cpu" else None
+        self._split = plain_output_path(model) if blocked_output_layer and self.device.type == "cpu" else None
+        self.growing_kv_cache, self.grouped_query_sdpa = growing_kv_cache, grouped_query_sdpa
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
         """``params.n`` samples per prompt, in prompt order. Same seed and prompt → same samples."""
         self._check_prompts(prompt_ids)
-        seeds = prompt_seeds(prompt_ids, params.seed)
-        per_prompt = 1 if params.greedy else params.n  # greedy samples are all the same: decode one
-        rows = sorted(  # by prompt length, so rows that decode together need little padding
-            ((p, k) for p in range(len(prompt_ids)) for k in range(per_prompt)),
-            key=lambda row: (len(prompt_ids[row[0]]), row[0], row[1]),
-        )
-        results: list[list[Sample | None]] = [[None] * per_prompt for _ in prompt_ids]
-        batch = DecodeBatch(self._forward, self.model.config, params, self.eos_ids, self.pad_id, self.device)
-        change = max(1, math.ceil(self.batch_size * CHANGE_FRACTION))
-        taken, n_tokens, start = 0, 0, time.perf_counter()
         was_training = self.model.training
         self.model.eval()
-        bar = tqdm(total=len(rows), unit="sample", desc="sampling", disable=not self.progress)
         try:
-            with torch.inference_mode(), _grouped_query_sdpa(self.device):
-                while True:
-                    waiting, room = len(rows) - taken, self.batch_size - batch.live
-                    if waiting and room >= min(change, waiting) and batch.can_admit():
-                        batch.admit(prompt_ids, rows[taken : taken + room], seeds)
-                        taken += min(room, waiting)
-                    elif batch.live and batch.size - batch.live >= max(1, CHANGE_FRACTION * batch.size):
-                        batch.drop_ended()
-                    if batch.live == 0:
-                        break
-                    for row in batch.sample():
-                        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-                        results[row.prompt][row.k] = Sample(text=text, token_ids=row.tokens, finished=row.finished)
-                        n_tokens += len(row.tokens)
-                        bar.update(1)
-                        bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - start):.1f}", refresh=False)
-                    if batch.live:
-                        batch.forward()
+            with _grouped_query_sdpa(self.device, self.grouped_query_sdpa):
+                rows = decode(self._forward, self._new_cache, prompt_ids, params, self.eos_ids, self.pad_id,
+                              self.device, batch_size=self.batch_size, progress=self.progress)
         finally:
-            bar.close()
             self.model.train(was_training)
-        return [row * params.n if params.greedy else row for row in results]  # type: ignore[misc]
+        samples = [[Sample(self.tokenizer.decode(r.tokens, skip_special_tokens=True), r.tokens, r.finished)
+                    for r in per] for per in rows]
+        return [row * params.n if params.greedy else row for row in samples]
+
+    def _new_cache(self, capacity: int) -> Any:
+        """A KV cache that grows in place and lets rows join mid-way, or (``growing_kv_cache=False``) the plain one."""
+        return growing_cache(self.model.config, capacity) if self.growing_kv_cache else plain_cache(self.model.config)
 
     def _check_prompts(self, prompt_ids: list[list[int]]) -> None:
         for i, ids in enumerate(prompt_ids):
@@ -146,9 +109,9 @@ VOCAB_BLOCK = 4096  # output-layer rows per block in output_logits
 def output_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``hidden @ weight.T``, (B, H) × (V, H) → (B, V), computed ``VOCAB_BLOCK`` vocabulary rows at a time.
 
-    Why: one matmul streams the whole output layer (113 MB for SmolLM2) past every row block; a 4,096-row
-    block of it (9 MB) stays in this CPU's 32 MB L3 cache while all rows use it. At batch 128 on 2 cores
-    that is ~24 % faster (115 against 152 ms a step), ~5 % of a decoding step.
+    Why (``sampling.blocked_output_layer``): one matmul streams the whole output layer (SmolLM2's is 113 MB)
+    past every row block; a 4,096-row block of it (9 MB) stays in a CPU's L3 cache while all rows use it
+    (docs/benchmarks.md has the step times).
     """
     out = hidden.new_empty(hidden.shape[0], weight.shape[0])
     for start in range(0, weight.shape[0], VOCAB_BLOCK):
@@ -157,16 +120,16 @@ def output_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _grouped_query_sdpa(device: torch.device) -> Iterator[None]:
+def _grouped_query_sdpa(device: torch.device, enabled: bool = True) -> Iterator[None]:
     """Let transformers' SDPA attention pass grouped K/V heads to torch as they are (``enable_gqa``).
 
     With a padding mask, transformers otherwise repeats every key/value head per query group (or packs
-    the queries) before the kernel; on CPU torch's own grouped-query path is ~10 % faster per decoding
-    step for SmolLM2 at batch 128. Same attention, float rounding apart. Left alone on GPUs, where a mask
+    the queries) before the kernel; on CPU torch's own grouped-query path is faster (docs/benchmarks.md).
+    Same attention, float rounding apart; ``sampling.grouped_query_sdpa`` turns it off. Left alone on GPUs, where a mask
     with ``enable_gqa`` sends SDPA to its slow math kernel.
     """
     key = "TRANSFORMERS_SDPA_FORCE_GQA"
-    if device.type != "cpu":
+    if device.type != "cpu" or not enabled:
         yield
         return
     previous = os.environ.get(key)

@@ -1,11 +1,11 @@
 """A transformers DynamicCache whose layers write into buffers with room to grow, instead of re-concatenating.
 
-``DynamicLayer.update`` runs ``torch.cat`` on the whole cache at every decoding step: at batch 64 on
-SmolLM2-135M that copy was 8-14 % of a CPU step with ~50 tokens of context, and it grows with the
-length. ``StaticCache`` avoids it but attends over its full ``max_cache_len`` every step (ruinous
-for max_new_tokens=1024 with short answers) and cannot drop finished rows. These layers keep DynamicLayer's semantics (``keys``/``values``
-are exactly the tokens seen so far, as views) while appending in place into a buffer whose spare
-room doubles when it runs out, and let new rows join a running batch (``append_rows``).
+``DynamicLayer.update`` runs ``torch.cat`` on the whole cache at every decoding step, a copy that grows with
+the length (a measurable share of a CPU step: docs/benchmarks.md). ``StaticCache`` avoids it but attends
+over its full ``max_cache_len`` every step (ruinous for max_new_tokens=1024 with short answers) and cannot
+drop finished rows. These layers keep DynamicLayer's semantics (``keys``/``values`` are exactly the tokens
+seen so far, as views) while appending in place into a buffer whose spare room doubles when it runs out,
+and let new rows join a running batch (``append_rows``). ``sampling.growing_kv_cache`` turns them off.
 """
 
 from __future__ import annotations
@@ -129,3 +129,13 @@ def growing_cache(config: Any, capacity: int) -> Any:
         if type(layer) is DynamicLayer:
             layers[i] = layer_class(capacity)
     return cache
+
+
+def plain_cache(config: Any) -> Any:
+    """transformers' own ``DynamicCache`` (re-concatenated every step; rows join only an empty batch)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=config)
+    except TypeError:  # transformers 4
+        return DynamicCache()

@@ -62,8 +62,8 @@ def sample_categorical(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     (what HF uses), but each row's draw depends only on its own uniform, so a row's samples do not
     depend on which other rows share its batch. Tokens of probability 0 (−inf) are never drawn.
 
-    Two levels, because a float64 cumulative sum over a 49k vocabulary cost 50 ms a step for 128
-    rows on 2 CPU cores (a fifth of a decoding step): the CDF of the blocks' masses (blocks summed
+    Two levels, because a float64 cumulative sum over a 49k vocabulary was a fifth of a CPU decoding step
+    (docs/benchmarks.md): the CDF of the blocks' masses (blocks summed
     in float32, accumulated in float64) picks the block, then a float64 CDF inside that block picks
     the token. The rounding of a block's mass is ~1e-7 of it, far below 1/V.
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from itermerge.errors import ItermergeError
-from itermerge.sampling import Sample, SamplingParams, prompt_seeds
+from itermerge.sampling.params import Sample, SamplingParams, prompt_seeds
 
 
 def import_vllm() -> Any:

@@ -127,7 +127,9 @@ class ArithmeticTask:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.low, int) and isinstance(self.high, int)) or not 0 <= self.low <= self.high:
-            raise ItermergeError(f"arithmetic task: low={self.low!r}, high={self.high!r}; need integers 0 <= low <= high")
+            raise ItermergeError(
+                f"arithmetic task: low={self.low!r}, high={self.high!r}; need integers 0 <= low <= high"
+            )
         bad = [op for op in self.ops if op not in OPS] or ([] if self.ops else ["(none)"])
         if bad:
             raise ItermergeError(f"arithmetic task: ops {bad} not supported; choose from {list(OPS)}")

@@ -4,36 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from itermerge.config.search import SelectionRule
 from itermerge.errors import ItermergeError
 
 LOWER_IS_BETTER = frozenset({"kl"})  # every other metric: higher is better
 
 Point = Mapping[str, Any]  # a points.jsonl record: {"lam", "alpha", "metrics": {name: {"value", "stderr", "n"}}, …}
-
-
-@dataclass(frozen=True)
-class SelectionRule:
-    """§4.2: "the highest average reward without loss of average score on academic benchmarks".
-
-    A point is eligible when none of its ``capability`` metrics is worse than θT's (λ = 0, α = 0) by
-    more than ``tolerance`` (absolute, in the metric's units); the eligible point of highest
-    ``reward`` is chosen. θT itself is always eligible, so there is always a choice.
-    """
-
-    reward: str = field(default="reward", metadata={"help": "metric maximised"})
-    capability: tuple[str, ...] = field(default=("accuracy",), metadata={"help": "metrics that may not regress"})
-    tolerance: float = field(default=0.0, metadata={"help": "allowed regression below θT, absolute"})
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "capability", tuple(self.capability))
-        if not math.isfinite(self.tolerance) or self.tolerance < 0:
-            raise ItermergeError(f"search.tolerance = {self.tolerance!r}: must be a finite number >= 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def value(point: Point, metric: str) -> float:

@@ -1,4 +1,4 @@
-"""★ How close the merge (eq. 9) gets to the exact ensemble (eq. 6) it approximates, and what each costs."""
+"""How close the merge (eq. 9) gets to the exact ensemble (eq. 6) it approximates, and what each costs."""
 
 from __future__ import annotations
 
@@ -14,29 +14,18 @@ import torch
 from torch import Tensor, nn
 
 from itermerge import __version__
-from itermerge.ensemble import (
-    ensemble_coefficients,
-    ensemble_generate,
-    live_members,
-    mix_logprobs,
-    next_token_logprobs,
-    scoring_batches,
-)
 from itermerge.errors import ItermergeError
-from itermerge.merge import merge_state_dicts, resolve_weights
+from itermerge.logprobs.ensemble import live_members, next_token_logprobs, scoring_batches
+from itermerge.maths.ensemble import ensemble_coefficients, kl_per_position, mix_logprobs
+from itermerge.maths.merge import resolve_weights
+from itermerge.maths.statistics import pearson
+from itermerge.merging import merge_state_dicts
+from itermerge.plots import pyplot, save_figure
 from itermerge.records import Prompt
-from itermerge.rewards import pearson
 from itermerge.sampling import SamplingParams
-from itermerge.sampling.hf import eos_token_ids
-
-
-def kl_per_position(logp: Tensor, logq: Tensor) -> Tensor:
-    """KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) over the vocabulary at each position: (N, V), (N, V) → (N,).
-
-    Terms with p_v = 0 are 0 (not 0·∞ = NaN); q_v = 0 where p_v > 0 gives +inf, as it should.
-    """
-    p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
+from itermerge.sampling.ensemble import ensemble_generate
+from itermerge.studies.plots import plot_approximation
+from itermerge.tokenization import stop_token_ids
 
 
 def uniform_average(models: Sequence[nn.Module]) -> nn.Module:
@@ -169,7 +158,7 @@ def approximation_study(
     reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], prompts: Sequence[Prompt],
     out_dir: str | os.PathLike, *, lam: float | None = None, alpha: float | None = None,
     weights: Sequence[float] | None = None, params: SamplingParams | None = None, batch_size: int = 8,
-    cost_tokens: int = 32, device: str = "cpu",
+    cost_tokens: int = 32, device: str = "cpu", note: str | None = None,
 ) -> dict[str, Any]:
     """Load θ0..θT, merge (λ, α) or ``weights`` in memory, and write ``approximation.json`` + ``.png`` to ``out_dir``.
 
@@ -181,9 +170,13 @@ def approximation_study(
     from itermerge.tokenization import encode_prompt, pad_id
 
     if not checkpoints:
-        raise ItermergeError("approximation study: no checkpoints; give θ1..θT (the iterative-DPO checkpoints, in order)")
+        raise ItermergeError(
+            "approximation study: no checkpoints; give θ1..θT (the iterative-DPO checkpoints, in order)"
+        )
     if not prompts:
-        raise ItermergeError("approximation study: no prompts; give at least one dev prompt to sample from the ensemble")
+        raise ItermergeError(
+            "approximation study: no prompts; give at least one dev prompt to sample from the ensemble"
+        )
     k = resolve_weights(len(checkpoints), lam, alpha, weights)
     coeffs = ensemble_coefficients(k)
     params = params or SamplingParams(n=1, temperature=1.0, max_new_tokens=64)
@@ -191,48 +184,18 @@ def approximation_study(
     models = [load_model(p, device=device) for p in [reference, *checkpoints]]
     merged = merged_model(models, k)
     prompt_ids = [encode_prompt(tokenizer, p.messages) for p in prompts]
-    pad, eos = pad_id(tokenizer), eos_token_ids(models[-1], tokenizer)
+    pad, eos = pad_id(tokenizer), list(stop_token_ids(models[-1], tokenizer))
     error = approximation_error(models, coeffs, merged, prompt_ids, params, eos, pad, batch_size=batch_size)
     cost = decoding_cost(models, coeffs, merged, prompt_ids, cost_tokens, pad, batch_size=batch_size)
     result = {
         "itermerge_version": __version__,
         "what": "exact ensemble eq. (6), normalised per token, vs the merge eq. (9) that approximates it",
         "reference": str(reference), "checkpoints": [str(c) for c in checkpoints],
-        "lam": lam, "alpha": alpha, "weights": k, "coefficients": coeffs,
+        "lam": lam, "alpha": alpha, "weights": k, "coefficients": coeffs, "measured": note,
         "sampling": dataclasses.asdict(params),
         "prompts": len(prompts), "error": error, "cost": cost,
     }
     out = Path(out_dir)
     atomic_write_json(out / "approximation.json", result)
-    plot_approximation(result, out / "approximation.png")
+    save_figure(plot_approximation(result, pyplot()), out / "approximation.png")
     return result
-
-
-def plot_approximation(result: dict[str, Any], path: Path) -> None:
-    """Two panels: per-token KL of each candidate to the ensemble (both directions); time and memory ratio."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cands = result["error"]["candidates"]
-    names = list(cands)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    xs = range(len(names))
-    ax1.bar([x - 0.2 for x in xs], [cands[n]["kl_ensemble_to_model_per_token"] for n in names], 0.4, label="KL(ensemble ‖ model)")
-    ax1.bar([x + 0.2 for x in xs], [cands[n]["kl_model_to_ensemble_per_token"] for n in names], 0.4, label="KL(model ‖ ensemble)")
-    ax1.set_xticks(list(xs), names)
-    ax1.set_ylabel("mean KL per completion token (nats)")
-    ax1.set_title("distance to the exact ensemble")
-    ax1.legend(fontsize=8)
-    cost = result["cost"]
-    ax2.bar(["time", "memory"], [cost["time_ratio"], cost["memory_ratio"]], color=["tab:gray", "tab:olive"])
-    ax2.axhline(cost["ensemble"]["models_run"], ls="--", c="k", lw=1, label=f"{cost['ensemble']['models_run']} models : 1")
-    ax2.set_ylabel("ensemble / merged")
-    ax2.set_title("decoding cost, same tokens")
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)  # atomic: a reader never sees half a PNG

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from itermerge.config.parse import build
 from itermerge.errors import ItermergeError
 
 SAMPLING_MODES = ("greedy", "eval")  # "eval": appendix A's evaluation column (T 0.7, top-p 0.9, top-k 40)
@@ -88,8 +89,16 @@ class EvalConfig:
     lm_eval: LmEvalConfig | None = None
 
     def __post_init__(self) -> None:
-        positive = [("max_new_tokens", self.max_new_tokens), ("batch_size", self.batch_size), ("prompts.n", self.prompts.n)]
-        positive += [(f"{name}.samples", getattr(self, name).samples) for name in ("accuracy", "reward", "kl") if getattr(self, name)]
+        positive = [
+            ("max_new_tokens", self.max_new_tokens),
+            ("batch_size", self.batch_size),
+            ("prompts.n", self.prompts.n),
+        ]
+        positive += [
+            (f"{name}.samples", getattr(self, name).samples)
+            for name in ("accuracy", "reward", "kl")
+            if getattr(self, name)
+        ]
         for name, value in positive:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ItermergeError(f"eval.{name} = {value!r}: must be an integer >= 1")
@@ -107,7 +116,9 @@ class EvalConfig:
         if self.prompts.task is None and not self.prompts.files:
             raise ItermergeError("eval.prompts: give a task (e.g. arithmetic) or files {split: prompts.jsonl}")
         if self.accuracy is not None and self.prompts.task is None:
-            raise ItermergeError("eval.accuracy needs eval.prompts.task (its verifier decides correctness); set it or accuracy: null")
+            raise ItermergeError(
+                "eval.accuracy needs eval.prompts.task (its verifier decides correctness); set it or accuracy: null"
+            )
         if self.reward is not None and self.reward.scorer is None and self.prompts.task is None:
             raise ItermergeError("eval.reward.scorer is unset and there is no task to score with; give a scorer spec")
         if self.lm_eval is not None and not (self.lm_eval.preset or self.lm_eval.tasks):
@@ -123,7 +134,5 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any] | None, where: str = "eval") -> EvalConfig:
-        """Build from plain data (a YAML section) with the one parser of ``itermerge.config``; a section set to null is off."""
-        from itermerge.config import build
-
+        """Build from plain data (a YAML section) with ``itermerge.config``'s one parser; a null section is off."""
         return build(cls, obj, where, prefix="eval.")

@@ -4,15 +4,15 @@ All of them are for a training loop that owns ``.grad`` alone (one process, no D
 hooks): `CompletionLogprobs` uses them when ``grads_into_weights`` is set, which `train_dpo` does there.
 Each gives autograd's gradients up to float rounding (tests/test_dpo.py compares them).
 
-Why, on SmolLM2-135M and 2 CPU cores:
+Why (each measured on SmolLM2-135M in docs/benchmarks.md, each behind its own ``dpo`` setting):
 
-- the input embedding and the output layer: autograd builds each one's (V, H) weight gradient afresh per
-  micro-batch (113 MB, page-faulted in) and then adds it into ``.grad``; here the rows are added (and the
-  output-layer product accumulated with ``addmm_``) straight into ``.grad``: −8 % and −6 % of a step;
-- SwiGLU (``down(silu(gate) · up)``) and RMSNorm: autograd keeps silu(gate), the product, and the
-  normalised input of every layer until backward (~180 MB at 2 pairs per micro-batch, a third of the
-  activations); here only gate, up and the norm's input are kept and the rest is recomputed in
-  backward (a few elementwise passes).
+- ``dpo.grads_into_weights``: the input embedding and the output layer. Autograd builds each one's (V, H)
+  weight gradient afresh per micro-batch (a vocabulary-sized buffer, page-faulted in) and then adds it into
+  ``.grad``; here the rows are added (and the output-layer product accumulated with ``addmm_``) straight
+  into ``.grad``;
+- ``dpo.lean_activations``: SwiGLU (``down(silu(gate) · up)``) and RMSNorm. Autograd keeps silu(gate), the
+  product, and the normalised input of every layer until backward (a third of the activations); here only
+  gate, up and the norm's input are kept and the rest is recomputed in backward (a few elementwise passes).
 """
 
 from __future__ import annotations

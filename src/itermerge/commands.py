@@ -1,0 +1,174 @@
+"""What each ``itermerge`` subcommand does, given its parsed arguments (heavy modules imported only here, lazily)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from itermerge.errors import ItermergeError
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from itermerge.checkpoint.dtypes import parse_dtype
+    from itermerge.maths.merge import resolve_weights
+    from itermerge.merging import merge_checkpoints, mergekit_config
+
+    if args.weights is None and args.lam is None and args.alpha is None:
+        raise ItermergeError("itermerge merge: give --lam and --alpha (eq. 10) or --weights k1,...,kT (eq. 9)")
+    dtype = parse_dtype(args.dtype)
+    if args.emit_mergekit_config:
+        k = resolve_weights(len(args.checkpoints), args.lam, args.alpha, args.weights)
+        Path(args.emit_mergekit_config).write_text(mergekit_config(args.reference, args.checkpoints, k, dtype))
+        print(f"mergekit config: {args.emit_mergekit_config}")
+    out = merge_checkpoints(
+        args.reference, args.checkpoints, args.out, lam=args.lam, alpha=args.alpha, weights=args.weights,
+        dtype=dtype, force=args.force, max_shard_size=args.max_shard_size, mean_cache=args.mean_cache,
+        progress=not args.quiet,
+    )
+    print(f"merged checkpoint: {out}")
+
+
+def cmd_mean(args: argparse.Namespace) -> None:
+    from itermerge.merging import mean_checkpoint
+
+    out = mean_checkpoint(args.checkpoints, args.out, force=args.force, progress=not args.quiet)
+    print(f"θ̄ checkpoint: {out}")
+
+
+def _run_dir(args: argparse.Namespace, cfg) -> Path:
+    return Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+
+
+def _load(path, args: argparse.Namespace):
+    from itermerge.config import PLAIN, load_config
+
+    return load_config(path, [*(PLAIN if getattr(args, "plain", False) else ()), *args.set])
+
+
+def cmd_iterate(args: argparse.Namespace) -> None:
+    from itermerge.pipeline import iterate
+
+    cfg = _load(args.config, args)
+    run_dir = _run_dir(args, cfg)
+    thetas = iterate(cfg, run_dir, force=args.force)
+    print(f"θ0..θ{len(thetas) - 1}: " + " ".join(str(p) for p in thetas))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from itermerge.pipeline import run
+
+    cfg = _load(args.config, args)
+    run(cfg, _run_dir(args, cfg), force=args.force)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from importlib.resources import files
+
+    from itermerge.pipeline import run
+
+    name = "demo_quick.yaml" if args.quick else "demo.yaml"
+    path = Path(str(files("itermerge") / "configs" / name))
+    cfg = _load(path, args)
+    print(f"itermerge demo: {path.name} — the whole paper on SmolLM2-135M-Instruct with the built-in arithmetic task")
+    run(cfg, _run_dir(args, cfg), force=args.force)
+
+
+def _config_of(run_dir: Path, override: str | None, sets: list[str]):
+    from itermerge.config import load_config
+
+    path = Path(override) if override else run_dir / "config.yaml"
+    if not path.exists():
+        raise ItermergeError(
+            f"{path}: no config; pass --config CONFIG.yaml (the run's own config.yaml is used by default)"
+        )
+    return load_config(path, sets)
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from itermerge.pipeline import open_run, search_and_test
+
+    run_dir = Path(args.run_dir)
+    cfg = _config_of(run_dir, args.config, args.set)
+    search = cfg.search
+    if args.lams or args.alphas or args.tolerance is not None:
+        rule = search.rule if args.tolerance is None else dataclasses.replace(search.rule, tolerance=args.tolerance)
+        search = dataclasses.replace(
+            search, lams=tuple(args.lams or search.lams), alphas=tuple(args.alphas or search.alphas), rule=rule
+        )
+    cfg = dataclasses.replace(cfg, search=search)
+    runner = open_run(cfg, run_dir)
+    choice = search_and_test(runner, cfg, run_dir, test=not args.no_test, reference=args.reference)
+    print(
+        f"chosen on {search.split}: λ = {choice['lam']}, α = {choice['alpha']} ({run_dir / 'search' / 'choice.json'})"
+    )
+    if not args.no_test:
+        print(f"merged checkpoint: {run_dir / 'merged'}; test numbers: {run_dir / 'search' / 'test.json'}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from itermerge.report import write_report
+
+    print(f"report: {write_report(args.run_dir)}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from itermerge.checkpoint import load_model, load_tokenizer
+    from itermerge.config import from_dict, load_config
+    from itermerge.evaluation import evaluate, metrics_to_dict
+
+    cfg = load_config(args.config, args.set) if args.config else from_dict({})
+    if args.split == "test" and not args.allow_test:
+        print("note: evaluating on test; report test numbers once, after choosing on dev", file=sys.stderr)
+    reference = load_model(args.reference) if args.reference else None
+    metrics = evaluate(load_model(args.checkpoint), load_tokenizer(args.checkpoint), cfg.evaluation, args.split,
+                       reference_model=reference)
+    print(json.dumps(metrics_to_dict(metrics), indent=2))
+
+
+def cmd_reward(args: argparse.Namespace) -> None:
+    if args.run_dir:
+        from itermerge.pipeline import STUDIES, algorithm_1, open_run, run_studies
+
+        run_dir = Path(args.run_dir)
+        cfg = _config_of(run_dir, args.config, args.set)
+        runner = open_run(cfg, run_dir)
+        thetas = algorithm_1(runner, cfg, run_dir)  # complete: nothing is redone
+        choice = runner.manifest.get("search")
+        only = STUDIES if args.study == "all" else (args.study,)
+        if args.study == "all" and choice is None:
+            only = tuple(s for s in only if s != "ensemble")  # the ensemble study needs the search's choice
+        run_studies(runner, cfg, run_dir, thetas, choice, only=only)
+        print(f"studies: {run_dir / 'studies'}")
+        return
+    from itermerge.studies.reward_file import reward_file
+
+    if not (args.policy and args.reference and (args.pairs or args.samples)):
+        raise ItermergeError(
+            "itermerge reward: give --run-dir RUN (the studies) or --policy, --reference and --pairs/--samples FILE"
+        )
+    summary = reward_file(
+        args.policy, args.reference, pairs=args.pairs, samples=args.samples, beta=args.beta, out=args.out
+    )
+    print(summary)
+
+
+def cmd_ensemble(args: argparse.Namespace) -> None:
+    from itermerge.sampling import SamplingParams
+    from itermerge.studies.approximation import approximation_study
+    from itermerge.tasks import get_task
+
+    prompts = get_task(args.task).prompts("dev", args.prompts, seed=args.seed)
+    result = approximation_study(
+        args.reference, args.checkpoints, prompts, args.out, lam=args.lam, alpha=args.alpha, weights=args.weights,
+        params=SamplingParams(n=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed),
+        batch_size=args.batch_size,
+    )
+    error = result["error"]
+    print(f"merge vs exact ensemble (eq. 6): {Path(args.out) / 'approximation.json'}")
+    for name, row in error.get("candidates", {}).items():
+        print(f"  {name:>10}: KL(ens‖model) {row.get('kl_ensemble_to_model_per_token', float('nan')):.3g} / token")

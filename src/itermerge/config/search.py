@@ -1,0 +1,57 @@
+"""The (λ, α) search's settings: the grid, the split it runs on, and the paper's selection rule (§4.2)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from itermerge.errors import ItermergeError
+
+# Around the paper's picks, (λ, α) = (0.3, 0.4) for Llama-3-8B and (0.2, 1.7) for Qwen2-7B.
+DEFAULT_LAMS = (0.0, 0.1, 0.2, 0.3, 0.5)
+DEFAULT_ALPHAS = (0.0, 0.2, 0.4, 0.7, 1.0)
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """§4.2: "the highest average reward without loss of average score on academic benchmarks".
+
+    A point is eligible when none of its ``capability`` metrics is worse than θT's (λ = 0, α = 0) by
+    more than ``tolerance`` (absolute, in the metric's units); the eligible point of highest
+    ``reward`` is chosen. θT itself is always eligible, so there is always a choice. With no
+    capability metric the rule picks the highest reward.
+    """
+
+    reward: str = field(default="reward", metadata={"help": "metric maximised"})
+    capability: tuple[str, ...] = field(default=("accuracy",), metadata={"help": "metrics that may not regress"})
+    tolerance: float = field(default=0.0, metadata={"help": "allowed regression below θT, absolute"})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "capability", tuple(self.capability))
+        if not math.isfinite(self.tolerance) or self.tolerance < 0:
+            raise ItermergeError(f"search.tolerance = {self.tolerance!r}: must be a finite number >= 0")
+        if not self.reward:
+            raise ItermergeError("search.rule.reward is empty: name the metric to maximise, e.g. reward")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Every metric the rule reads: the reward, then the capability metrics."""
+        return (self.reward, *self.capability)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    lams: tuple[float, ...] = field(default=DEFAULT_LAMS, metadata={"help": "λ: weight of θ̄ (direction)"})
+    alphas: tuple[float, ...] = field(default=DEFAULT_ALPHAS, metadata={"help": "α: extrapolation (magnitude)"})
+    split: str = field(default="dev", metadata={"help": "split the points are evaluated on (never test)"})
+    rule: SelectionRule = field(default_factory=SelectionRule)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lams", tuple(float(x) for x in self.lams))
+        object.__setattr__(self, "alphas", tuple(float(x) for x in self.alphas))
+        if not self.lams or not self.alphas:
+            raise ItermergeError("search: lams and alphas must each hold at least one value")

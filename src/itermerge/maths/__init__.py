@@ -1,0 +1,1 @@
+"""The paper's equations and the statistics around them, as pure functions."""

@@ -1,0 +1,15 @@
+"""Algorithm 2 on checkpoints: streamed to disk (torch-free), θ̄ cached, in memory for the search, mergekit export."""
+
+from itermerge.merging.basis import MergeBasis, merge_state_dicts, task_arithmetic
+from itermerge.merging.mean import mean_checkpoint
+from itermerge.merging.mergekit import mergekit_config
+from itermerge.merging.streamed import merge_checkpoints
+
+__all__ = [
+    "MergeBasis",
+    "mean_checkpoint",
+    "merge_checkpoints",
+    "merge_state_dicts",
+    "mergekit_config",
+    "task_arithmetic",
+]

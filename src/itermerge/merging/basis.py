@@ -1,0 +1,184 @@
+"""Algorithm 2 in memory: eq. (9) on tensors, and ``MergeBasis``, which turns any (λ, α) point into a model in place."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from itermerge.checkpoint import dtypes
+from itermerge.checkpoint.dtypes import FLOAT_DTYPES, to_float32
+from itermerge.checkpoint.reader import CheckpointReader, check_compatible
+from itermerge.errors import ItermergeError
+from itermerge.maths.merge import eq9_block, intermediate_total, merge_weights
+from itermerge.merging.mean import mean_cache_hashes, mean_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+
+def task_arithmetic(base: torch.Tensor, others: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Eq. (9) for one tensor: θ0 + Σ_t k_t (θ_t − θ0), in float32 whatever the storage dtype.
+
+    The coefficient vector (1 − Σk, k_1, …, k_T) on (θ0, θ1, …, θT) that is a unit vector returns
+    that input exactly. Shapes: every tensor the same shape (*S); returns (*S) float32.
+    """
+    import torch
+
+    live = [(x, k) for x, k in zip(others, weights) if k != 0.0]
+    if not live:
+        return base.float().clone()
+    if len(live) == 1 and live[0][1] == 1.0:
+        return live[0][0].float().clone()
+    arrays = [
+        t.detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy() for t in (base, *(x for x, _ in live))
+    ]
+    out = np.empty_like(arrays[0])
+    tmp = np.empty(min(dtypes.CHUNK, out.size), dtype=np.float32)
+    for i in range(0, out.size, dtypes.CHUNK):
+        j = min(i + dtypes.CHUNK, out.size)
+        eq9_block(out[i:j], arrays[0][i:j], [a[i:j] for a in arrays[1:]], [k for _, k in live], tmp[: j - i])
+    return torch.from_numpy(out).view(base.shape)
+
+
+def merge_state_dicts(
+    reference: Mapping[str, torch.Tensor],
+    checkpoints: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+) -> dict[str, torch.Tensor]:
+    """Eq. (9) in memory: {name: θ0 + Σ k_t (θ_t − θ0)} in float32, for every tensor of θ0."""
+    if len(weights) != len(checkpoints):
+        raise ItermergeError(f"{len(weights)} weights for {len(checkpoints)} checkpoints; give one k_t per checkpoint")
+    merged = {}
+    for name, base in reference.items():
+        missing = [t + 1 for t, sd in enumerate(checkpoints) if name not in sd]
+        if missing:
+            raise ItermergeError(
+                f"tensor {name!r} is in θ0 but not in θ{missing[0]}; the checkpoints must share an architecture"
+            )
+        merged[name] = task_arithmetic(base, [sd[name] for sd in checkpoints], weights)
+    return merged
+
+
+class MergeBasis:
+    """θ0 and the deltas θ̄ − θ0, θT − θ0 in float32, so that any (λ, α) point is three passes over memory.
+
+    ``apply_to(model, lam, alpha)`` overwrites the model's parameters with eq. (10)'s merge in place:
+    θ0 + (k̄ (θ̄ − θ0) + k_T (θT − θ0)), the same elementwise operations as `eq9_block`, so a point
+    equals the streamed merge with a θ̄ cache bit for bit (except where that merge copies an input
+    exactly: λ = 0 with α = 0, or λ = 1 with α = 0, which differ here by at most one rounding).
+    """
+
+    def __init__(
+        self,
+        theta0: Mapping[str, torch.Tensor],
+        theta_bar: Mapping[str, torch.Tensor] | None,
+        theta_T: Mapping[str, torch.Tensor],
+        T: int,
+    ):
+        self.T = T
+        self.theta0 = {n: _f32(t) for n, t in theta0.items()}
+        self.delta_T = {n: np.subtract(_f32(theta_T[n]), t) for n, t in self.theta0.items()}
+        self.delta_bar = (
+            None if theta_bar is None else {n: np.subtract(_f32(theta_bar[n]), t) for n, t in self.theta0.items()}
+        )
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        reference: str | os.PathLike,
+        checkpoints: Sequence[str | os.PathLike],
+        mean_cache: str | os.PathLike | None = None,
+    ) -> MergeBasis:
+        readers = [CheckpointReader(p) for p in [reference, *checkpoints]]
+        check_compatible(readers)
+        theta_bar = None
+        if len(checkpoints) == 2:
+            theta_bar = _load_float32(readers[1])
+        elif len(checkpoints) > 2:
+            if mean_cache is None:
+                raise ItermergeError(
+                    "MergeBasis with T ≥ 3 needs mean_cache: a directory for θ̄ (it is created if absent)"
+                )
+            cache = Path(mean_cache)
+            if mean_cache_hashes(cache, readers[1:-1]) is None:
+                mean_checkpoint([r.path for r in readers[1:-1]], cache, force=True)
+            theta_bar = _load_float32(CheckpointReader(cache))
+        return cls(_load_float32(readers[0]), theta_bar, _load_float32(readers[-1]), T=len(checkpoints))
+
+    def weights(self, lam: float, alpha: float) -> tuple[float, float]:
+        """(k̄, k_T): θ = θ0 + k̄ (θ̄ − θ0) + k_T (θT − θ0), with k̄ = Σ_{t<T} k_t = (1+α) λ."""
+        k = merge_weights(self.T, lam, alpha)
+        return intermediate_total(k), k[-1]
+
+    def _merge_into(self, out: np.ndarray, name: str, k_bar: float, k_T: float) -> None:
+        """out = θ0 + (k̄ D̄ + k_T D_T) over a flat float32 array, through eq. (9)'s one kernel, block by block."""
+        theta0 = self.theta0[name].reshape(-1)
+        terms = [(d[name].reshape(-1), k) for d, k in ((self.delta_bar, k_bar), (self.delta_T, k_T))
+                 if d is not None and k != 0.0]
+        tmp = np.empty(min(dtypes.CHUNK, out.size), dtype=np.float32)
+        for i in range(0, out.size, dtypes.CHUNK):
+            j = min(i + dtypes.CHUNK, out.size)
+            eq9_block(out[i:j], theta0[i:j], [d[i:j] for d, _ in terms], [k for _, k in terms], tmp[: j - i],
+                      deltas=True)
+
+    def merged_tensor(self, name: str, lam: float, alpha: float) -> torch.Tensor:
+        import torch
+
+        out = np.empty(self.theta0[name].shape, dtype=np.float32)
+        self._merge_into(out.reshape(-1), name, *self.weights(lam, alpha))
+        return torch.from_numpy(out)
+
+    def apply_to(self, model: torch.nn.Module, lam: float, alpha: float) -> None:
+        import torch
+
+        params = dict(model.named_parameters())  # tied weights appear once
+        missing = sorted(set(params) - set(self.theta0))
+        if missing:
+            raise ItermergeError(
+                f"model parameter {missing[0]!r} is not in θ0's checkpoint; load the model from the same architecture"
+            )
+        k_bar, k_T = self.weights(lam, alpha)
+        with torch.no_grad():
+            direct = {
+                n: p
+                for n, p in params.items()
+                if p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous()
+            }
+            for name, p in params.items():  # GPU or non-fp32 parameters: merge on the CPU, then copy
+                if name not in direct:
+                    p.copy_(self.merged_tensor(name, lam, alpha))
+            workers = max(1, min(os.cpu_count() or 1, 8))
+            with ThreadPoolExecutor(max_workers=workers) as pool:  # numpy releases the GIL
+                list(
+                    pool.map(
+                        lambda item: self._merge_into(item[1].detach().numpy().reshape(-1), item[0], k_bar, k_T),
+                        direct.items(),
+                    )
+                )
+
+
+def _f32(t: Any) -> np.ndarray:
+    """A torch tensor or array as a contiguous float32 numpy array (a copy only when needed)."""
+    if isinstance(t, np.ndarray):
+        return np.ascontiguousarray(t, dtype=np.float32)
+    import torch
+
+    return t.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+def _load_float32(reader: CheckpointReader) -> dict[str, np.ndarray]:
+    """Every floating-point tensor of a checkpoint as float32 arrays."""
+    out = {}
+    for name in reader:
+        st = reader.dtype(name)
+        if st in FLOAT_DTYPES:
+            raw = reader.read(name)
+            out[name] = (raw if st == "F32" else to_float32(raw, st, np.empty(raw.size, dtype=np.float32))).reshape(
+                reader.shape(name)
+            )
+    return out

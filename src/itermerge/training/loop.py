@@ -1,0 +1,270 @@
+"""θ_t = argmin_θ L(θ; D_t) from θ_{t−1} (Alg. 1): the DPO loop on accelerate (DDP, ZeRO-3 from the launcher)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from itermerge.config.dpo import DPOConfig
+from itermerge.errors import ItermergeError
+from itermerge.logprobs import CompletionLogprobs, collate_grouped
+from itermerge.maths.dpo import dpo_loss
+from itermerge.training.distributed import (
+    gather_full_weights,
+    set_deepspeed_batch,
+    set_float32_masters,
+    sharded_parameters,
+)
+from itermerge.training.lean_autograd import lean_modules
+from itermerge.training.optim import adamw, flat_gradients_and_moments, scheduled_lr
+from itermerge.training.reference import PairTokens, masked_eos_ids, model_pad_id, pair_tokens
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from itermerge.records import PreferencePair
+
+
+def _global_batches(num_pairs: int, cfg: DPOConfig) -> list[list[int]]:
+    """Pair indices of each optimizer step: a seeded shuffle per epoch, cut into global batches (last may be short)."""
+    batches = []
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        batches += [order[i : i + cfg.global_batch_size] for i in range(0, num_pairs, cfg.global_batch_size)]
+    return batches
+
+
+def _micro_batches(
+    batch: list[int], rank: int, processes: int, accumulation: int, micro: int
+) -> list[tuple[list[int], float]]:
+    """This process's micro-batches of one global batch, as (pair indices, weight).
+
+    Slot j = k·processes + rank holds pairs [j·micro, (j+1)·micro) of the batch. A short last batch
+    can leave a slot empty; it then runs the batch's first pair with weight 0, so every process still
+    does the same number of forward/backward passes (DDP's collectives need it).
+    """
+    slots = []
+    for k in range(accumulation):
+        j = k * processes + rank
+        indices = batch[j * micro : (j + 1) * micro]
+        slots.append((indices, 1.0) if indices else (batch[:1], 0.0))
+    return slots
+
+
+def _set_checkpointing(model: nn.Module, on: bool) -> None:
+    # transformers 5 renamed gradient checkpointing to activation checkpointing; the old names warn.
+    name = "activation_checkpointing" if hasattr(model, "activation_checkpointing_enable") else "gradient_checkpointing"
+    getattr(model, f"{name}_{'enable' if on else 'disable'}")()
+
+
+def _pair_losses(
+    scorer: nn.Module, pairs: list[PairTokens], pad_id: int, eos_ids: tuple[int, ...], beta: float, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO losses and rewards of m pairs, (m,) each: chosen and rejected in one forward, the prompt run once."""
+    inputs = collate_grouped(
+        [p.prompt for p in pairs], [[p.chosen, p.rejected] for p in pairs], pad_id, eos_ids=eos_ids
+    ).to(device)
+    logps = scorer(inputs).sum(dim=1).float()  # (2m,): chosen, rejected of pair 0, then of pair 1, …
+    ref = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in pairs], device=logps.device)  # (m, 2)
+    return dpo_loss(logps[0::2], logps[1::2], ref[:, 0], ref[:, 1], beta)
+
+
+def _float32_master_weights(model: nn.Module, accelerator: Accelerator) -> torch.dtype | None:
+    """Upcast 16-bit trainable weights to float32 in place; returns the 16-bit dtype to compute in, or None.
+
+    Why: at DPO learning rates (5e-7) an AdamW step moves a weight by ~lr, far below half a bfloat16
+    ulp (~6e-5 for a weight of 0.02), so 16-bit weights round every update away: on a tiny Llama in
+    bfloat16, 99 % of the weights never changed. As mixed-precision training does, the weights train in
+    float32 and the forward runs under autocast in the 16-bit dtype. DeepSpeed keeps float32 master
+    weights itself (its bf16/fp16 modes), so there nothing changes.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return None
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    low = dtypes & {torch.bfloat16, torch.float16}
+    if not low:
+        return None
+    model.float()
+    return torch.bfloat16 if torch.bfloat16 in low else torch.float16
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def train_dpo(
+    model: nn.Module,
+    pairs: Sequence[PreferencePair],
+    cfg: DPOConfig,
+    accelerator: Accelerator | None = None,
+    progress: bool = True,
+    *,
+    state_dict: dict[str, Tensor] | None = None,
+    compute_dtype: torch.dtype | None = None,
+    master_weights_from: str | Path | None = None,
+) -> dict[str, Any]:
+    """θ_t = argmin_θ L(θ; D_t) from the model's current weights (Alg. 1), trained in place; returns metrics.
+
+    The reference log-probs are read from the pairs (θ0's, see `add_reference_logprobs`), so only the
+    policy is in memory. A model in bfloat16/float16 trains as float32 master weights under autocast and
+    is left in float32 (rounding back to 16 bits would undo most DPO updates); DeepSpeed keeps its own.
+    Under `accelerate launch` (DDP, DeepSpeed) every process passes all pairs; each takes its slots of
+    every global batch, and the result matches one process with the same global batch.
+    The accelerator's prepared objects are released at the end.
+
+    ``compute_dtype``: run the forward under autocast in this dtype (e.g. bfloat16 on a GPU, with float32
+    weights); by default a 16-bit model's own dtype, else none.
+
+    ``master_weights_from``: the checkpoint directory the model was read from. Under DeepSpeed its float32
+    tensors become the float32 master weights (DeepSpeed makes them from the 16-bit model, so a float32
+    θ_{t−1} would lose every update smaller than half a bfloat16 ulp, i.e. most of iteration t−1's).
+
+    ``state_dict``: where the weights are sharded across processes (DeepSpeed ZeRO-3, FSDP), the trained
+    weights are gathered into it before the release (every process takes part; the main process receives
+    them, keyed as ``model.state_dict()``), to save with ``save_pretrained(dir, state_dict=...)``. It stays
+    empty on one process and under DDP, where ``model`` itself holds the trained weights.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    start = time.perf_counter()
+    if not pairs:
+        raise ItermergeError("train_dpo: no preference pairs; D_t is empty (were all samples ties?)")
+    tokens = [pair_tokens(pair, i, cfg) for i, pair in enumerate(pairs)]
+    for i, t in enumerate(tokens):
+        if math.isnan(t.ref_chosen) or math.isnan(t.ref_rejected):
+            raise ItermergeError(
+                f"pair {i} (prompt_id {pairs[i].prompt_id!r}) has no reference log-probs (ref_chosen_logp / "
+                "ref_rejected_logp); compute them once under θ0 with "
+                "itermerge.training.reference.add_reference_logprobs"
+            )
+    accelerator = accelerator or Accelerator()
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    accumulation = cfg.accumulation_steps(processes)
+    accelerator.gradient_accumulation_steps = accumulation
+    accelerator.step = 0  # align accelerate's accumulation counter with our optimizer steps
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        set_deepspeed_batch(accelerator, cfg, accumulation)
+    pad_id, eos_ids = model_pad_id(model), masked_eos_ids(model, cfg)
+    batches = _global_batches(len(pairs), cfg)
+
+    was_training = model.training
+    upcast_from = _float32_master_weights(model, accelerator)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED or compute_dtype == torch.float32:
+        compute_dtype = None  # DeepSpeed casts itself; float32 needs no autocast
+    compute_dtype = compute_dtype or upcast_from
+    if cfg.gradient_checkpointing:
+        _set_checkpointing(model, True)
+    model.train()
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    optimizer = adamw(model, cfg, fused=cfg.fused_adamw and accelerator.distributed_type != DistributedType.DEEPSPEED)
+    scorer, optimizer = accelerator.prepare(CompletionLogprobs(model), optimizer)
+    if master_weights_from is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        set_float32_masters(model, master_weights_from, accelerator.device)
+    flat_grads = None
+    if cfg.flat_buffers and not sharded:
+        flat_grads = flat_gradients_and_moments(getattr(optimizer, "optimizer", optimizer))
+    # .grad is ours alone (one process, no DDP, DeepSpeed or FSDP hook waits on it or owns it): the memory-saving
+    # autograd of training/lean_autograd.py may write into it and recompute activations.
+    own_grads, lean = processes == 1 and not sharded, contextlib.ExitStack()
+    accelerator.unwrap_model(scorer).grads_into_weights = own_grads and cfg.grads_into_weights
+
+    from tqdm.auto import tqdm
+
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=len(batches), desc="DPO", unit="step", disable=not (progress and accelerator.is_main_process))
+    try:
+        if own_grads and cfg.lean_activations:
+            lean.enter_context(lean_modules(model))  # SwiGLU and RMSNorm keep a third less for backward
+        for step, batch in enumerate(batches):
+            lr = scheduled_lr(step, len(batches), cfg.learning_rate, cfg.warmup_ratio, cfg.lr_scheduler)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            rows = torch.zeros(accumulation * cfg.micro_batch_size, 4)  # (loss, r_w, r_l, weight) per local pair
+            micro_batches = _micro_batches(batch, rank, processes, accumulation, cfg.micro_batch_size)
+            for k, (indices, weight) in enumerate(micro_batches):
+                with accelerator.accumulate(scorer), _autocast(accelerator.device, compute_dtype):
+                    losses, chosen_rewards, rejected_rewards = _pair_losses(
+                        scorer, [tokens[i] for i in indices], pad_id, eos_ids, cfg.beta, accelerator.device
+                    )
+                    # The step's gradient is that of the mean loss over the global batch: accelerate divides
+                    # by `accumulation` and DDP averages over processes, hence the factors.
+                    loss = losses.sum() * (weight * processes * accumulation / len(batch))
+                    accelerator.backward(loss)
+                    at = slice(k * cfg.micro_batch_size, k * cfg.micro_batch_size + len(indices))
+                    rows[at] = torch.stack(
+                        [losses.detach(), chosen_rewards, rejected_rewards, torch.full_like(losses, weight)], dim=1
+                    ).cpu()
+            grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            if flat_grads is not None:
+                flat_grads.zero_()
+            else:
+                optimizer.zero_grad(set_to_none=True)
+            history.append(_step_metrics(accelerator.gather(rows.to(accelerator.device)).cpu(), step, lr, grad_norm))
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", acc=f"{history[-1]['accuracy']:.2f}")
+        if state_dict is not None and sharded_parameters(accelerator):
+            state_dict.update(gather_full_weights(accelerator, scorer, model))  # a collective: every process
+    finally:
+        bar.close()
+        lean.close()
+        if cfg.gradient_checkpointing:
+            _set_checkpointing(model, False)
+        model.train(was_training)
+        if flat_grads is not None:
+            for p in model.parameters():
+                p.grad = None  # views: they would keep the whole flat buffer alive
+        accelerator.free_memory()
+    wall = time.perf_counter() - start
+    return _run_metrics(history, sum(tokens[i].num_tokens for batch in batches for i in batch), wall)
+
+
+def _step_metrics(rows: Tensor, step: int, lr: float, grad_norm: Tensor | float | None) -> dict[str, float]:
+    """Mean loss, preference accuracy and rewards of one step over all processes' real pairs (weight 1)."""
+    rows = rows[rows[:, 3] > 0]
+    loss, chosen, rejected = rows[:, 0], rows[:, 1], rows[:, 2]
+    return {
+        "step": step + 1,
+        "lr": lr,
+        "pairs": len(rows),
+        "loss": loss.mean().item(),
+        "accuracy": (chosen > rejected).float().mean().item(),
+        "reward_margin": (chosen - rejected).mean().item(),
+        "chosen_reward": chosen.mean().item(),
+        "rejected_reward": rejected.mean().item(),
+        "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+    }
+
+
+def _run_metrics(history: list[dict[str, float]], num_tokens: int, wall: float) -> dict[str, Any]:
+    pairs = sum(h["pairs"] for h in history)
+
+    def mean(key: str) -> float:
+        return sum(h[key] * h["pairs"] for h in history) / pairs
+
+    return {
+        "loss": mean("loss"),
+        "accuracy": mean("accuracy"),
+        "reward_margin": mean("reward_margin"),
+        "chosen_reward": mean("chosen_reward"),
+        "rejected_reward": mean("rejected_reward"),
+        "first_step_loss": history[0]["loss"],
+        "last_step_loss": history[-1]["loss"],
+        "last_step_accuracy": history[-1]["accuracy"],
+        "steps": len(history),
+        "pairs_seen": pairs,
+        "tokens": num_tokens,
+        "tokens_per_s": num_tokens / wall,
+        "wall_s": wall,
+        "history": history,
+    }
