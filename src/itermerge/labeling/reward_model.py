@@ -6,6 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from itermerge.errors import ItermergeError
+from itermerge.labeling.armorm import ArmoRM, is_armorm_checkpoint, remote_code_failure
 from itermerge.records import Prompt
 from itermerge.tokenization import encode_messages, pad_id
 
@@ -35,9 +36,16 @@ class RewardModelScorer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                self.path, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code
-            )
+            if is_armorm_checkpoint(self.path):  # natively: its remote code no longer imports under transformers 5
+                self.model = ArmoRM.from_pretrained(self.path, dtype=_resolve_dtype(dtype), device=self.device)
+            else:
+                self.model = AutoModelForSequenceClassification.from_pretrained(
+                    self.path, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code
+                )
+        except (ImportError, AttributeError) as e:
+            if not trust_remote_code:
+                raise
+            raise remote_code_failure(self.path, e) from e
         except (OSError, ValueError) as e:
             raise ItermergeError(
                 f"reward model {self.path!r} could not be loaded ({e}); give a local HF checkpoint directory, "
@@ -51,14 +59,18 @@ class RewardModelScorer:
 
     def encode(self, prompt: Prompt, completion: str) -> list[int]:
         """Token ids of the prompt's conversation followed by the reply as the assistant's turn."""
-        conversation = [*prompt.messages, {"role": "assistant", "content": completion}]
-        return encode_messages(self.tokenizer, conversation, add_generation_prompt=False)
+        return encode_messages(
+            self.tokenizer,
+            [*prompt.messages, {"role": "assistant", "content": completion}],
+            add_generation_prompt=False,
+        )
 
     @torch.no_grad()
     def score(self, prompts: list[Prompt], completions: list[str]) -> list[float]:
         if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions; "
-                             "pass one prompt per completion")
+            raise ValueError(
+                f"{len(prompts)} prompts for {len(completions)} completions; pass one prompt per completion"
+            )
         sequences = [self.encode(p, c) for p, c in zip(prompts, completions)]
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths share a batch
         scores = [0.0] * len(sequences)
