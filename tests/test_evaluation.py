@@ -18,12 +18,12 @@ from itermerge.evaluation import (
     Metric,
     clustered_mean,
     is_bare_number,
-    load_prompts,
     mean_metric,
     sequence_kl,
     task_accuracy,
 )
 from itermerge.logprobs import score_sequences
+from itermerge.prompts import split_prompts
 from itermerge.sampling import Sample
 from itermerge.tasks import get_task
 from itermerge.tokenization import encode_prompt
@@ -93,7 +93,7 @@ class FakeSampler:
 def test_evaluator_wires_modes_and_scores_by_hand(tiny_tok):
     cfg = EvalConfig(prompts=PromptSource(n=4), max_new_tokens=8, accuracy=AccuracyConfig(sampling="greedy"),
                      reward=RewardConfig(sampling="eval", samples=2))
-    task, prompts = get_task("arithmetic"), load_prompts(cfg.prompts, "dev")
+    task, prompts = get_task("arithmetic"), split_prompts(cfg.prompts, "dev")
     sampler = FakeSampler(_replies(prompts))
     out = Evaluator(cfg, tiny_tok, "dev", make_sampler=sampler, progress=False)(tiny_model(0))
     greedy, sampled = sorted(sampler.calls, key=lambda p: p.temperature)

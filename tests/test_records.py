@@ -7,12 +7,12 @@ import json
 import pytest
 
 from itermerge.errors import ItermergeError
+from itermerge.prompts import read_prompts_jsonl
 from itermerge.records import (
     Completion,
     PreferencePair,
     Prompt,
     read_jsonl,
-    read_prompts_jsonl,
     write_jsonl,
 )
 
@@ -123,6 +123,17 @@ def test_missing_file_is_named(tmp_path):
         read_jsonl(tmp_path / "nope.jsonl", Completion)
 
 
+def test_prompt_file_keeps_other_keys_in_meta_and_reads_rlhflow_rows(tmp_path):
+    """RLHFlow's iterative-prompt rows carry the chat as context_messages; keys we do not know go to meta."""
+    path = tmp_path / "rlhflow.jsonl"
+    chat = [{"content": "Write a haiku.", "role": "user"}]
+    rows = [{"context_messages": chat, "source": "ultrafeedback"}, {"prompt": "x", "tests": [1, 2]}]
+    write_lines(path, rows)
+    first, second = read_prompts_jsonl(path)
+    assert first == Prompt("rlhflow-1", chat, meta={"source": "ultrafeedback"})
+    assert second.meta == {"tests": [1, 2]}
+
+
 def test_prompt_file_accepts_prompt_or_messages(tmp_path):
     path = tmp_path / "mine.jsonl"
     chat = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
@@ -143,8 +154,7 @@ def test_prompt_file_accepts_prompt_or_messages(tmp_path):
         ({"prompt": "a", "messages": MSG}, r'line 2: give exactly one of "prompt"'),
         ({"id": "x"}, r'line 2: give exactly one of "prompt"'),
         ({"prompt": "  "}, r'line 2: "prompt" must be a non-empty string'),
-        ({"prompt": "a", "question": "b"}, r"line 2: unknown key\(s\) \['question'\]"),
-        ({"prompt": "a", "id": "dup"}, r"line 2: \"id\" 'dup' already used on line 1"),
+        ({"prompt": "a", "id": "dup"}, r"line 2: \"id\" 'dup' already used at line 1"),
         ({"prompt": "a", "answer": [5]}, r'line 2: "answer" must be a string or a number'),
         ({"messages": []}, r'line 2: "messages" must be a non-empty list'),
         (

@@ -17,7 +17,7 @@ from itermerge.config import DPOConfig, RunConfig
 from itermerge.errors import ItermergeError
 from itermerge.labeling import make_scorer, select_pair
 from itermerge.logprobs import score_sequences
-from itermerge.records import Completion, PreferencePair, Prompt, read_jsonl, read_prompts_jsonl, write_jsonl
+from itermerge.records import Completion, PreferencePair, Prompt, read_jsonl, write_jsonl
 from itermerge.rundir import atomic_write_json
 from itermerge.sampling import make_sampler
 from itermerge.seeds import stage_seed
@@ -52,46 +52,6 @@ def load_policy(path: str | Path, cfg: RunConfig):
 
 
 # --- prompts ------------------------------------------------------------------------------------
-
-
-def training_prompts(cfg: RunConfig, t: int) -> list[Prompt]:
-    """X_t: the t-th disjoint slice of the training prompts."""
-    n = cfg.prompts.per_iteration
-    if cfg.prompts.source == "task":
-        from itermerge.tasks import get_task
-
-        task = get_task(cfg.prompts.task, **cfg.prompts.task_options)
-        return task.prompts("train", n, seed=cfg.seed, offset=(t - 1) * n)
-    if cfg.prompts.source == "jsonl":
-        pool = read_prompts_jsonl(cfg.prompts.path)
-    else:
-        pool = _dataset_prompts(cfg.prompts.path)
-    if len(pool) < t * n:
-        raise ItermergeError(
-            f"{cfg.prompts.path}: {len(pool)} prompts, but iteration {t} needs prompts {(t - 1) * n + 1}..{t * n} "
-            f"(prompts.per_iteration = {n}); add prompts or lower prompts.per_iteration"
-        )
-    return pool[(t - 1) * n : t * n]
-
-
-def _dataset_prompts(path: str) -> list[Prompt]:
-    try:
-        from datasets import load_from_disk
-    except ImportError as e:
-        raise ItermergeError("prompts.source = dataset needs the datasets package: pip install datasets") from e
-    rows = load_from_disk(path)
-    prompts = []
-    for i, row in enumerate(rows):
-        if "messages" in row:
-            messages = row["messages"]
-        elif "prompt" in row:
-            messages = [{"role": "user", "content": row["prompt"]}]
-        else:
-            raise ItermergeError(f"{path} row {i}: needs a 'prompt' or 'messages' column")
-        prompts.append(
-            Prompt(id=str(row.get("id", f"{Path(path).name}-{i}")), messages=messages, answer=row.get("answer"))
-        )
-    return prompts
 
 
 def encode_prompts(prompts: list[Prompt], tokenizer, cfg: RunConfig) -> tuple[list[Prompt], list[list[int]], int]:

@@ -15,6 +15,8 @@ from itermerge import iteration as it
 from itermerge.checkpoint import load_tokenizer, resolve_model
 from itermerge.config import RunConfig, from_dict, to_dict, to_yaml
 from itermerge.errors import ItermergeError
+from itermerge.preflight import preflight
+from itermerge.prompts import training_prompts
 from itermerge.rundir import Manifest, atomic_write_text
 from itermerge.runner import StageRunner
 
@@ -58,7 +60,7 @@ def algorithm_1(runner: StageRunner, cfg: RunConfig, root: Path, prefix: str = "
         # Alg. 1, lines 2-5: sample from π_θ{t−1}, label best vs worst, (θ0's log-probs), train θ_t.
         records = {
             "samples": runner(
-                f"{name}/samples", partial(it.sample_and_score, cfg, t, prev, it.training_prompts(cfg, t), out)
+                f"{name}/samples", partial(it.sample_and_score, cfg, t, prev, training_prompts(cfg, t), out)
             ),
             "pairs": runner(
                 f"{name}/pairs",
@@ -143,6 +145,7 @@ def open_run(cfg: RunConfig, run_dir: str | os.PathLike, force: bool = False, ac
     run_dir = Path(run_dir)
     accelerator = accelerator if accelerator is not None else launcher_accelerator()
     if accelerator is None or accelerator.is_main_process:
+        preflight(cfg)  # the whole config against itself, before anything is sampled or written
         manifest_path = run_dir / "manifest.json"
         if manifest_path.exists():
             changed = _changed_training_sections(Manifest(run_dir).data.get("config", {}), cfg)

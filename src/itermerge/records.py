@@ -81,56 +81,12 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> None:
 def read_jsonl(path: str | os.PathLike, cls: type[Record]) -> list[Record]:
     """Read records of type ``cls``; every problem is reported as ``FILE line N: …``. Blank lines are skipped."""
     out = []
-    for lineno, obj in _json_lines(path):
+    for lineno, obj in json_lines(path):
         where = f"{path} line {lineno}"
         if not isinstance(obj, dict):
             raise ItermergeError(f"{where}: expected a JSON object with the fields of {cls.__name__}, got {obj!r:.80}")
         out.append(_from_dict(cls, obj, where))
     return out
-
-
-def read_prompts_jsonl(path: str | os.PathLike) -> list[Prompt]:
-    """Read a user's prompt file: one object a line, ``{"prompt": "..."}`` or ``{"messages": [...]}``.
-
-    Optional keys: ``id`` (string or integer; default ``<file stem>-<line>``), ``answer`` (for verifiers),
-    ``meta`` (an object, kept as is). Any other key is an error, so a typo is not silently ignored.
-    """
-    prompts: list[Prompt] = []
-    seen: dict[str, int] = {}
-    allowed = {"prompt", "messages", "id", "answer", "meta"}
-    for lineno, obj in _json_lines(path):
-        where = f"{path} line {lineno}"
-        if not isinstance(obj, dict):
-            raise ItermergeError(f'{where}: expected an object like {{"prompt": "..."}}, got {obj!r:.80}')
-        unknown = sorted(set(obj) - allowed)
-        if unknown:
-            raise ItermergeError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}")
-        if ("prompt" in obj) == ("messages" in obj):
-            raise ItermergeError(f'{where}: give exactly one of "prompt" (a string) or "messages" (a chat list)')
-        if "prompt" in obj:
-            text = obj["prompt"]
-            if not isinstance(text, str) or not text.strip():
-                raise ItermergeError(f'{where}: "prompt" must be a non-empty string, got {text!r:.80}')
-            messages = [{"role": "user", "content": text}]
-        else:
-            messages = _check_messages(obj["messages"], f'{where}: "messages"')
-        pid = obj.get("id", f"{Path(path).stem}-{lineno}")
-        if isinstance(pid, bool) or not isinstance(pid, (str, int)) or str(pid) == "":
-            raise ItermergeError(f'{where}: "id" must be a non-empty string or an integer, got {pid!r}')
-        pid = str(pid)
-        if pid in seen:
-            raise ItermergeError(f'{where}: "id" {pid!r} already used on line {seen[pid]}; ids must be unique')
-        seen[pid] = lineno
-        answer = obj.get("answer")
-        if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
-            raise ItermergeError(f'{where}: "answer" must be a string or a number, got {answer!r:.80}')
-        meta = obj.get("meta", {})
-        if not isinstance(meta, dict):
-            raise ItermergeError(f'{where}: "meta" must be an object, got {meta!r:.80}')
-        prompts.append(Prompt(id=pid, messages=messages, answer=answer, meta=meta))
-    if not prompts:
-        raise ItermergeError(f'{path}: no prompts in the file; write one JSON object a line, e.g. {{"prompt": "..."}}')
-    return prompts
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -143,7 +99,7 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     if text and not text.endswith("\n"):
         p.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
     records = []
-    for lineno, obj in _json_lines(p, hint="; delete that line to redo it"):
+    for lineno, obj in json_lines(p, hint="; delete that line to redo it"):
         if not isinstance(obj, dict):
             raise ItermergeError(
                 f"{path} line {lineno}: expected a JSON object, got {obj!r:.80}; delete that line to redo it"
@@ -162,7 +118,7 @@ def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _json_lines(path: str | os.PathLike, hint: str = "") -> Iterable[tuple[int, Any]]:
+def json_lines(path: str | os.PathLike, hint: str = "") -> Iterable[tuple[int, Any]]:
     """Yield (1-based line number, parsed object) for each non-blank line."""
     p = Path(path)
     if not p.is_file():
@@ -195,7 +151,7 @@ def _from_dict(cls: type[Record], obj: dict[str, Any], where: str) -> Record:
         if name in obj and len(obj[name]) == 0:
             raise ItermergeError(f'{where}: "{name}" is empty')
     if "messages" in obj:
-        _check_messages(obj["messages"], f'{where}: "messages"')
+        check_messages(obj["messages"], f'{where}: "messages"')
     return cls(**obj)
 
 
@@ -257,7 +213,7 @@ def _type_name(hint: Any) -> str:
     return str(hint)
 
 
-def _check_messages(messages: Any, where: str) -> list[Message]:
+def check_messages(messages: Any, where: str) -> list[Message]:
     """A chat is a non-empty list of {"role", "content"} objects whose last turn is the user's."""
     if not isinstance(messages, list) or not messages:
         raise ItermergeError(

@@ -143,55 +143,67 @@ def _timing_section(points: list[dict[str, Any]], checkpoints: list[dict[str, An
 # --- the Fig. 5 plot -------------------------------------------------------------------------------
 
 
+ALPHA_AXIS = "α"  # the x axis when the rule has no capability metric and no KL was measured
+
+
 def plot_pareto(
     points: list[dict[str, Any]], checkpoints: list[dict[str, Any]], choice: dict[str, Any], out: Path
 ) -> None:
-    """Reward (y) against each capability metric (x, one panel each, plus KL when measured)."""
+    """Reward (y) against each capability metric (x, one panel each, plus KL when measured); with neither, reward
+    against α, one line per λ."""
     plt = pyplot()
     reward = choice["rule"]["reward"]
-    axes_names = [c for c in choice["rule"]["capability"]]
+    axes_names = list(choice["rule"]["capability"])
     if points and "kl" in points[0]["metrics"] and "kl" not in axes_names:
         axes_names.append("kl")
+    axes_names = axes_names or [ALPHA_AXIS]
     lams = sorted({p["lam"] for p in points})
     # Categorical colours (tab10) stay distinguishable on white, unlike the light end of viridis.
     cmap = plt.get_cmap("tab10" if len(lams) <= 10 else "viridis")
     colour = {lam: cmap(i if len(lams) <= 10 else i / (len(lams) - 1)) for i, lam in enumerate(lams)}
     fig, axes = plt.subplots(1, len(axes_names), figsize=(5.2 * len(axes_names), 4.4), squeeze=False)
     for ax, cap in zip(axes[0], axes_names):
-        xy = lambda p, cap=cap: (p["metrics"][cap]["value"], p["metrics"][reward]["value"])  # noqa: E731
+        def xy(p: dict[str, Any], cap: str = cap) -> tuple[float, float]:
+            x = p["alpha"] if cap == ALPHA_AXIS else p["metrics"][cap]["value"]
+            return x, p["metrics"][reward]["value"]
+
+        def err(p: dict[str, Any], cap: str = cap) -> tuple[float, float]:
+            ex = 0.0 if cap == ALPHA_AXIS else p["metrics"][cap]["stderr"] or 0.0
+            return ex, p["metrics"][reward]["stderr"] or 0.0
+
         for row, lam in enumerate(lams):
             line = sorted((p for p in points if p["lam"] == lam), key=lambda p: p["alpha"])
             ax.plot([xy(p)[0] for p in line], [xy(p)[1] for p in line], "-", color=colour[lam], alpha=0.5, lw=1)
             for p in line:
-                x, y = xy(p)
-                ex, ey = (p["metrics"][k]["stderr"] or 0.0 for k in (cap, reward))
+                (x, y), (ex, ey) = xy(p), err(p)
                 ax.errorbar(
                     x, y, xerr=ex, yerr=ey, fmt="o", color=colour[lam], ecolor="0.85", elinewidth=0.8, ms=6, zorder=3
                 )
                 # Each λ labels at its own height: points of a discrete metric often coincide.
                 ax.annotate(f"α={p['alpha']:g}", (x, y), textcoords="offset points", xytext=(4, 4 + 8 * row),
                             fontsize=7, color=colour[lam])
-        frontier = [points[i] for i in pareto_frontier(points, reward, cap)]
-        ax.plot(
-            [xy(p)[0] for p in frontier], [xy(p)[1] for p in frontier], "k--", lw=1.5, label="Pareto frontier", zorder=2
-        )
-        for c in checkpoints:
-            if c.get("same_as"):
-                continue  # θT is the λ = 0, α = 0 point
-            if cap in c["metrics"] and reward in c["metrics"]:
-                ax.plot(*xy(c), "s", color="0.55", ms=6, zorder=3)
-                ax.annotate(c["name"], xy(c), textcoords="offset points", xytext=(4, -10), fontsize=7, color="0.4")
-        chosen = choice["chosen"]
+        if cap != ALPHA_AXIS:
+            frontier = [points[i] for i in pareto_frontier(points, reward, cap)]
+            ax.plot([xy(p)[0] for p in frontier], [xy(p)[1] for p in frontier], "k--", lw=1.5,
+                    label="Pareto frontier", zorder=2)
+            for c in checkpoints:
+                if c.get("same_as"):
+                    continue  # θT is the λ = 0, α = 0 point
+                if cap in c["metrics"] and reward in c["metrics"]:
+                    ax.plot(*xy(c), "s", color="0.55", ms=6, zorder=3)
+                    ax.annotate(c["name"], xy(c), textcoords="offset points", xytext=(4, -10), fontsize=7, color="0.4")
+            ax.plot([], [], "s", color="0.55", label="θ0..θT−1")
+        chosen = {"alpha": choice["alpha"], "metrics": choice["chosen"]["metrics"]}
         ax.plot(*xy(chosen), "*", color="crimson", ms=18, mec="k", zorder=4,
                 label=f"chosen λ={choice['lam']:g}, α={choice['alpha']:g}")
         for lam in lams:
             ax.plot([], [], "o", color=colour[lam], label=f"λ={lam:g}")
-        ax.plot([], [], "s", color="0.55", label="θ0..θT−1")
         ax.set_xlabel(f"{cap} ({choice['split']})" + (" — lower is better" if cap in LOWER_IS_BETTER else ""))
         ax.set_ylabel(f"{reward} ({choice['split']})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"Merges of θ0..θT: {reward} against capability (θT = λ 0, α 0)", fontsize=10)
+    against = "α (no capability metric)" if axes_names == [ALPHA_AXIS] else "capability"
+    fig.suptitle(f"Merges of θ0..θT: {reward} against {against} (θT = λ 0, α 0)", fontsize=10)
     fig.tight_layout()
     save_figure(fig, out)
 

@@ -25,6 +25,12 @@ class PromptSource:
     )
     n: int = field(default=100, metadata={"help": "prompts per split (all of a file when larger)"})
     seed: int = field(default=0, metadata={"help": "prompt order and sampling seed"})
+    heldout_from: str | None = field(
+        default=None,
+        metadata={"help": "a training prompt file (or dataset directory): splits not in files are held out of it, "
+                          "n each, seeded (itermerge/prompts.py); training never sees them"},
+    )
+    heldout_source: str = field(default="jsonl", metadata={"help": "jsonl or dataset: the format of heldout_from"})
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,18 @@ class AccuracyConfig:
 
     sampling: str = field(default="greedy", metadata={"help": "greedy | eval (appendix A)"})
     samples: int = field(default=1, metadata={"help": "completions per prompt (1 when greedy)"})
+    verifier: str | None = field(
+        default=None,
+        metadata={"help": "module:is_correct(prompt, completion) -> bool deciding correctness; default the task's, or "
+                          "the run verifier's module's is_correct when it has one"},
+    )
+    threshold: float | None = field(
+        default=None, metadata={"help": "instead: a reply is correct when the reward scorer gives it at least this"}
+    )
+    format: str | None = field(
+        default=None,
+        metadata={"help": "module:follows_format(prompt, completion) -> bool for the format rate; default the task's"},
+    )
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,19 @@ class LmEvalTask:
     chat_template: bool = False
     metric: str = field(default="acc", metadata={"help": "the metric key reported, e.g. acc, acc_norm"})
     filter: str = field(default="none", metadata={"help": "the filter of that metric, e.g. flexible-extract"})
+
+
+# TruthfulQA's "top-1 accuracy" at 0-shot is lm-eval's truthfulqa_mc2 (the Open LLM Leaderboard's);
+# gsm8k_cot holds 8 CoT exemplars, of which num_fewshot=5 keeps the first five.
+PRESETS: dict[str, tuple[LmEvalTask, ...]] = {
+    "paper": (
+        LmEvalTask("mmlu", num_fewshot=5, chat_template=True, metric="acc"),
+        LmEvalTask("truthfulqa_mc2", num_fewshot=0, chat_template=True, metric="acc"),
+        LmEvalTask("arc_challenge", num_fewshot=25, chat_template=True, metric="acc"),
+        LmEvalTask("hellaswag", num_fewshot=10, chat_template=False, metric="acc_norm"),
+        LmEvalTask("gsm8k_cot", num_fewshot=5, chat_template=True, metric="exact_match", filter="flexible-extract"),
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -113,16 +144,38 @@ class EvalConfig:
                     f"eval.{name}.samples = {section.samples} with greedy decoding gives identical copies; "
                     "set samples: 1 or sampling: eval"
                 )
-        if self.prompts.task is None and not self.prompts.files:
-            raise ItermergeError("eval.prompts: give a task (e.g. arithmetic) or files {split: prompts.jsonl}")
-        if self.accuracy is not None and self.prompts.task is None:
+        if self.prompts.task is None and not self.prompts.files and not self.prompts.heldout_from:
             raise ItermergeError(
-                "eval.accuracy needs eval.prompts.task (its verifier decides correctness); set it or accuracy: null"
+                "eval.prompts: give a task (e.g. arithmetic), files {dev: dev.jsonl, test: test.jsonl}, or heldout_from"
+            )
+        accuracy = self.accuracy
+        if accuracy is not None and accuracy.verifier is not None and accuracy.threshold is not None:
+            raise ItermergeError("eval.accuracy: give verifier or threshold, not both")
+        if accuracy is not None and accuracy.threshold is not None and self.reward is None:
+            raise ItermergeError("eval.accuracy.threshold reads the reward scorer's scores; turn eval.reward on")
+        decided = accuracy is not None and (accuracy.verifier is not None or accuracy.threshold is not None)
+        if accuracy is not None and self.prompts.task is None and not decided:
+            raise ItermergeError(
+                "eval.accuracy: nothing decides whether a reply is correct (no built-in task); set accuracy.verifier "
+                "(module:is_correct), accuracy.threshold (on the reward scorer's score), or accuracy: null"
             )
         if self.reward is not None and self.reward.scorer is None and self.prompts.task is None:
             raise ItermergeError("eval.reward.scorer is unset and there is no task to score with; give a scorer spec")
         if self.lm_eval is not None and not (self.lm_eval.preset or self.lm_eval.tasks):
             raise ItermergeError("eval.lm_eval: give a preset (paper) or a list of tasks")
+
+    def metrics(self) -> list[str]:
+        """The names of the metrics these evaluators produce (what a selection rule may name)."""
+        names = []
+        if self.accuracy is not None:
+            names.append("accuracy")
+            if self.accuracy.format is not None or self.prompts.task is not None:
+                names.append("format")
+        names += ["reward"] * (self.reward is not None) + ["kl"] * (self.kl is not None)
+        if self.lm_eval is not None:
+            tasks = [*PRESETS.get(self.lm_eval.preset or "", ()), *self.lm_eval.tasks]
+            names += [f"lm_eval/{t.name}" for t in tasks] + ["lm_eval/average"]
+        return names
 
     def fingerprint(self) -> str:
         """A short hash of these settings: search points are reused only under the same evaluators."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from itermerge.config.defaults import follow_the_run
 from itermerge.config.dpo import DPOConfig
 from itermerge.config.evaluation import EvalConfig
 from itermerge.config.parse import build, read_yaml
@@ -50,6 +51,14 @@ class PromptsConfig:
     path: str | None = field(
         default=None,
         metadata={"help": "jsonl file or dataset directory (source: jsonl/dataset); cut into T disjoint slices"},
+    )
+    dev_path: str | None = field(
+        default=None,
+        metadata={"help": "dev prompts (JSONL or dataset directory) for the search and studies; if unset, prompts.dev "
+                          "prompts are held out of the training file (source: jsonl/dataset)"},
+    )
+    test_path: str | None = field(
+        default=None, metadata={"help": "test prompts, used once on the chosen merge; if unset, held out likewise"}
     )
     per_iteration: int = field(default=64, metadata={"help": "prompts per iteration (|X_t|)"})
     dev: int = field(
@@ -208,15 +217,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 
 def from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
-    data = dict(data)
-    # The evaluation prompts default to the training task's dev/test splits, so a task set once applies to both.
-    prompts = data.get("prompts") or {}
-    if isinstance(prompts, dict) and prompts.get("source", "task") == "task":
-        evaluation = dict(data.get("evaluation") or {})
-        if isinstance(evaluation, dict) and "prompts" not in evaluation:
-            evaluation["prompts"] = {
-                "task": prompts.get("task", "arithmetic"), "task_options": prompts.get("task_options", {}),
-                "n": prompts.get("dev", 100), "seed": data.get("seed", 0),
-            }
-            data["evaluation"] = evaluation
-    return build(RunConfig, data, where)
+    """A RunConfig from plain data; the evaluation's defaults follow the run (``config.defaults``)."""
+    scorer = data.get("scorer") if data.get("scorer") is not None else {}
+    try:
+        spec = build(ScorerConfig, scorer, where, prefix="scorer.").spec() if isinstance(scorer, dict) else None
+    except ItermergeError:
+        spec = None  # the whole build below names the problem in its place
+    return build(RunConfig, follow_the_run(data, spec), where)

@@ -6,15 +6,15 @@ Their settings are ``itermerge.config.evaluation``.
 from itermerge.evaluation.kl import sequence_kl
 from itermerge.evaluation.metric import Metric, clustered_mean, mean_metric
 from itermerge.evaluation.suite import Evaluator, evaluate, metrics_from_dict, metrics_to_dict
-from itermerge.evaluation.task import is_bare_number, load_prompts, mean_reward, task_accuracy
+from itermerge.evaluation.task import accuracy_metrics, is_bare_number, mean_reward, task_accuracy
 
 __all__ = [
     "Evaluator",
     "Metric",
+    "accuracy_metrics",
     "clustered_mean",
     "evaluate",
     "is_bare_number",
-    "load_prompts",
     "mean_metric",
     "mean_reward",
     "metrics_from_dict",

@@ -16,26 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from itermerge.config.evaluation import LmEvalConfig, LmEvalTask
+from itermerge.config.evaluation import PRESETS, LmEvalConfig, LmEvalTask
 from itermerge.errors import ItermergeError
 from itermerge.evaluation.metric import Metric
 
 INSTALL_HINT = "pip install 'itermerge[eval]'"
 
-# TruthfulQA's "top-1 accuracy" at 0-shot is lm-eval's truthfulqa_mc2 (the Open LLM Leaderboard's);
-# gsm8k_cot holds 8 CoT exemplars, of which num_fewshot=5 keeps the first five.
-PRESETS: dict[str, tuple[LmEvalTask, ...]] = {
-    "paper": (
-        LmEvalTask("mmlu", num_fewshot=5, chat_template=True, metric="acc"),
-        LmEvalTask("truthfulqa_mc2", num_fewshot=0, chat_template=True, metric="acc"),
-        LmEvalTask("arc_challenge", num_fewshot=25, chat_template=True, metric="acc"),
-        LmEvalTask("hellaswag", num_fewshot=10, chat_template=False, metric="acc_norm"),
-        LmEvalTask("gsm8k_cot", num_fewshot=5, chat_template=True, metric="exact_match", filter="flexible-extract"),
-    ),
-}
-
-
-def _require_lm_eval() -> Any:
+def require_lm_eval() -> Any:
     try:
         import lm_eval
     except ImportError as e:
@@ -69,7 +56,7 @@ def run_lm_eval(
     per task. The average is the unweighted mean over tasks (Table 2's "Avg"), its standard error
     √(Σ se²) / k treating the tasks as independent.
     """
-    lm_eval = _require_lm_eval()
+    lm_eval = require_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
     if not tasks:

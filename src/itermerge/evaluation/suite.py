@@ -8,12 +8,15 @@ from typing import Any
 
 from torch import nn
 
+from itermerge.callables import load_callable
 from itermerge.config.evaluation import EvalConfig
 from itermerge.errors import ItermergeError
 from itermerge.evaluation.kl import sequence_kl
 from itermerge.evaluation.metric import Metric
-from itermerge.evaluation.task import load_prompts, load_task, mean_reward, task_accuracy
+from itermerge.evaluation.task import accuracy_metrics, format_check, load_task, mean_reward
 from itermerge.labeling import Scorer, VerifierScorer, make_scorer
+from itermerge.prompts import split_prompts
+from itermerge.records import Prompt
 from itermerge.sampling import Sample, Sampler, SamplingParams
 from itermerge.tokenization import encode_prompt, pad_id
 
@@ -38,7 +41,7 @@ class Evaluator:
     ):
         self.config, self.tokenizer, self.split, self.progress = config, tokenizer, split, progress
         self.task = load_task(config.prompts)
-        self.prompts = load_prompts(config.prompts, split)
+        self.prompts = split_prompts(config.prompts, split)
         # No max_length: an evaluation prompt is never dropped, so prompt_ids[i] belongs to prompts[i].
         self.prompt_ids: list[list[int]] = [encode_prompt(tokenizer, p.messages) for p in self.prompts]
         self.pad_id = pad_id(tokenizer)
@@ -56,6 +59,22 @@ class Evaluator:
             )
         self.reference_model = reference_model
         self.make_sampler = make_sampler
+        self.is_correct, self.follows_format = self._accuracy_checks() if config.accuracy is not None else (None, None)
+
+    def _accuracy_checks(self) -> tuple[Callable[[Prompt, str], bool], Callable[[Prompt, str], bool] | None]:
+        """What decides a correct reply (the configured verifier, a threshold on the reward scorer's score, or the
+        task's verifier) and the answer-format check (configured, or the task's; none for a user's task)."""
+        acc = self.config.accuracy
+        if acc.verifier is not None:
+            is_correct = load_callable(acc.verifier)
+        elif acc.threshold is not None:
+            def is_correct(prompt: Prompt, completion: str) -> bool:
+                return self.scorer.score([prompt], [completion])[0] >= acc.threshold
+        else:
+            is_correct = self.task.is_correct
+        if acc.format is not None:
+            return is_correct, load_callable(acc.format)
+        return is_correct, format_check(self.task) if self.task is not None else None
 
     def sampling_params(self, mode: str, n: int) -> SamplingParams:
         """greedy; eval = appendix A's evaluation column; exact = temperature 1 with nothing cut (for KL)."""
@@ -94,7 +113,8 @@ class Evaluator:
         out: dict[str, Metric] = {}
         start = time.perf_counter()
         if cfg.accuracy is not None:
-            out.update(task_accuracy(self.task, self.prompts, texts(cfg.accuracy.sampling, cfg.accuracy.samples)))
+            replies = texts(cfg.accuracy.sampling, cfg.accuracy.samples)
+            out.update(accuracy_metrics(self.is_correct, self.follows_format, self.prompts, replies))
         if cfg.reward is not None:
             out["reward"] = mean_reward(self.scorer, self.prompts, texts(cfg.reward.sampling, cfg.reward.samples))
         timings["score_s"] = time.perf_counter() - start

@@ -6,10 +6,9 @@ import re
 from collections.abc import Callable, Sequence
 
 from itermerge.config.evaluation import PromptSource
-from itermerge.errors import ItermergeError
 from itermerge.evaluation.metric import Metric, clustered_mean
 from itermerge.labeling import Scorer
-from itermerge.records import Prompt, read_prompts_jsonl
+from itermerge.records import Prompt
 from itermerge.tasks import Task, get_task
 
 _BARE_NUMBER = re.compile(r"\s*-?\d+(?:\.\d+)?\s*\.?\s*")
@@ -24,34 +23,32 @@ def load_task(source: PromptSource) -> Task | None:
     return None if source.task is None else get_task(source.task, **source.task_options)
 
 
-def load_prompts(source: PromptSource, split: str) -> list[Prompt]:
-    """The first ``source.n`` prompts of ``split``: from ``source.files[split]`` if given, else the task."""
-    if split in source.files:
-        return read_prompts_jsonl(source.files[split])[: source.n]
-    if source.task is None:
-        raise ItermergeError(
-            f"eval.prompts: no prompts for split {split!r}; add files: {{{split}: PATH.jsonl}} or set a task"
-        )
-    return load_task(source).prompts(split, source.n, source.seed)
-
-
 def format_check(task: Task) -> Callable[[Prompt, str], bool]:
     """The task's own ``follows_format(prompt, completion)`` if it has one, else "the reply is a bare number"."""
     return getattr(task, "follows_format", is_bare_number)
 
 
 def task_accuracy(task: Task, prompts: Sequence[Prompt], completions: Sequence[Sequence[str]]) -> dict[str, Metric]:
-    """``accuracy``: fraction of replies the verifier marks correct; ``format``: fraction in the asked format.
+    """``accuracy`` and ``format`` of a built-in task's replies (``accuracy_metrics`` with its checks)."""
+    return accuracy_metrics(task.is_correct, format_check(task), prompts, completions)
+
+
+def accuracy_metrics(
+    is_correct: Callable[[Prompt, str], bool], follows_format: Callable[[Prompt, str], bool] | None,
+    prompts: Sequence[Prompt], completions: Sequence[Sequence[str]],
+) -> dict[str, Metric]:
+    """``accuracy``: fraction of replies ``is_correct`` accepts; ``format``: fraction in the asked format (when
+    there is a format check).
 
     Both are means over prompts of the per-prompt fraction (one reply per prompt when greedy). Correctness
     ignores format (the arithmetic verifier reads the last number), so a gain in ``accuracy`` with ``format``
     flat is a gain in arithmetic, not in answering tersely.
     """
     _check_lengths(prompts, completions)
-    follows = format_check(task)
-    correct = [[float(task.is_correct(p, c)) for c in cs] for p, cs in zip(prompts, completions)]
-    formatted = [[float(follows(p, c)) for c in cs] for p, cs in zip(prompts, completions)]
-    return {"accuracy": clustered_mean(correct), "format": clustered_mean(formatted)}
+    def rate(check: Callable[[Prompt, str], bool]) -> Metric:
+        return clustered_mean([[float(check(p, c)) for c in cs] for p, cs in zip(prompts, completions)])
+
+    return {"accuracy": rate(is_correct), **({"format": rate(follows_format)} if follows_format is not None else {})}
 
 
 def mean_reward(scorer: Scorer, prompts: Sequence[Prompt], completions: Sequence[Sequence[str]]) -> Metric:

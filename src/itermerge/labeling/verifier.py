@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 from collections.abc import Callable
 
+from itermerge.callables import load_callable
 from itermerge.errors import ItermergeError
 from itermerge.records import Prompt
 
@@ -50,27 +50,3 @@ class VerifierScorer:
                 raise ItermergeError(f"{where}: returned {value}; it must return a finite float")
             scores.append(value)
         return scores
-
-
-def load_callable(spec: str) -> Callable:
-    """Import ``"module:attr.path"`` and return the callable it names; every failure names the spec."""
-    module_name, sep, attr_path = spec.partition(":") if isinstance(spec, str) else ("", "", "")
-    if not sep or not module_name or not attr_path:
-        raise ItermergeError(
-            f"verifier spec {spec!r}: write it as 'module:function', e.g. 'itermerge.tasks.arithmetic:score'"
-        )
-    try:
-        obj = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        # Only the spec's own module missing is the user's typo; a missing dependency inside it is reported as such.
-        if e.name and module_name.startswith(e.name):
-            raise ItermergeError(f"verifier spec {spec!r}: no module named {module_name!r}; check the spelling "
-                                 "and that it is importable (installed, or on PYTHONPATH)") from e
-        raise ItermergeError(f"verifier spec {spec!r}: importing {module_name!r} failed: {e}") from e
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise ItermergeError(f"verifier spec {spec!r}: module {module_name!r} has no attribute {attr_path!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ItermergeError(f"verifier spec {spec!r}: {attr_path!r} is a {type(obj).__name__}, not a function")
-    return obj

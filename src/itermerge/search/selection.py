@@ -76,11 +76,12 @@ def select_point(points: Sequence[Point], baseline: Point, rule: SelectionRule) 
     )
     gain = _difference(chosen, baseline, rule.reward)
     r, b = chosen["metrics"][rule.reward], baseline["metrics"][rule.reward]
-    reason = (
-        f"highest {rule.reward} ({_fmt(r)}) among the {len(eligible)} of {len(points)} points whose "
-        f"{', '.join(rule.capability)} did not fall below θT's by more than {rule.tolerance:g}; "
-        f"θT (λ=0, α=0) has {rule.reward} {_fmt(b)}"
-    )
+    if rule.capability:
+        among = (f"among the {len(eligible)} of {len(points)} points whose {', '.join(rule.capability)} did not fall "
+                 f"below θT's by more than {rule.tolerance:g}")
+    else:
+        among = f"among all {len(points)} points (the rule names no capability metric that may not regress)"
+    reason = f"highest {rule.reward} ({_fmt(r)}) {among}; θT (λ=0, α=0) has {rule.reward} {_fmt(b)}"
     if better_excluded:
         top, why = better_excluded[0]
         reason += f"; λ={top['lam']:g}, α={top['alpha']:g} had more {rule.reward} but {'; '.join(why)}"

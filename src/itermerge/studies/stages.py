@@ -8,7 +8,6 @@ from typing import Any
 
 from itermerge.checkpoint import load_model, load_tokenizer
 from itermerge.config import RunConfig
-from itermerge.errors import ItermergeError
 from itermerge.labeling import make_scorer
 from itermerge.records import Prompt
 from itermerge.sampling import SamplingParams
@@ -16,19 +15,14 @@ from itermerge.seeds import stage_seed
 
 
 def dev_prompts(cfg: RunConfig, n: int) -> list[Prompt]:
-    """Dev prompts of the run's task for the studies (never the test split), in an order of their own."""
+    """``n`` dev prompts of the run for the studies (never the test split): a built-in task's in an order of their
+    own, else the first ``n`` of the evaluation's dev prompts (the held-out split itself is never redrawn)."""
+    from itermerge.prompts import split_prompts
+
     source = cfg.evaluation.prompts
-    if source.task is None:
-        from itermerge.records import read_prompts_jsonl
-
-        if "dev" not in source.files:
-            raise ItermergeError(
-                "studies need dev prompts: set evaluation.prompts.task or evaluation.prompts.files.dev"
-            )
-        return read_prompts_jsonl(source.files["dev"])[:n]
-    from itermerge.tasks import get_task
-
-    return get_task(source.task, **source.task_options).prompts("dev", n, seed=stage_seed(cfg.seed, "studies/prompts"))
+    if source.task is not None and "dev" not in source.files:
+        return split_prompts(replace(source, n=n, seed=stage_seed(cfg.seed, "studies/prompts")), "dev")
+    return split_prompts(source, "dev")[:n]
 
 
 def study_params(cfg: RunConfig) -> SamplingParams:

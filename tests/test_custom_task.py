@@ -1,0 +1,176 @@
+"""Your own task: the example in examples/custom_task end to end on the tiny model, and every misconfiguration of
+a user's task refused by name before anything is sampled."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import save_tiny, tiny_model
+
+from itermerge.config import from_dict, load_config
+from itermerge.errors import ItermergeError
+from itermerge.pipeline import iterate, run
+from itermerge.prompts import content_key, read_prompts, split_prompts, training_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "custom_task"
+
+
+@pytest.fixture(scope="module")
+def theta0(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("theta0") / "theta0", tiny_model(0))
+
+
+@pytest.fixture()
+def in_repo(monkeypatch):
+    """The example's paths are relative to the repository root, as the README runs it."""
+    monkeypatch.chdir(ROOT)
+
+
+def example(theta0: Path, **sections) -> dict:
+    """examples/custom_task/config.yaml on the tiny model, sized for a test; ``sections`` replace or extend it."""
+    cfg = yaml.safe_load((EXAMPLE / "config.yaml").read_text())
+    cfg["model"] = {"path": str(theta0)}
+    cfg["prompts"].update(per_iteration=6, dev=4)
+    cfg["sampling"].update(max_new_tokens=6, batch_size=24)
+    cfg["evaluation"]["max_new_tokens"] = 6
+    cfg["dpo"].update(learning_rate=1e-3)
+    cfg["studies"].update(alphas=[0.0, 0.5, 1.0], prompts=2, n=2, ensemble=False)
+    for name, value in sections.items():
+        if value is None:
+            cfg.pop(name, None)
+        elif isinstance(value, dict) and isinstance(cfg.get(name), dict):
+            cfg[name] = {**cfg[name], **value}
+        else:
+            cfg[name] = value
+    return cfg
+
+
+def test_the_example_config_runs_end_to_end_on_the_users_task(theta0, tmp_path, in_repo):
+    """The README's "Your own task" on the tiny model: the search, the test and the report are about the user's
+    prompts and verifier (accuracy from caps.is_correct), never about the built-in arithmetic task."""
+    run_dir = tmp_path / "caps"
+    run(from_dict(example(theta0)), run_dir)
+    evaluated = json.loads((run_dir / "search" / "eval_config.json").read_text())
+    assert evaluated["prompts"]["task"] is None
+    assert evaluated["prompts"]["files"] == {"dev": "examples/custom_task/dev.jsonl",
+                                             "test": "examples/custom_task/test.jsonl"}
+    assert evaluated["accuracy"]["verifier"] == "examples/custom_task/caps.py:is_correct"
+    assert evaluated["reward"]["scorer"]["function"] == "examples/custom_task/caps.py:score"
+    test = json.loads((run_dir / "search" / "test.json").read_text())
+    assert all({"accuracy", "format", "reward"} <= set(m["metrics"]) and m["metrics"]["accuracy"]["n"] == 4
+               for m in test["models"])
+    report = (run_dir / "report.md").read_text()
+    assert "Chosen merge" in report and "arithmetic" not in report.split("## Configuration")[0]
+    assert (run_dir / "studies" / "alpha" / "alpha.json").exists()
+
+
+def test_the_least_config_a_user_writes_evaluates_their_prompts_held_out(theta0, tmp_path, in_repo):
+    """A training file and a verifier, no evaluation section, no dev/test files: dev and test are held out of the
+    training file, the reward is the user's verifier, accuracy its is_correct."""
+    cfg = from_dict(example(theta0, evaluation=None, prompts={"dev_path": None, "test_path": None}))
+    source = cfg.evaluation.prompts
+    assert source.task is None and source.heldout_from == "examples/custom_task/prompts.jsonl"
+    assert cfg.evaluation.reward.scorer["function"] == "examples/custom_task/caps.py:score"
+    assert cfg.evaluation.accuracy.verifier == "examples/custom_task/caps.py:is_correct"
+    iterate(cfg, tmp_path / "least")  # starts: the config holds together
+    assert (tmp_path / "least" / "iter_02" / "model").is_dir()
+
+
+def test_held_out_dev_and_test_never_meet_an_iterations_prompts(theta0, in_repo):
+    cfg = from_dict(example(theta0, iterations=3, prompts={"dev_path": None, "test_path": None, "per_iteration": 20,
+                                                           "dev": 16}))
+    trained = [p for t in (1, 2, 3) for p in training_prompts(cfg, t)]
+    dev, test = (split_prompts(cfg.evaluation.prompts, s) for s in ("dev", "test"))
+    assert (len(trained), len(dev), len(test)) == (60, 16, 16)
+    keys = [{content_key(p) for p in group} for group in (trained, dev, test)]
+    assert not (keys[0] & keys[1]) and not (keys[0] & keys[2]) and not (keys[1] & keys[2])
+    pool = {content_key(p) for p in read_prompts(EXAMPLE / "prompts.jsonl")}
+    assert keys[1] | keys[2] <= pool  # held out of the training file itself
+    again = from_dict(example(theta0, iterations=3, prompts={"dev_path": None, "test_path": None, "per_iteration": 20,
+                                                             "dev": 16}))
+    assert [p.id for p in split_prompts(again.evaluation.prompts, "dev")] == [p.id for p in dev]  # seeded
+    other = from_dict({**example(theta0, prompts={"dev_path": None, "test_path": None, "dev": 16}), "seed": 1})
+    assert [p.id for p in split_prompts(other.evaluation.prompts, "dev")] != [p.id for p in dev]
+
+
+def test_a_rule_without_a_capability_axis_runs_through_search_test_and_report(theta0, tmp_path, in_repo):
+    cfg = example(theta0, evaluation={"accuracy": None}, studies={"alpha_study": False, "accuracy_matrix": False})
+    assert from_dict(cfg).search.rule.capability == ()  # nothing measures correctness: reward alone decides
+    run_dir = tmp_path / "reward-only"
+    run(from_dict(cfg), run_dir)
+    choice = json.loads((run_dir / "search" / "choice.json").read_text())
+    assert "among all 4 points (the rule names no capability metric" in choice["reason"]
+    assert "whose  did" not in choice["reason"] and (run_dir / "search" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Reward against" in (run_dir / "report.md").read_text()
+
+
+def _refused(cfg: dict, tmp_path: Path, match: str) -> None:
+    run_dir = tmp_path / "refused"
+    with pytest.raises(ItermergeError, match=match):
+        iterate(from_dict(cfg), run_dir)
+    assert not (run_dir / "iter_01" / "samples.jsonl").exists()  # nothing was sampled
+
+
+@pytest.mark.parametrize(
+    ("sections", "match"),
+    [
+        ({"search": {"rule": {"capability": ["lm_eval/average"]}}},
+         r"search.rule names metric 'lm_eval/average', which no evaluator produces \(they produce accuracy, format, "
+         r"reward\)"),
+        ({"prompts": {"dev_path": "examples/custom_task/nope.jsonl"}},
+         r"evaluation dev prompts: examples/custom_task/nope.jsonl: file not found"),
+        ({"scorer": {"function": "no_such_module:score"}}, r"no module named 'no_such_module'"),
+        ({"scorer": {"function": "itermerge.tasks.arithmetic:score"}},
+         r"scorer: verifier itermerge.tasks.arithmetic:score: prompt 'prompts-0'.*is not a number"),
+        ({"scorer": {"function": "tests/verifiers/score_only.py:score"}},
+         r"eval.accuracy: nothing decides whether a reply is correct"),
+        ({"iterations": 5, "prompts": {"per_iteration": 24}},
+         r"prompts: examples/custom_task/prompts.jsonl: 96 prompts, but iteration 5 needs prompts 97..120"),
+        ({"prompts": {"test_path": "examples/custom_task/prompts.jsonl"}},
+         r"evaluation test prompts: 'prompts-0' is also training prompt 'prompts-0'"),
+    ],
+    ids=["rule-metric", "missing-dev-file", "scorer-import", "scorer-fails-on-a-sample", "accuracy-undecided",
+         "too-few-prompts", "test-overlaps-training"],
+)
+def test_misconfiguration_is_refused_by_name_before_any_sampling(theta0, tmp_path, in_repo, sections, match):
+    _refused(example(theta0, **sections), tmp_path, match)
+
+
+def test_every_problem_is_listed_at_once(theta0, tmp_path, in_repo):
+    cfg = example(theta0, scorer={"function": "no_such_module:score"},
+                  search={"rule": {"capability": ["lm_eval/average"]}})
+    with pytest.raises(ItermergeError) as refused:
+        iterate(from_dict(cfg), tmp_path / "r")
+    assert "no_such_module" in str(refused.value) and "lm_eval/average" in str(refused.value)
+
+
+def test_prompt_formats_people_have(theta0, tmp_path, in_repo):
+    """RLHFlow's iterative-prompt rows (context_messages) and an HF dataset directory are training sources."""
+    rows = [{"context_messages": [{"content": f"Write the word '{w}' in capital letters.", "role": "user"}],
+             "answer": w.upper(), "source": "rlhflow"} for w in ("one", "two", "three", "four", "five", "six", "seven",
+                                                                 "eight", "nine", "ten", "eleven", "twelve", "thirteen",
+                                                                 "fourteen", "fifteen", "sixteen")]
+    path = tmp_path / "iterative-prompt.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = from_dict(example(theta0, prompts={"path": str(path), "dev_path": None, "test_path": None,
+                                             "per_iteration": 4, "dev": 2}))
+    first = training_prompts(cfg, 1)
+    assert first[0].messages[0]["content"].startswith("Write the word") and first[0].meta == {"source": "rlhflow"}
+    from datasets import Dataset
+
+    plain = [{"prompt": r["context_messages"][0]["content"], "answer": r["answer"]} for r in rows]
+    Dataset.from_list(plain).save_to_disk(str(tmp_path / "ds"))
+    ds_cfg = from_dict(example(theta0, prompts={"source": "dataset", "path": str(tmp_path / "ds"), "dev_path": None,
+                                                "test_path": None, "per_iteration": 4, "dev": 2}))
+    assert [p.messages for p in training_prompts(ds_cfg, 1)] == [p.messages for p in first]
+    assert len(split_prompts(ds_cfg.evaluation.prompts, "test")) == 2
+
+
+def test_the_shipped_example_configs_parse(in_repo):
+    for path in sorted((ROOT / "examples").rglob("*.yaml")):
+        if "accelerate" not in path.name:
+            load_config(path)
