@@ -19,7 +19,7 @@ def test_example_configs_load(path):
         pytest.skip("an accelerate launcher config, not a run config")
     cfg = load_config(path)
     assert cfg.iterations == 6 and cfg.sampling.n == 8 and cfg.sampling.backend == "vllm"
-    assert cfg.scorer.type == "reward_model" and cfg.scorer.trust_remote_code
+    assert cfg.scorer.type == "reward_model" and not cfg.scorer.trust_remote_code  # ArmoRM runs natively
     assert cfg.dpo.learning_rate == 5e-7 and cfg.dpo.beta == 0.1  # appendix C
     assert cfg.evaluation.lm_eval.preset == "paper"
     from itermerge.evaluation.lm_eval import resolve_tasks

@@ -80,7 +80,7 @@ def test_two_iterations_train_and_record(finished_run, theta0):
 def test_reference_is_theta0_in_every_iteration(finished_run, theta0):
     """Iteration 2's stored reference log-probs are θ0's, not θ1's (the drift Alg. 1 forbids)."""
     run_dir, thetas = finished_run
-    pairs = read_jsonl(run_dir / "iter_02" / "pairs.jsonl", PreferencePair)
+    pairs = iteration.pairs_with_reference(run_dir / "iter_02")
     tok = load_tokenizer(theta0)
     xs, ys = [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs]
     eos = (tok.eos_token_id,)  # the DPO default masks the final EOS, as the stored values do

@@ -18,6 +18,7 @@ from itermerge.commands import (
     cmd_reward,
     cmd_run,
     cmd_search,
+    cmd_verify,
 )
 from itermerge.errors import ItermergeError
 
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--force", action="store_true", help="start the run directory over if its config differs")
     p.add_argument("--plain", action="store_true", help=PLAIN_HELP)
+    p.add_argument("--verify", action="store_true", help=VERIFY_HELP)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -114,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-test", action="store_true", help="stop after the choice (no merge to disk, no test evaluation)"
     )
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("verify", help="check every finished stage's files against the proofs in its manifest")
+    p.add_argument("run_dir")
+    p.add_argument("--deep", action="store_true", help="hash every file, not only those whose mtime changed")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("report", help="report.md + plots from what the run wrote (nothing recomputed)")
     p.add_argument("run_dir")
@@ -174,8 +181,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--force", action="store_true", help="start the run directory over if its config differs")
     p.add_argument("--plain", action="store_true", help=PLAIN_HELP)
+    p.add_argument("--verify", action="store_true", help=VERIFY_HELP)
 
 
+VERIFY_HELP = "check finished stages' files by content before trusting them (default: when size or mtime changed)"
 PLAIN_HELP = (
     "every speed and memory setting off (dpo.lean_activations, … sampling.growing_kv_cache): the plain reference path"
 )

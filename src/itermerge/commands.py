@@ -51,7 +51,7 @@ def cmd_iterate(args: argparse.Namespace) -> None:
 
     cfg = _load(args.config, args)
     run_dir = _run_dir(args, cfg)
-    thetas = iterate(cfg, run_dir, force=args.force)
+    thetas = iterate(cfg, run_dir, force=args.force, verify=args.verify)
     print(f"θ0..θ{len(thetas) - 1}: " + " ".join(str(p) for p in thetas))
 
 
@@ -59,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from itermerge.pipeline import run
 
     cfg = _load(args.config, args)
-    run(cfg, _run_dir(args, cfg), force=args.force)
+    run(cfg, _run_dir(args, cfg), force=args.force, verify=args.verify)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -71,7 +71,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     path = Path(str(files("itermerge") / "configs" / name))
     cfg = _load(path, args)
     print(f"itermerge demo: {path.name} — the whole paper on SmolLM2-135M-Instruct with the built-in arithmetic task")
-    run(cfg, _run_dir(args, cfg), force=args.force)
+    run(cfg, _run_dir(args, cfg), force=args.force, verify=args.verify)
 
 
 def _config_of(run_dir: Path, override: str | None, sets: list[str]):
@@ -99,8 +99,8 @@ def cmd_search(args: argparse.Namespace) -> None:
             search, lams=tuple(args.lams or search.lams), alphas=tuple(args.alphas or search.alphas), rule=rule
         )
     cfg = dataclasses.replace(cfg, search=search)
-    runner = open_run(cfg, run_dir)
-    choice = search_and_test(runner, cfg, run_dir, test=not args.no_test, reference=args.reference)
+    with open_run(cfg, run_dir) as runner:
+        choice = search_and_test(runner, cfg, run_dir, test=not args.no_test, reference=args.reference)
     print(
         f"chosen on {search.split}: λ = {choice['lam']}, α = {choice['alpha']} ({run_dir / 'search' / 'choice.json'})"
     )
@@ -136,13 +136,13 @@ def cmd_reward(args: argparse.Namespace) -> None:
 
         run_dir = Path(args.run_dir)
         cfg = _config_of(run_dir, args.config, args.set)
-        runner = open_run(cfg, run_dir)
-        thetas = algorithm_1(runner, cfg, run_dir)  # complete: nothing is redone
-        choice = runner.manifest.get("search")
-        only = STUDIES if args.study == "all" else (args.study,)
-        if args.study == "all" and choice is None:
-            only = tuple(s for s in only if s != "ensemble")  # the ensemble study needs the search's choice
-        run_studies(runner, cfg, run_dir, thetas, choice, only=only)
+        with open_run(cfg, run_dir) as runner:
+            thetas = algorithm_1(runner, cfg, run_dir)  # complete: nothing is redone
+            choice = runner.manifest.get("search")
+            only = STUDIES if args.study == "all" else (args.study,)
+            if args.study == "all" and choice is None:
+                only = tuple(s for s in only if s != "ensemble")  # the ensemble study needs the search's choice
+            run_studies(runner, cfg, run_dir, thetas, choice, only=only)
         print(f"studies: {run_dir / 'studies'}")
         return
     from itermerge.studies.reward_file import reward_file
@@ -172,3 +172,22 @@ def cmd_ensemble(args: argparse.Namespace) -> None:
     print(f"merge vs exact ensemble (eq. 6): {Path(args.out) / 'approximation.json'}")
     for name, row in error.get("candidates", {}).items():
         print(f"  {name:>10}: KL(ens‖model) {row.get('kl_ensemble_to_model_per_token', float('nan')):.3g} / token")
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    """Every finished stage's files against their proofs; changes nothing. Exit status 1 if any stage fails."""
+    from itermerge.runner import stage_states
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "manifest.json").exists():
+        raise ItermergeError(f"{run_dir}: no manifest.json; not a run directory (or no stage has finished yet)")
+    states = stage_states(run_dir, deep=args.deep)
+    width = max((len(name) for name, _ in states), default=5)
+    for name, state in states:
+        print(f"{name:<{width}}  {state}")
+    bad = [name for name, state in states if state != "ok" and not state.startswith("no proof")]
+    how = "by content" if args.deep else "by existence, size and mtime (content where an mtime changed; --deep: all)"
+    print(f"{len(states) - len(bad)} of {len(states)} stages hold, checked {how}")
+    if bad:
+        print(f"rerun the run's command to redo {bad[0]} and every stage after it", file=sys.stderr)
+        raise SystemExit(1)

@@ -35,10 +35,8 @@ _warned_no_fcntl = False
 
 
 def _reader(path: Path):
-    try:
-        from itermerge.checkpoint.safetensors import CheckpointReader
-    except ImportError:
-        from itermerge.checkpoint import CheckpointReader
+    from itermerge.checkpoint.reader import CheckpointReader
+
     return CheckpointReader(path)
 
 

@@ -17,7 +17,7 @@ from itermerge.config import DPOConfig, RunConfig
 from itermerge.errors import ItermergeError
 from itermerge.labeling import make_scorer, select_pair
 from itermerge.logprobs import score_sequences
-from itermerge.records import Completion, PreferencePair, Prompt, read_jsonl, write_jsonl
+from itermerge.records import Completion, PreferencePair, Prompt, ReferenceLogprobs, read_jsonl, write_jsonl
 from itermerge.rundir import atomic_write_json
 from itermerge.sampling import make_sampler
 from itermerge.seeds import stage_seed
@@ -163,9 +163,26 @@ def reference_logprobs(cfg: RunConfig, theta0: Path, sampler_path: Path, out: Pa
         del reference
         policy_lp = score_sequences(load_policy(sampler_path, cfg), xs, ys, pad, batch_size=16)
         kl = sum(a - b for a, b in zip(policy_lp, ref_lp)) / len(first)
-    write_jsonl(out / "pairs.jsonl", pairs)
+    write_jsonl(out / "reference_logprobs.jsonl",
+                [ReferenceLogprobs(p.prompt_id, p.ref_chosen_logp, p.ref_rejected_logp) for p in pairs])
     return {"reference": str(theta0), "reference_seconds": round(seconds, 2), "kl_sampler_to_reference": kl,
             "kl_samples": len(first) if t > 1 else 0}
+
+
+def pairs_with_reference(out: Path) -> list[PreferencePair]:
+    """D_t as training reads it: pairs.jsonl joined with θ0's log-probs from reference_logprobs.jsonl (each file has
+    one writer, so each stage's files can be proved on their own; runs made before kept them in pairs.jsonl)."""
+    pairs = read_jsonl(out / "pairs.jsonl", PreferencePair)
+    path = out / "reference_logprobs.jsonl"
+    if not path.exists():
+        return pairs
+    ref = {r.prompt_id: r for r in read_jsonl(path, ReferenceLogprobs)}
+    missing = [p.prompt_id for p in pairs if p.prompt_id not in ref]
+    if missing:
+        raise ItermergeError(f"{path}: no reference log-probs for prompt {missing[0]!r} of pairs.jsonl; the two files "
+                             "come from different runs — delete reference_logprobs.jsonl and rerun to recompute it")
+    return [replace(p, ref_chosen_logp=ref[p.prompt_id].ref_chosen_logp,
+                    ref_rejected_logp=ref[p.prompt_id].ref_rejected_logp) for p in pairs]
 
 
 def dpo_config(cfg: RunConfig, t: int) -> DPOConfig:
@@ -174,7 +191,7 @@ def dpo_config(cfg: RunConfig, t: int) -> DPOConfig:
 
 def train(cfg: RunConfig, t: int, policy_path: Path, out: Path, accelerator=None) -> dict[str, Any]:
     """θ_t ← argmin_θ L(θ; D_t) starting from θ_{t−1}, on D_t only; saved as iter_XX/model."""
-    pairs = read_jsonl(out / "pairs.jsonl", PreferencePair)
+    pairs = pairs_with_reference(out)
     torch.manual_seed(stage_seed(cfg.seed, "train", t))
     device, dtype = resolve_device(cfg)
     deepspeed = _launcher_flag("ACCELERATE_USE_DEEPSPEED")
@@ -188,8 +205,16 @@ def train(cfg: RunConfig, t: int, policy_path: Path, out: Path, accelerator=None
     tokenizer = load_tokenizer(policy_path)
     gathered: dict[str, torch.Tensor] = {}  # the trained weights, when ZeRO-3 leaves each process only a shard
     metrics = train_dpo(model, pairs, dpo_config(cfg, t), accelerator=accelerator, state_dict=gathered,
-                        compute_dtype=None if deepspeed else dtype, master_weights_from=policy_path)
+                        compute_dtype=None if deepspeed else dtype, master_weights_from=policy_path,
+                        label=f"iteration {t}: ")
     if accelerator is None or accelerator.is_main_process:
+        weights = gathered or dict(model.named_parameters())
+        bad = next((n for n, w in weights.items() if w.is_floating_point() and not torch.isfinite(w).all()), None)
+        if bad is not None:  # finite or nothing: a non-finite θ_t is never written as finished
+            raise ItermergeError(
+                f"iteration {t}: tensor {bad!r} of the trained θ{t} holds NaN or Inf; nothing was saved. Lower "
+                f"dpo.learning_rate (now {cfg.dpo.learning_rate:g}) and rerun to continue"
+            )
         model.eval()
         save_model(model, tokenizer, out / "model", force=True, state_dict=gathered or None,
                    extra=[("training_metrics.json", json.dumps(metrics, indent=2, default=float))])
@@ -204,5 +229,5 @@ def _launcher_flag(name: str) -> bool:
 def write_metrics(out: Path, t: int, stages: dict[str, Any]) -> None:
     merged: dict[str, Any] = {"iteration": t}
     for info in stages.values():
-        merged.update({k: v for k, v in (info or {}).items() if k != "finished_at"})
+        merged.update({k: v for k, v in (info or {}).items() if k not in ("finished_at", "files", "key")})
     atomic_write_json(out / "metrics.json", merged)

@@ -15,6 +15,7 @@ from itermerge import iteration as it
 from itermerge.checkpoint import load_tokenizer, resolve_model
 from itermerge.config import RunConfig, from_dict, to_dict, to_yaml
 from itermerge.errors import ItermergeError
+from itermerge.integrity import LOCK_NAME, RunLock
 from itermerge.preflight import preflight
 from itermerge.prompts import training_prompts
 from itermerge.rundir import Manifest, atomic_write_text
@@ -26,27 +27,29 @@ STUDIES = ("alpha", "accuracy", "ensemble", "lambda")
 _TRAINING_SECTIONS = ("seed", "model", "prompts", "sampling", "scorer", "dpo")
 
 
-def run(cfg: RunConfig, run_dir: str | os.PathLike, force: bool = False) -> Path:
+def run(cfg: RunConfig, run_dir: str | os.PathLike, force: bool = False, verify: bool = False) -> Path:
     """The whole paper: Alg. 1, the (λ, α) search on dev (Alg. 2 in memory), the chosen merge tested once,
     the evidence (α study, accuracy matrix, merge vs ensemble, λ study), and the report. Resumable."""
     run_dir = Path(run_dir)
-    runner = open_run(cfg, run_dir, force)
-    thetas = algorithm_1(runner, cfg, run_dir)
-    theta_b = second_criterion_run(runner, cfg, run_dir) if cfg.studies.lambda_study else None
-    if not runner.is_main:
-        return run_dir / "report.md"  # the rest (search, merge, studies) runs on the main process
-    choice = search_and_test(runner, cfg, run_dir)
-    run_studies(runner, cfg, run_dir, thetas, choice, theta_b=theta_b)
-    from itermerge.report import write_report
+    with open_run(cfg, run_dir, force, verify=verify) as runner:
+        thetas = algorithm_1(runner, cfg, run_dir)
+        theta_b = second_criterion_run(runner, cfg, run_dir) if cfg.studies.lambda_study else None
+        if not runner.is_main:
+            return run_dir / "report.md"  # the rest (search, merge, studies) runs on the main process
+        choice = search_and_test(runner, cfg, run_dir)
+        run_studies(runner, cfg, run_dir, thetas, choice, theta_b=theta_b)
+        from itermerge.report import write_report
 
-    report = write_report(run_dir)
+        report = write_report(run_dir)
     print(f"report: {report}")
     return report
 
 
-def iterate(cfg: RunConfig, run_dir: str | os.PathLike, force: bool = False, accelerator: Any = None) -> list[Path]:
+def iterate(cfg: RunConfig, run_dir: str | os.PathLike, force: bool = False, accelerator: Any = None,
+            verify: bool = False) -> list[Path]:
     """Algorithm 1 on its own: θ1..θT in ``run_dir``, resumable. Returns [θ0, θ1, …, θT]."""
-    return algorithm_1(open_run(cfg, run_dir, force, accelerator), cfg, Path(run_dir))
+    with open_run(cfg, run_dir, force, accelerator, verify=verify) as runner:
+        return algorithm_1(runner, cfg, Path(run_dir))
 
 
 def algorithm_1(runner: StageRunner, cfg: RunConfig, root: Path, prefix: str = "") -> list[Path]:
@@ -58,20 +61,18 @@ def algorithm_1(runner: StageRunner, cfg: RunConfig, root: Path, prefix: str = "
         out, prev, name = root / f"iter_{t:02d}", thetas[-1], f"{prefix}iter_{t:02d}"
         out.mkdir(parents=True, exist_ok=True)
         # Alg. 1, lines 2-5: sample from π_θ{t−1}, label best vs worst, (θ0's log-probs), train θ_t.
+        x_t = training_prompts(cfg, t)
         records = {
-            "samples": runner(
-                f"{name}/samples", partial(it.sample_and_score, cfg, t, prev, training_prompts(cfg, t), out)
-            ),
-            "pairs": runner(
-                f"{name}/pairs",
-                partial(it.make_pairs, out / "prompts.jsonl", out / "samples.jsonl", tokenizer, cfg, out, t),
-            ),
-            "reference": runner(
-                f"{name}/reference_logprobs", partial(it.reference_logprobs, cfg, theta0, prev, out, t)
-            ),
-            "train": runner(f"{name}/train", partial(it.train, cfg, t, prev, out, runner.accelerator), everyone=True),
+            "samples": runner(f"{name}/samples", partial(it.sample_and_score, cfg, t, prev, x_t, out),
+                              outputs=[out / "prompts.jsonl", out / "samples.jsonl"]),
+            "pairs": runner(f"{name}/pairs", partial(it.make_pairs, out / "prompts.jsonl", out / "samples.jsonl",
+                                                     tokenizer, cfg, out, t), outputs=[out / "pairs.jsonl"]),
+            "reference": runner(f"{name}/reference_logprobs", partial(it.reference_logprobs, cfg, theta0, prev, out, t),
+                                outputs=[out / "reference_logprobs.jsonl"]),
+            "train": runner(f"{name}/train", partial(it.train, cfg, t, prev, out, runner.accelerator),
+                            outputs=[out / "model"], everyone=True),
         }
-        runner(f"{name}/metrics", partial(it.write_metrics, out, t, records))
+        runner(f"{name}/metrics", partial(it.write_metrics, out, t, records), outputs=[out / "metrics.json"])
         thetas.append(out / "model")
     return thetas
 
@@ -101,10 +102,12 @@ def search_and_test(runner: StageRunner, cfg: RunConfig, run_dir: Path, *, test:
         record = finalize(run_dir / "search", theta0, checkpoints, cfg.evaluation, run_dir / "merged", mean_cache=cache)
         return {"lam": record["lam"], "alpha": record["alpha"]}
 
-    fingerprint = cfg.evaluation.fingerprint()
-    choice = runner("search", search, key={"search": dataclasses.asdict(cfg.search), "evaluation": fingerprint})
+    fingerprint, out = cfg.evaluation.fingerprint(), run_dir / "search"
+    choice = runner("search", search, key={"search": dataclasses.asdict(cfg.search), "evaluation": fingerprint},
+                    outputs=[out / n for n in ("points.jsonl", "checkpoints.jsonl", "choice.json", "eval_config.json")])
     if test:
-        runner("test_eval", test_eval, key={"lam": choice["lam"], "alpha": choice["alpha"], "evaluation": fingerprint})
+        runner("test_eval", test_eval, key={"lam": choice["lam"], "alpha": choice["alpha"], "evaluation": fingerprint},
+               outputs=[run_dir / "merged", out / "test.json"])
     return choice
 
 
@@ -121,49 +124,67 @@ def run_studies(runner: StageRunner, cfg: RunConfig, run_dir: Path, thetas: list
                              "(itermerge search RUN_DIR)")
     merged = run_dir / "merged" if (run_dir / "merged" / "config.json").exists() else thetas[-1]
     for name in wanted:
+        out = run_dir / "studies" / name
         if name == "alpha":
-            runner("studies/alpha", partial(stages.alpha_study, cfg, run_dir, thetas))
+            runner("studies/alpha", partial(stages.alpha_study, cfg, run_dir, thetas), outputs=[out])
         elif name == "accuracy":
-            runner("studies/accuracy", partial(stages.accuracy_matrix, cfg, run_dir, thetas, merged))
+            runner("studies/accuracy", partial(stages.accuracy_matrix, cfg, run_dir, thetas, merged), outputs=[out])
         elif name == "ensemble":
-            runner(
-                "studies/ensemble",
-                partial(stages.ensemble_study, cfg, run_dir, thetas, choice["lam"], choice["alpha"]),
-                key={"lam": choice["lam"], "alpha": choice["alpha"]},
-            )
+            lam, alpha = choice["lam"], choice["alpha"]
+            runner("studies/ensemble", partial(stages.ensemble_study, cfg, run_dir, thetas, lam, alpha),
+                   key={"lam": lam, "alpha": alpha}, outputs=[out])
         elif name == "lambda":
             theta_b = theta_b or second_criterion_run(runner, cfg, run_dir)
-            runner("studies/lambda", partial(stages.lambda_study, cfg, run_dir, thetas, theta_b))
+            runner("studies/lambda", partial(stages.lambda_study, cfg, run_dir, thetas, theta_b),
+                   outputs=[out / "lambda.json", out / "lambda.png"])
 
 
 # --- the run directory ------------------------------------------------------------------------------------
 
 
-def open_run(cfg: RunConfig, run_dir: str | os.PathLike, force: bool = False, accelerator: Any = None) -> StageRunner:
-    """Create or resume ``run_dir`` and return its stage runner; a different training config is refused unless
-    ``force`` (which starts the run directory over)."""
+def open_run(cfg: RunConfig, run_dir: str | os.PathLike, force: bool = False, accelerator: Any = None,
+             *, verify: bool = False) -> StageRunner:
+    """Create or resume ``run_dir`` and return its stage runner, which holds the directory's lock (one process per
+    run directory; ``runner.close()`` or the process's end releases it). A different training config is refused
+    unless ``force`` (which starts the run directory over); ``verify`` checks finished stages' files by content."""
     run_dir = Path(run_dir)
     accelerator = accelerator if accelerator is not None else launcher_accelerator()
+    lock = None
     if accelerator is None or accelerator.is_main_process:
         preflight(cfg)  # the whole config against itself, before anything is sampled or written
-        manifest_path = run_dir / "manifest.json"
-        if manifest_path.exists():
-            changed = _changed_training_sections(Manifest(run_dir).data.get("config", {}), cfg)
-            if changed and not force:
-                raise ItermergeError(
-                    f"{run_dir}: this run was made with a different {', '.join(changed)} section; rerun with the same "
-                    "config to resume, choose another run directory, or pass --force to start this one over"
-                )
-            if changed:
-                shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-        manifest = Manifest(run_dir)
-        manifest.set_meta("config", to_dict(cfg))
-        manifest.set_meta("reference", str(resolve_model(cfg.model.path)))
-    runner = StageRunner(run_dir, accelerator)
+        lock = RunLock(run_dir).acquire()
+        try:
+            if (run_dir / "manifest.json").exists():
+                changed = _changed_training_sections(Manifest(run_dir).data.get("config", {}), cfg)
+                if changed and not force:
+                    raise ItermergeError(
+                        f"{run_dir}: this run was made with a different {', '.join(changed)} section; rerun with the "
+                        "same config to resume, choose another run directory, or pass --force to start this one over"
+                    )
+                if changed:
+                    _clear(run_dir)
+            atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+            manifest = Manifest(run_dir)
+            manifest.set_meta("config", to_dict(cfg))
+            manifest.set_meta("reference", str(resolve_model(cfg.model.path)))
+        except BaseException:
+            lock.release()
+            raise
+    runner = StageRunner(run_dir, accelerator, verify=verify, lock=lock)
     runner.barrier()
     return runner
+
+
+def _clear(run_dir: Path) -> None:
+    """Everything in ``run_dir`` but its lock file (deleting that would let a second process lock a new one)."""
+    for path in run_dir.iterdir():
+        if path.name == LOCK_NAME:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _changed_training_sections(recorded: dict[str, Any], cfg: RunConfig) -> list[str]:

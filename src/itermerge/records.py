@@ -60,7 +60,16 @@ class PreferencePair:
     ref_rejected_logp: float | None = None
 
 
-Record = TypeVar("Record", Prompt, Completion, PreferencePair)
+@dataclass(frozen=True)
+class ReferenceLogprobs:
+    """log π_θ0 of one pair's chosen and rejected completion (Alg. 1's fixed reference), computed once."""
+
+    prompt_id: str
+    ref_chosen_logp: float
+    ref_rejected_logp: float
+
+
+Record = TypeVar("Record", Prompt, Completion, PreferencePair, ReferenceLogprobs)
 
 # Fields that must not be empty when read back: an empty one means the stage that wrote it is broken
 # or the file was edited, and training on it would fail much later with a shape error.
@@ -68,6 +77,7 @@ _NON_EMPTY: dict[type, tuple[str, ...]] = {
     Prompt: ("id", "messages"),
     Completion: ("prompt_id",),
     PreferencePair: ("prompt_id", "messages", "prompt_ids", "chosen_ids", "rejected_ids"),
+    ReferenceLogprobs: ("prompt_id",),
 }
 _ROLES = ("system", "user", "assistant")
 

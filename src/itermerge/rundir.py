@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -28,16 +29,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to a temporary sibling, then rename it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        if _write_error(e):
+            raise write_failed(path, e) from e
+        raise
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if _write_error(e):
+            raise write_failed(path, e) from e
         raise
 
 
@@ -67,9 +75,26 @@ def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         else:
             os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _write_error(e):
+            raise write_failed(final, e) from e
         raise
+
+
+# What a failing write looks like: a full disk, a quota, a file too large, a read-only or failing device.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+def _write_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in _WRITE_ERRNOS
+
+
+def write_failed(path: Path, error: OSError) -> ItermergeError:
+    """A write that failed (a full disk, a quota, permissions): what was there before is intact, and the run resumes."""
+    before = f"the previous {path.name} is intact" if path.exists() else f"nothing was written under {path.name}"
+    return ItermergeError(f"{path}: writing failed ({error.strerror or error}); {before}. Free space (or fix the "
+                          "cause) and rerun the same command: finished stages are kept")
 
 
 class Manifest:

@@ -85,6 +85,7 @@ def run_search(
         for lam, alpha in tqdm(todo, desc="search (λ, α)", unit="point", disable=not progress):
             start = time.perf_counter()
             basis.apply_to(model, lam, alpha)
+            refuse_non_finite(model, lam, alpha)
             merge_s = time.perf_counter() - start
             metrics, seconds = timed_eval(evaluate_fn, model)
             append_record(points_path, {
@@ -126,3 +127,14 @@ def timed_eval(evaluate_fn: EvaluateFn, model: nn.Module) -> tuple[dict[str, Met
     start = time.perf_counter()
     metrics = evaluate_fn(model, timings)
     return metrics, {"eval": time.perf_counter() - start, **timings}
+
+
+@torch.no_grad()
+def refuse_non_finite(model: nn.Module, lam: float, alpha: float) -> None:
+    """A merged point whose weights overflowed (a very large α, in 16 bits) is refused by name, never evaluated."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise ItermergeError(
+                f"search point λ={lam:g}, α={alpha:g}: tensor {name!r} of the merge holds NaN or Inf (it overflows "
+                f"{p.dtype}); take this α out of search.alphas or evaluate in float32 (model.dtype: float32)"
+            )

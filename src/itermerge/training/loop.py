@@ -111,8 +111,12 @@ def train_dpo(
     state_dict: dict[str, Tensor] | None = None,
     compute_dtype: torch.dtype | None = None,
     master_weights_from: str | Path | None = None,
+    label: str = "",
 ) -> dict[str, Any]:
     """θ_t = argmin_θ L(θ; D_t) from the model's current weights (Alg. 1), trained in place; returns metrics.
+
+    A step whose gradient norm or loss is not finite stops training with a named error (``label`` says which
+    iteration), before the optimizer applies it.
 
     The reference log-probs are read from the pairs (θ0's, see `add_reference_logprobs`), so only the
     policy is in memory. A model in bfloat16/float16 trains as float32 master weights under autocast and
@@ -205,12 +209,16 @@ def train_dpo(
                         [losses.detach(), chosen_rewards, rejected_rewards, torch.full_like(losses, weight)], dim=1
                     ).cpu()
             grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
+            if grad_norm is not None and not math.isfinite(float(grad_norm)):  # the same on every process
+                raise _diverged(label, step, len(batches), lr, f"the gradient norm is {float(grad_norm)}", cfg)
             optimizer.step()
             if flat_grads is not None:
                 flat_grads.zero_()
             else:
                 optimizer.zero_grad(set_to_none=True)
             history.append(_step_metrics(accelerator.gather(rows.to(accelerator.device)).cpu(), step, lr, grad_norm))
+            if not math.isfinite(history[-1]["loss"]):  # gathered: the same on every process
+                raise _diverged(label, step, len(batches), lr, f"the loss is {history[-1]['loss']}", cfg)
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", acc=f"{history[-1]['accuracy']:.2f}")
         if state_dict is not None and sharded_parameters(accelerator):
@@ -227,6 +235,14 @@ def train_dpo(
         accelerator.free_memory()
     wall = time.perf_counter() - start
     return _run_metrics(history, sum(tokens[i].num_tokens for batch in batches for i in batch), wall)
+
+
+def _diverged(label: str, step: int, steps: int, lr: float, what: str, cfg: DPOConfig) -> ItermergeError:
+    return ItermergeError(
+        f"{label}DPO step {step + 1} of {steps}: {what} at learning rate {lr:.3g}; training diverged, and no weights "
+        f"were saved. Lower dpo.learning_rate (now {cfg.learning_rate:g}), raise dpo.warmup_ratio (now "
+        f"{cfg.warmup_ratio:g}) or lower dpo.max_grad_norm (now {cfg.max_grad_norm:g}), then rerun to continue"
+    )
 
 
 def _step_metrics(rows: Tensor, step: int, lr: float, grad_norm: Tensor | float | None) -> dict[str, float]:
