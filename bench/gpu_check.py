@@ -2,6 +2,7 @@
 ``accelerate launch`` with DeepSpeed ZeRO-3 (examples/accelerate_zero3.yaml), the weights checked after each.
 
     python bench/gpu_check.py --tokenizer DIR --out DIR [--skip-zero3]
+    python bench/gpu_check.py --tokenizer DIR --out DIR --graphs-only   # the CUDA-graph sampling table alone
 
 θ0 has SmolLM2-135M's architecture with seeded random weights (no weights are downloaded): the point is
 the GPU code path and its throughput, not what the model learns. ``--tokenizer`` is a directory with
@@ -136,6 +137,52 @@ def sampling(theta0: Path, batches: list[int], max_new: int, device: str) -> dic
     return rows
 
 
+@step("sampling_cuda_graphs")
+def sampling_cuda_graphs(theta0: Path, device: str, rows: list[int], max_new: int, repeats: int) -> dict:
+    """The CUDA-graph decode path (``sampling.cuda_graphs``) against ``generate`` and the eager decode loop, in bf16:
+    a table of tokens/s at each row count (alternated rounds, medians), then its greedy output against
+    ``generate``'s one prompt at a time, and its samples with graphs against the same static cache run eagerly."""
+    import torch
+    from sampling_bench import arithmetic_prompts, hf_generate, make_sampler, measure, print_table, summary
+
+    from itermerge.checkpoint import load_model, load_tokenizer
+    from itermerge.sampling import SamplingParams
+    from itermerge.tokenization import stop_token_ids
+
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    model, tokenizer = load_model(theta0, dtype=dtype, device=device), load_tokenizer(theta0)
+    eos, k, sides = list(stop_token_ids(model, tokenizer)), 8, ["generate", "graphs", "eager"]
+    warm = arithmetic_prompts(tokenizer, 2, seed=1)
+    hf_generate(model, tokenizer, warm, 2, 4, eos)
+    records = measure(model, tokenizer, eos, rows, sides, k=k, chunks=2, max_new=max_new, repeats=repeats)
+    table = summary(records)
+    print(f"\n{torch.cuda.get_device_name() if device.startswith('cuda') else device}, {dtype}, K={k}, "
+          f"max_new_tokens={max_new}, 2 batches of prompts, median of {repeats} alternated rounds\n", flush=True)
+    print_table(table, sides, k, chunks=2)
+    out: dict[str, object] = {"table": table}
+    sampler = make_sampler(model, tokenizer, 8, "graphs")
+    out["static_decoding"], out["static_unsupported"] = sampler.static_decoding, sampler.static_unsupported
+    prompts = arithmetic_prompts(tokenizer, 8, seed=3)
+    greedy = sampler.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=32))
+    same, prefix = 0, []
+    for p, (mine,) in zip(prompts, greedy):
+        with torch.inference_mode():
+            ref = model.generate(torch.tensor([p], device=device), do_sample=False, max_new_tokens=32)
+        ref = ref[0, len(p) :].tolist()
+        same += mine.token_ids == ref[: len(mine.token_ids)]
+        prefix.append(next((i for i, (a, b) in enumerate(zip(mine.token_ids, ref)) if a != b), len(mine.token_ids)))
+    out["greedy_identical_to_generate"], out["greedy_common_prefix"] = f"{same}/{len(prompts)}", prefix
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=32, seed=5)
+    graphed = sampler.generate(prompts, params)
+    if sampler.static_kv is not None:
+        sampler.static_kv.use_graphs = False
+        out["graphs_equal_eager_static_step"] = sampler.generate(prompts, params) == graphed
+        out["graphs_captured"] = len(sampler.static_kv.graphs)
+    if device.startswith("cuda"):
+        out["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
+
+
 def weights(path: Path) -> dict[str, np.ndarray]:
     from itermerge.checkpoint import CheckpointReader
     from itermerge.checkpoint.dtypes import to_float32
@@ -237,6 +284,11 @@ def main() -> None:
     ap.add_argument("--skip-zero3", action="store_true")
     ap.add_argument("--skip-sampling", action="store_true")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to try this script out")
+    ap.add_argument("--graphs-only", action="store_true",
+                    help="only the CUDA-graph sampling measurement (~2-3 min on an H100/H200), no iterate runs")
+    ap.add_argument("--graph-rows", type=int, nargs="+", default=[8, 64, 256])
+    ap.add_argument("--graph-max-new-tokens", type=int, default=64)
+    ap.add_argument("--graph-repeats", type=int, default=2)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(args.work, ignore_errors=True)
@@ -247,8 +299,12 @@ def main() -> None:
     try:
         environment()
         make_theta0(args.tokenizer, theta0)
+        if args.graphs_only:
+            sampling_cuda_graphs(theta0, args.device, args.graph_rows, args.graph_max_new_tokens, args.graph_repeats)
+            return
         if not args.skip_sampling:
             sampling(theta0, args.batches, args.max_new_tokens, args.device)
+            sampling_cuda_graphs(theta0, args.device, args.graph_rows, args.graph_max_new_tokens, args.graph_repeats)
         iterate_one_gpu(config, args.work, theta0)
         if not args.skip_zero3:
             iterate_zero3(config, args.work, theta0)

@@ -2,12 +2,22 @@
 
     .venv/bin/python bench/sampling_bench.py                 # batches 64 and 16, K=8, 48 new tokens
     .venv/bin/python bench/sampling_bench.py --model /tmp/smol --batch 64
+    python bench/sampling_bench.py --device cuda --dtype bfloat16 --batch 8 64 256 --sides generate eager graphs \
+        --repeats 3 --max-new-tokens 128                    # the CUDA-graph decode path against generate
+    .venv/bin/python bench/sampling_bench.py --tiny --batch 8 16 --sides generate eager graphs   # a CPU smoke test
 
 A batch holds batch/K arithmetic prompts × K samples, and the workload is ``--chunks`` batches of
 prompts, as the pipeline samples Alg. 1's y_1:K for a whole prompt set: ``generate`` is called once
 per batch (a naive loop), ``HFSampler.generate`` once for all the prompts with ``batch_size=batch``.
 Both sides sample at temperature 1 with top-p/top-k off (appendix A, training column) and stop at
 EOS; tokens counted are the generated ones up to and including EOS. Prints a markdown table.
+
+Sides (``--sides``): ``generate``; ``sampler`` (HFSampler with its default settings); ``eager`` (HFSampler with
+``cuda_graphs=False``: the decode loop over the growing cache); ``graphs`` (``cuda_graphs=True``: the static slot
+cache, each step a CUDA graph; on a CPU the same static path runs without graphs). Each sampler is built once per
+batch; the static one is warmed on the workload itself (graph capture off the clock, reported apart). The rounds
+alternate the sides, and the table shows each side's median round. ``--tiny``: a 2-layer random model with ``--model``'s
+tokenizer, to try the script out on a CPU.
 """
 
 from __future__ import annotations
@@ -16,9 +26,12 @@ import argparse
 import os
 import platform
 import resource
+import statistics
 import time
 
 import torch
+
+SIDES = ("generate", "sampler", "eager", "graphs")
 
 
 def cpu_seconds() -> float:
@@ -66,13 +79,110 @@ def hf_generate(model, tokenizer, prompts: list[list[int]], k: int, max_new: int
     return int(first.sum())
 
 
-def sampler_generate(model, tokenizer, prompts, k: int, max_new: int, batch: int) -> int:
-    from itermerge.sampling import SamplingParams
+def make_sampler(model, tokenizer, batch: int, side: str = "sampler"):
+    """HFSampler for a side: its defaults, ``cuda_graphs`` off (eager) or on (graphs; static path by hand on CPU)."""
     from itermerge.sampling.hf import HFSampler
 
-    sampler = HFSampler(model, tokenizer, batch_size=batch, progress=False)
+    options = {"eager": {"cuda_graphs": False}, "graphs": {"cuda_graphs": True}}.get(side, {})
+    sampler = HFSampler(model, tokenizer, batch_size=batch, progress=False, **options)
+    if side == "graphs" and sampler.device.type != "cuda":
+        sampler.static_decoding = True  # no graphs off a GPU: the static slot path itself, stepped eagerly
+    return sampler
+
+
+def run_sampler(sampler, prompts, k: int, max_new: int) -> int:
+    from itermerge.sampling import SamplingParams
+
     out = sampler.generate(prompts, SamplingParams(n=k, temperature=1.0, max_new_tokens=max_new, seed=0))
     return sum(len(s.token_ids) for row in out for s in row)
+
+
+def sampler_generate(model, tokenizer, prompts, k: int, max_new: int, batch: int) -> int:
+    """Tokens from a fresh HFSampler with its default settings (bench/gpu_check.py's sampling step)."""
+    return run_sampler(make_sampler(model, tokenizer, batch), prompts, k, max_new)
+
+
+def measure(model, tokenizer, eos: list[int], batches: list[int], sides: list[str], *, k: int, chunks: int,
+            max_new: int, repeats: int) -> list[dict]:
+    """One record per batch: each side's rounds (tokens, wall s, CPU s), alternated, and the graph path's set-up."""
+    records = []
+    for batch in batches:
+        per_batch = max(1, batch // k)
+        prompts = arithmetic_prompts(tokenizer, per_batch * chunks, seed=batch)
+        samplers, setup = {}, {}
+        for side in sides:
+            if side == "generate":
+                continue
+            samplers[side] = make_sampler(model, tokenizer, batch, side)
+            start = time.perf_counter()
+            if samplers[side].static_decoding:
+                run_sampler(samplers[side], prompts, k, max_new)  # warm-up on the workload: graphs captured here
+            kv = samplers[side].static_kv
+            setup[side] = {"warm_up_s": time.perf_counter() - start, "static": samplers[side].static_decoding,
+                           "graphs": len(kv.graphs) if kv else 0, "capture_s": kv.capture_seconds if kv else 0.0}
+        rounds: dict[str, list[tuple[int, float, float]]] = {side: [] for side in sides}
+        for _ in range(repeats):
+            for side in sides:
+                if side == "generate":
+                    result = timed(hf_generate_loop, model, tokenizer, prompts, per_batch, k, max_new, eos)
+                else:
+                    result = timed(run_sampler, samplers[side], prompts, k, max_new)
+                rounds[side].append(result)
+                print(f"batch {batch} {side}: {result[0]} tokens, {result[1]:.2f} s wall, {result[2]:.1f} s CPU",
+                      flush=True)
+        records.append({"batch": batch, "rows": len(prompts) * k, "rounds": rounds, "setup": setup})
+        del samplers
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return records
+
+
+def summary(records: list[dict]) -> list[dict]:
+    """Per batch and side: median tok/s over rounds and median per-round speed-up against generate."""
+    out = []
+    for r in records:
+        rates = {side: [t / w for t, w, _ in rounds] for side, rounds in r["rounds"].items()}
+        row = {"batch": r["batch"], "rows": r["rows"]}
+        for side, values in rates.items():
+            row[f"{side}_tok_s"] = round(statistics.median(values))
+            row[f"{side}_mean_tokens"] = round(statistics.mean(t for t, _, _ in r["rounds"][side]) / r["rows"], 1)
+            if side != "generate" and "generate" in rates:
+                row[f"{side}_speedup"] = round(statistics.median(
+                    [a / b for a, b in zip(values, rates["generate"])]), 2)
+        for side, info in r["setup"].items():
+            row[f"{side}_setup"] = {key: round(v, 2) if isinstance(v, float) else v for key, v in info.items()}
+        out.append(row)
+    return out
+
+
+def print_table(rows: list[dict], sides: list[str], k: int, chunks: int) -> None:
+    others = [s for s in sides if s != "generate"]
+    head = ["batch (prompts × K) × batches", *[f"{s} tok/s" for s in sides]]
+    if "generate" in sides:
+        head += [f"{s} / generate" for s in others]
+    head += ["mean tokens per row", "graphs captured (s)"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row in rows:
+        cells = [f"{row['batch']} ({row['rows'] // k // chunks} × {k}) × {chunks}"]
+        cells += [f"{row[f'{s}_tok_s']:,}" for s in sides]
+        if "generate" in sides:
+            cells += [f"**{row[f'{s}_speedup']:.2f}×**" for s in others]
+        cells.append(" / ".join(f"{row[f'{s}_mean_tokens']}" for s in sides))
+        graphs = row.get("graphs_setup")
+        cells.append(f"{graphs['graphs']} ({graphs['capture_s']:.1f} s)" if graphs else "—")
+        print("| " + " | ".join(cells) + " |")
+
+
+def tiny_model(path: str, device: str, dtype: str):
+    """A 2-layer random model with ``path``'s vocabulary and tokenizer: the script's code paths, fast on a CPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16))
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).to(device).eval()
 
 
 def main() -> None:
@@ -86,12 +196,14 @@ def main() -> None:
         "--repeats",
         type=int,
         default=1,
-        help="rounds of (generate, HFSampler) per batch, alternated: this machine's speed drifts by ±15 %%; "
-        "the table shows each batch's median round by speed-up",
+        help="rounds of the sides per batch, alternated: this machine's speed drifts by ±15 %%; "
+        "the table shows each side's median round",
     )
+    ap.add_argument("--sides", nargs="+", choices=SIDES, default=["generate", "sampler"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", help="float32 (CPU) or bfloat16 (GPU)")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer random model with --model's tokenizer")
     args = ap.parse_args()
 
     from itermerge.checkpoint import load_model, load_tokenizer, resolve_model
@@ -100,53 +212,28 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
-    model, tokenizer = load_model(path, dtype=args.dtype, device=args.device), load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
+    if args.tiny:
+        model = tiny_model(path, args.device, args.dtype)
+    else:
+        model = load_model(path, dtype=args.dtype, device=args.device)
     eos = list(stop_token_ids(model, tokenizer))
     torch.manual_seed(0)
     warm_up = arithmetic_prompts(tokenizer, 1, seed=1)  # first-call costs (allocator, kernels) off the clock
     hf_generate(model, tokenizer, warm_up, 2, 2, eos)
     sampler_generate(model, tokenizer, warm_up, 2, 2, 2)
-    rows = []
     print(f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
-    for batch in args.batch:
-        per_batch = max(1, batch // args.k)
-        prompts = arithmetic_prompts(tokenizer, per_batch * args.chunks, seed=batch)
-        n_rows = len(prompts) * args.k
-        rounds = []
-        for _ in range(args.repeats):
-            hf = timed(hf_generate_loop, model, tokenizer, prompts, per_batch, args.k, args.max_new_tokens, eos)
-            ours = timed(sampler_generate, model, tokenizer, prompts, args.k, args.max_new_tokens, batch)
-            rounds.append((hf, ours))
-            for name, (tokens, wall, cpu) in (("generate", hf), ("HFSampler", ours)):
-                print(f"batch {batch} {name}: {tokens} tokens, {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
-        speedups = [(o[0] / o[1]) / (h[0] / h[1]) for h, o in rounds]
-        if len(rounds) > 1:
-            print(f"batch {batch} speed-up per round: " + ", ".join(f"{x:.2f}x" for x in speedups), flush=True)
-        hf, ours = sorted(rounds, key=lambda r: (r[1][0] / r[1][1]) / (r[0][0] / r[0][1]))[len(rounds) // 2]
-        rows.append((batch, n_rows, hf, ours))
+    records = measure(model, tokenizer, eos, args.batch, args.sides, k=args.k, chunks=args.chunks,
+                      max_new=args.max_new_tokens, repeats=args.repeats)
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
-
     where = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     )
-    print(f"\n{path} {args.dtype}, {where}, "
+    print(f"\n{path}{' (tiny random)' if args.tiny else ''} {args.dtype}, {where}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, K={args.k}, "
-          f"max_new_tokens={args.max_new_tokens}, temperature 1.0, {args.chunks} batches of prompts\n")
-    print(
-        "| batch (prompts × K) × batches | mean tokens generate / HFSampler | generate tok/s | HFSampler "
-        "tok/s | speed-up "
-        "| generate / HFSampler tok per CPU-s | speed-up (CPU) |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for batch, n_rows, (hf_tok, hf_wall, hf_cpu), (our_tok, our_wall, our_cpu) in rows:
-        hf_rate, our_rate = hf_tok / hf_wall, our_tok / our_wall
-        hf_cpu_rate, our_cpu_rate = hf_tok / hf_cpu, our_tok / our_cpu
-        print(
-            f"| {batch} ({n_rows // args.k // args.chunks} × {args.k}) × {args.chunks} "
-            f"| {hf_tok / n_rows:.1f} / {our_tok / n_rows:.1f} "
-            f"| {hf_rate:.0f} | {our_rate:.0f} | {our_rate / hf_rate:.2f}× "
-            f"| {hf_cpu_rate:.0f} / {our_cpu_rate:.0f} | {our_cpu_rate / hf_cpu_rate:.2f}× |"
-        )
+          f"max_new_tokens={args.max_new_tokens}, temperature 1.0, {args.chunks} batches of prompts, "
+          f"median of {args.repeats} alternated rounds\n")
+    print_table(summary(records), args.sides, args.k, args.chunks)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import save_tiny, tiny_model
 
 from itermerge import iteration
@@ -91,7 +92,7 @@ def test_reference_is_theta0_in_every_iteration(finished_run, theta0):
     assert max(abs(a - b) for a, b in zip(stored, under_theta1)) > 1e-3
 
 
-@pytest.mark.parametrize("crash_in", ["sample_and_score", "make_pairs", "reference_logprobs", "train", "write_metrics"])
+@pytest.mark.parametrize("crash_in", ["write_samples", "make_pairs", "write_reference", "train", "write_metrics"])
 def test_resume_after_crash_in_each_stage(finished_run, theta0, tmp_path, monkeypatch, crash_in):
     """A crash in iteration 2's stage leaves the run resumable; the rerun gives θ2 of the uninterrupted run."""
     run_dir = tmp_path / "tiny"
@@ -203,24 +204,16 @@ def test_cli_search_report_eval_reward_ensemble(finished_run, tmp_path, capsys):
 
 
 def test_accelerate_launch_two_processes_gives_the_same_theta(finished_run, theta0, tmp_path):
-    """`accelerate launch --num_processes 2` (gloo, CPU): main samples and scores, both train; θ1 equals 1 process's."""
-    import subprocess
-    import sys
-
-    import yaml
+    """`accelerate launch`, two CPU processes (gloo): both sample, score and train; θ1 equals one process's."""
+    from test_distributed import launch
 
     cfg = tiny_run_config(theta0, iterations=1)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "itermerge.cli"]
-    done = subprocess.run(
-        [*launcher, "iterate", str(path), "--run-dir", str(tmp_path / "two")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = launch(["iterate", str(path), "--run-dir", str(tmp_path / "two")])
     assert done.returncode == 0, done.stderr[-3000:]
+    shares = json.loads((tmp_path / "two" / "manifest.json").read_text())["stages"]["iter_01/samples"]["shards"]
+    assert [s["rank"] for s in shares] == [0, 1]  # two processes really ran (accelerate's --cpu alone starts one)
     one = iterate(from_dict(cfg), tmp_path / "one")
     a, b = _params(tmp_path / "two" / "iter_01" / "model"), _params(one[1])
     assert any(not torch.equal(a[n], _params(theta0)[n]) for n in a)

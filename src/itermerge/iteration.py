@@ -12,44 +12,20 @@ from typing import Any
 
 import torch
 
-from itermerge.checkpoint import load_model, load_tokenizer, save_model
+from itermerge.checkpoint import load_tokenizer, save_model
 from itermerge.config import DPOConfig, RunConfig
+from itermerge.devices import Placement, load_placed, placement, release
 from itermerge.errors import ItermergeError
 from itermerge.labeling import make_scorer, select_pair
 from itermerge.logprobs import score_sequences
 from itermerge.records import Completion, PreferencePair, Prompt, ReferenceLogprobs, read_jsonl, write_jsonl
 from itermerge.rundir import atomic_write_json
-from itermerge.sampling import make_sampler
+from itermerge.runner import Shard, unshard
+from itermerge.sampling.backends import run_sampler, scorer_spec
 from itermerge.seeds import stage_seed
 from itermerge.tokenization import encode_prompt, pad_id
 from itermerge.training.loop import train_dpo
 from itermerge.training.reference import add_reference_logprobs
-
-
-def resolve_device(cfg: RunConfig) -> tuple[str, torch.dtype]:
-    """``auto``: CUDA in bfloat16 when present, else CPU in float32 (bf16 matmul is ~4× slower on CPUs)."""
-    device = cfg.model.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ItermergeError(f"model.device = {device}: no CUDA device is visible; use device: cpu or auto")
-    dtype = cfg.model.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return device, getattr(torch, dtype)
-
-
-def hf_sampler_options(cfg: RunConfig) -> dict[str, Any]:
-    """The hf sampler's batch and speed settings from the run's sampling section."""
-    s = cfg.sampling
-    return {"batch_size": s.batch_size, "blocked_output_layer": s.blocked_output_layer,
-            "growing_kv_cache": s.growing_kv_cache, "grouped_query_sdpa": s.grouped_query_sdpa}
-
-
-def load_policy(path: str | Path, cfg: RunConfig):
-    device, dtype = resolve_device(cfg)
-    return load_model(path, dtype=dtype, device=device, trust_remote_code=cfg.model.trust_remote_code)
-
 
 # --- prompts ------------------------------------------------------------------------------------
 
@@ -68,8 +44,13 @@ def encode_prompts(prompts: list[Prompt], tokenizer, cfg: RunConfig) -> tuple[li
 # --- Alg. 1, line by line -------------------------------------------------------------------------
 
 
-def sample_and_score(cfg: RunConfig, t: int, policy_path: Path, prompts: list[Prompt], out: Path) -> dict[str, Any]:
-    """y_1:K ~ π_θ_{t−1}(·|x) for x ∈ X_t, each scored: writes samples.jsonl."""
+def sample_shard(cfg: RunConfig, t: int, policy_path: Path, prompts: list[Prompt], shard: Shard) -> dict[str, Any]:
+    """y_1:K ~ π_θ_{t−1}(·|x) for this process's share of X_t, each scored: this process's part of samples.jsonl.
+
+    Every process encodes all prompts (cheap, and the same everywhere) and samples every ``world``-th kept one;
+    a prompt's samples depend on its own seed only, so the result does not depend on the number of processes.
+    The sampler is released before the scorer loads (one model of the stage on the device at a time).
+    """
     tokenizer = load_tokenizer(policy_path)
     kept, prompt_ids, dropped = encode_prompts(prompts, tokenizer, cfg)
     if not kept:
@@ -77,36 +58,46 @@ def sample_and_score(cfg: RunConfig, t: int, policy_path: Path, prompts: list[Pr
             f"iteration {t}: all {len(prompts)} prompts exceed prompts.max_prompt_length = "
             f"{cfg.prompts.max_prompt_length}"
         )
+    mine = shard.indices(len(kept))
+    where = placement(cfg.model)
     start = time.perf_counter()
-    if cfg.sampling.backend == "vllm":
-        sampler = make_sampler("vllm", str(policy_path), tensor_parallel_size=cfg.sampling.tensor_parallel_size,
-                               gpu_memory_utilization=cfg.sampling.gpu_memory_utilization)
-    else:
-        sampler = make_sampler("hf", load_policy(policy_path, cfg), tokenizer, **hf_sampler_options(cfg))
-    samples = sampler.generate(prompt_ids, cfg.sampling.params(seed=stage_seed(cfg.seed, "sample", t)))
-    sample_seconds = time.perf_counter() - start
-    del sampler
-    scorer = make_scorer(cfg.scorer.spec())
-    flat = [(p, k, s) for p, group in zip(kept, samples) for k, s in enumerate(group)]
+    params = cfg.sampling.params(seed=stage_seed(cfg.seed, "sample", t))
+    with run_sampler(cfg, policy_path, tokenizer, where) as sampler:
+        samples = sampler.generate([prompt_ids[i] for i in mine], params)
+        del sampler  # run_sampler gives its device memory back as the block ends
+    seconds = time.perf_counter() - start
+    scorer = make_scorer(scorer_spec(cfg.scorer.spec(), where))
+    flat = [(kept[i], k, s) for i, group in zip(mine, samples) for k, s in enumerate(group)]
     scores = scorer.score([p for p, _, _ in flat], [s.text for _, _, s in flat])
-    completions = [
-        Completion(
-            prompt_id=p.id, index=k, text=s.text, token_ids=list(s.token_ids), finished=s.finished, score=float(v)
-        )
-        for (p, k, s), v in zip(flat, scores)
-    ]
+    release(scorer)
+    completions = [Completion(prompt_id=p.id, index=k, text=s.text, token_ids=list(s.token_ids), finished=s.finished,
+                              score=float(v)) for (p, k, s), v in zip(flat, scores)]
+    return {"kept": kept if shard.is_main else None, "dropped": dropped, "completions": completions,
+            "seconds": seconds}
+
+
+def write_samples(out: Path, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The processes' parts of X_t's samples in prompt order: writes prompts.jsonl and samples.jsonl."""
+    kept = parts[0]["kept"]
+    by_prompt: dict[str, list[Completion]] = {}
+    for part in parts:
+        for c in part["completions"]:
+            by_prompt.setdefault(c.prompt_id, []).append(c)
+    completions = [c for p in kept for c in by_prompt[p.id]]
     write_jsonl(out / "prompts.jsonl", kept)
     write_jsonl(out / "samples.jsonl", completions)
     tokens = sum(len(c.token_ids) for c in completions)
+    seconds = max(part["seconds"] for part in parts)  # the processes sampled at the same time
+    scores = [c.score for c in completions]
     return {
         "prompts": len(kept),
-        "prompts_dropped_too_long": dropped,
+        "prompts_dropped_too_long": parts[0]["dropped"],
         "samples": len(completions),
         "mean_score": sum(scores) / len(scores),
         "mean_completion_tokens": tokens / len(completions),
         "finished_fraction": sum(c.finished for c in completions) / len(completions),
-        "sampling_seconds": round(sample_seconds, 2),
-        "sampling_tokens_per_second": round(tokens / max(sample_seconds, 1e-9), 1),
+        "sampling_seconds": round(seconds, 2),
+        "sampling_tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
     }
 
 
@@ -141,32 +132,40 @@ def make_pairs(prompts_path: Path, samples_path: Path, tokenizer, cfg: RunConfig
             "mean_rejected_score": sum(p.rejected_score for p in pairs) / len(pairs)}
 
 
-def reference_logprobs(cfg: RunConfig, theta0: Path, sampler_path: Path, out: Path, t: int) -> dict[str, Any]:
-    """log π_θ0 of every chosen and rejected completion, once (the reference is θ0, never θ_{t−1}).
-
-    Also estimates KL(π_θ{t−1} ‖ π_θ0) from the first sample of each prompt (an unbiased draw of π_θ{t−1}).
-    """
-    pairs = read_jsonl(out / "pairs.jsonl", PreferencePair)
-    dpo_cfg = dpo_config(cfg, t)
+def reference_shard(cfg: RunConfig, theta0: Path, sampler_path: Path, out: Path, t: int,
+                    shard: Shard) -> dict[str, Any]:
+    """log π_θ0 of this process's share of the pairs' chosen and rejected completions, once (the reference is θ0,
+    never θ_{t−1}); and its share of the KL(π_θ{t−1} ‖ π_θ0) estimate from each prompt's first sample (an
+    unbiased draw of π_θ{t−1})."""
+    pairs = shard.take(read_jsonl(out / "pairs.jsonl", PreferencePair))
+    where = placement(cfg.model)
     start = time.perf_counter()
-    reference = load_policy(theta0, cfg)
-    pairs = add_reference_logprobs(reference, pairs, dpo_cfg, batch_size=cfg.sampling.batch_size // 4 or 1)
+    reference = load_placed(theta0, where, cfg.model.trust_remote_code)
+    pairs = add_reference_logprobs(reference, pairs, dpo_config(cfg, t), batch_size=cfg.sampling.batch_size // 4 or 1,
+                                   progress=shard.is_main)
     seconds = time.perf_counter() - start
-    first = [c for c in read_jsonl(out / "samples.jsonl", Completion) if c.index == 0]
     prompt_ids = {p.prompt_id: p.prompt_ids for p in pairs}
-    first = [c for c in first if c.prompt_id in prompt_ids]
-    kl = 0.0
+    first = [c for c in read_jsonl(out / "samples.jsonl", Completion) if c.index == 0 and c.prompt_id in prompt_ids]
+    kl_terms: list[float] = []
     if t > 1 and first:
         xs, ys = [prompt_ids[c.prompt_id] for c in first], [c.token_ids for c in first]
         pad = pad_id(load_tokenizer(theta0))
         ref_lp = score_sequences(reference, xs, ys, pad, batch_size=16)
+        release(reference)
         del reference
-        policy_lp = score_sequences(load_policy(sampler_path, cfg), xs, ys, pad, batch_size=16)
-        kl = sum(a - b for a, b in zip(policy_lp, ref_lp)) / len(first)
-    write_jsonl(out / "reference_logprobs.jsonl",
-                [ReferenceLogprobs(p.prompt_id, p.ref_chosen_logp, p.ref_rejected_logp) for p in pairs])
-    return {"reference": str(theta0), "reference_seconds": round(seconds, 2), "kl_sampler_to_reference": kl,
-            "kl_samples": len(first) if t > 1 else 0}
+        policy = load_placed(sampler_path, where, cfg.model.trust_remote_code)
+        kl_terms = [a - b for a, b in zip(score_sequences(policy, xs, ys, pad, batch_size=16), ref_lp)]
+    return {"refs": [ReferenceLogprobs(p.prompt_id, p.ref_chosen_logp, p.ref_rejected_logp) for p in pairs],
+            "kl_terms": kl_terms, "seconds": seconds}
+
+
+def write_reference(out: Path, theta0: Path, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """θ0's log-probs in pair order: writes reference_logprobs.jsonl."""
+    refs = unshard([part["refs"] for part in parts], sum(len(part["refs"]) for part in parts))
+    write_jsonl(out / "reference_logprobs.jsonl", refs)
+    terms = [x for part in parts for x in part["kl_terms"]]
+    return {"reference": str(theta0), "reference_seconds": round(max(part["seconds"] for part in parts), 2),
+            "kl_sampler_to_reference": sum(terms) / len(terms) if terms else 0.0, "kl_samples": len(terms)}
 
 
 def pairs_with_reference(out: Path) -> list[PreferencePair]:
@@ -193,15 +192,13 @@ def train(cfg: RunConfig, t: int, policy_path: Path, out: Path, accelerator=None
     """θ_t ← argmin_θ L(θ; D_t) starting from θ_{t−1}, on D_t only; saved as iter_XX/model."""
     pairs = pairs_with_reference(out)
     torch.manual_seed(stage_seed(cfg.seed, "train", t))
-    device, dtype = resolve_device(cfg)
+    where = placement(cfg.model)
+    device, dtype = where.device, where.torch_dtype
     deepspeed = _launcher_flag("ACCELERATE_USE_DEEPSPEED")
     # Weights train in float32 (read as such, so a float32 θ_{t−1} is not first rounded to 16 bits) and the
     # forward runs in the configured dtype; DeepSpeed keeps its own float32 master copy of a 16-bit model.
-    model = load_model(
-        policy_path, dtype=dtype if deepspeed else torch.float32, device=device,
-        trust_remote_code=cfg.model.trust_remote_code,
-        partitioned=_launcher_flag("ACCELERATE_DEEPSPEED_ZERO3_INIT"),
-    )
+    model = load_placed(policy_path, Placement(device, where.dtype if deepspeed else "float32"),
+                        cfg.model.trust_remote_code, partitioned=_launcher_flag("ACCELERATE_DEEPSPEED_ZERO3_INIT"))
     tokenizer = load_tokenizer(policy_path)
     gathered: dict[str, torch.Tensor] = {}  # the trained weights, when ZeRO-3 leaves each process only a shard
     metrics = train_dpo(model, pairs, dpo_config(cfg, t), accelerator=accelerator, state_dict=gathered,
@@ -226,8 +223,17 @@ def _launcher_flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() == "true"
 
 
+PER_STAGE = ("seconds", "finish_seconds", "device_peak_gib", "shards")  # kept apart by stage in metrics.json
+
+
 def write_metrics(out: Path, t: int, stages: dict[str, Any]) -> None:
+    """metrics.json: every number the iteration's stages recorded; their wall time, device memory and each process's
+    share (items, seconds) by stage."""
     merged: dict[str, Any] = {"iteration": t}
-    for info in stages.values():
-        merged.update({k: v for k, v in (info or {}).items() if k not in ("finished_at", "files", "key")})
+    for stage, info in stages.items():
+        for key, value in (info or {}).items():
+            if key in PER_STAGE:
+                merged.setdefault(key, {})[stage] = value
+            elif key not in ("finished_at", "files", "key"):
+                merged[key] = value
     atomic_write_json(out / "metrics.json", merged)

@@ -14,12 +14,14 @@ from typing import Any
 from itermerge import iteration as it
 from itermerge.checkpoint import load_tokenizer, resolve_model
 from itermerge.config import RunConfig, from_dict, to_dict, to_yaml
+from itermerge.devices import placement
 from itermerge.errors import ItermergeError
 from itermerge.integrity import LOCK_NAME, RunLock
 from itermerge.preflight import preflight
 from itermerge.prompts import training_prompts
 from itermerge.rundir import Manifest, atomic_write_text
-from itermerge.runner import StageRunner
+from itermerge.runner import Shard, StageRunner
+from itermerge.sampling.backends import evaluation_sampler
 
 STUDIES = ("alpha", "accuracy", "ensemble", "lambda")
 # Sections whose change alters what the finished iterations computed; the others (T, search,
@@ -34,15 +36,13 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike, force: bool = False, verify:
     with open_run(cfg, run_dir, force, verify=verify) as runner:
         thetas = algorithm_1(runner, cfg, run_dir)
         theta_b = second_criterion_run(runner, cfg, run_dir) if cfg.studies.lambda_study else None
-        if not runner.is_main:
-            return run_dir / "report.md"  # the rest (search, merge, studies) runs on the main process
         choice = search_and_test(runner, cfg, run_dir)
         run_studies(runner, cfg, run_dir, thetas, choice, theta_b=theta_b)
-        from itermerge.report import write_report
+        if runner.is_main:
+            from itermerge.report import write_report
 
-        report = write_report(run_dir)
-    print(f"report: {report}")
-    return report
+            print(f"report: {write_report(run_dir)}")
+    return run_dir / "report.md"
 
 
 def iterate(cfg: RunConfig, run_dir: str | os.PathLike, force: bool = False, accelerator: Any = None,
@@ -61,14 +61,16 @@ def algorithm_1(runner: StageRunner, cfg: RunConfig, root: Path, prefix: str = "
         out, prev, name = root / f"iter_{t:02d}", thetas[-1], f"{prefix}iter_{t:02d}"
         out.mkdir(parents=True, exist_ok=True)
         # Alg. 1, lines 2-5: sample from π_θ{t−1}, label best vs worst, (θ0's log-probs), train θ_t.
-        x_t = training_prompts(cfg, t)
+        sample = partial(it.sample_shard, cfg, t, prev, training_prompts(cfg, t))
+        label = partial(it.make_pairs, out / "prompts.jsonl", out / "samples.jsonl", tokenizer, cfg, out, t)
+        reference = partial(it.reference_shard, cfg, theta0, prev, out, t)
         records = {
-            "samples": runner(f"{name}/samples", partial(it.sample_and_score, cfg, t, prev, x_t, out),
-                              outputs=[out / "prompts.jsonl", out / "samples.jsonl"]),
-            "pairs": runner(f"{name}/pairs", partial(it.make_pairs, out / "prompts.jsonl", out / "samples.jsonl",
-                                                     tokenizer, cfg, out, t), outputs=[out / "pairs.jsonl"]),
-            "reference": runner(f"{name}/reference_logprobs", partial(it.reference_logprobs, cfg, theta0, prev, out, t),
-                                outputs=[out / "reference_logprobs.jsonl"]),
+            "samples": runner.sharded(f"{name}/samples", sample, partial(it.write_samples, out),
+                                      outputs=[out / "prompts.jsonl", out / "samples.jsonl"]),
+            "pairs": runner(f"{name}/pairs", label, outputs=[out / "pairs.jsonl"]),
+            "reference": runner.sharded(f"{name}/reference_logprobs", reference,
+                                        partial(it.write_reference, out, theta0),
+                                        outputs=[out / "reference_logprobs.jsonl"]),
             "train": runner(f"{name}/train", partial(it.train, cfg, t, prev, out, runner.accelerator),
                             outputs=[out / "model"], everyone=True),
         }
@@ -87,28 +89,59 @@ def second_criterion_run(runner: StageRunner, cfg: RunConfig, run_dir: Path) -> 
 
 def search_and_test(runner: StageRunner, cfg: RunConfig, run_dir: Path, *, test: bool = True,
                     reference: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Algorithm 2's (λ, α) on dev (every point merged in memory), then the chosen merge written and tested once."""
-    from itermerge.search.finalize import finalize, run_paths
-    from itermerge.search.points import run_search
+    """Algorithm 2: θ̄ cached, the (λ, α) grid on dev (each point merged in memory, the points shared out among the
+    processes), the paper's rule; then the chosen merge written and tested once (the models shared out likewise)."""
+    from itermerge.search import finalize as fin
+    from itermerge.search import points
 
-    theta0, checkpoints = run_paths(run_dir, reference)
-    cache = run_dir / "cache" / "mean_intermediate"
+    theta0, checkpoints = fin.run_paths(run_dir, reference)
+    cache, out, where = run_dir / "cache" / "mean_intermediate", run_dir / "search", placement(cfg.model)
+    if len(checkpoints) >= 3:  # Alg. 2, line 1: θ̄ = mean(θ1..θ_{T−1}), once
+        runner("mean", partial(mean_of, checkpoints[:-1], cache), outputs=[cache])
+    fingerprint = cfg.evaluation.fingerprint()
 
-    def search() -> dict[str, Any]:
-        choice = run_search(run_dir / "search", theta0, checkpoints, cfg.evaluation, cfg.search, mean_cache=cache)
-        return {"lam": choice["lam"], "alpha": choice["alpha"]}
+    def search(shard: Shard) -> int:
+        with evaluation_sampler(cfg, where, checkpoints[-1]) as make_sampler:
+            return points.evaluate_points(out, theta0, checkpoints, cfg.evaluation, cfg.search, mean_cache=cache,
+                                          where=where, make_sampler=make_sampler, shard=shard)
 
-    def test_eval() -> dict[str, Any]:
-        record = finalize(run_dir / "search", theta0, checkpoints, cfg.evaluation, run_dir / "merged", mean_cache=cache)
-        return {"lam": record["lam"], "alpha": record["alpha"]}
+    def choose(parts: list[int]) -> dict[str, Any]:
+        choice = points.choose(out, checkpoints, cfg.evaluation, cfg.search)
+        return {"lam": choice["lam"], "alpha": choice["alpha"], "points_evaluated": sum(parts)}
 
-    fingerprint, out = cfg.evaluation.fingerprint(), run_dir / "search"
-    choice = runner("search", search, key={"search": dataclasses.asdict(cfg.search), "evaluation": fingerprint},
-                    outputs=[out / n for n in ("points.jsonl", "checkpoints.jsonl", "choice.json", "eval_config.json")])
-    if test:
-        runner("test_eval", test_eval, key={"lam": choice["lam"], "alpha": choice["alpha"], "evaluation": fingerprint},
-               outputs=[run_dir / "merged", out / "test.json"])
+    choice = runner.sharded("search", search, choose,
+                            key={"search": dataclasses.asdict(cfg.search), "evaluation": fingerprint},
+                            outputs=[out / n for n in ("points.jsonl", "checkpoints.jsonl", "choice.json",
+                                                       "eval_config.json")])
+    if not test:
+        return choice
+    key = {"lam": choice["lam"], "alpha": choice["alpha"]}
+    runner("merge", partial(fin.write_merge, out, theta0, checkpoints, run_dir / "merged", mean_cache=cache),
+           key=key, outputs=[run_dir / "merged"])
+
+    def test_eval(shard: Shard) -> list[dict[str, Any]]:
+        with evaluation_sampler(cfg, where, checkpoints[-1]) as make_sampler:
+            return fin.evaluate_test(out, theta0, checkpoints, cfg.evaluation, run_dir / "merged", where=where,
+                                     make_sampler=make_sampler, shard=shard)
+
+    def write_test(parts: list[list[dict[str, Any]]]) -> dict[str, Any]:
+        record = fin.write_test(out, checkpoints, cfg.evaluation, parts)
+        return {"lam": record["lam"], "alpha": record["alpha"], "models": [m["name"] for m in record["models"]]}
+
+    runner.sharded("test_eval", test_eval, write_test, key={**key, "evaluation": fingerprint},
+                   outputs=[out / "test.json"])
     return choice
+
+
+def mean_of(intermediates: list[Path], cache: Path) -> dict[str, Any]:
+    """θ̄ written to ``cache`` unless it already holds the mean of exactly these checkpoints."""
+    from itermerge.checkpoint import CheckpointReader
+    from itermerge.merging.mean import mean_cache_hashes, mean_checkpoint
+
+    reused = mean_cache_hashes(cache, [CheckpointReader(p) for p in intermediates]) is not None
+    if not reused:
+        mean_checkpoint(intermediates, cache, force=True)
+    return {"checkpoints": len(intermediates), "reused": reused}
 
 
 def run_studies(runner: StageRunner, cfg: RunConfig, run_dir: Path, thetas: list[Path], choice: dict[str, Any] | None,
@@ -126,17 +159,24 @@ def run_studies(runner: StageRunner, cfg: RunConfig, run_dir: Path, thetas: list
     for name in wanted:
         out = run_dir / "studies" / name
         if name == "alpha":
-            runner("studies/alpha", partial(stages.alpha_study, cfg, run_dir, thetas), outputs=[out])
+            runner.sharded("studies/alpha", partial(stages.alpha_work, cfg, run_dir, thetas),
+                           partial(stages.alpha_finish, cfg, run_dir), outputs=[out])
         elif name == "accuracy":
-            runner("studies/accuracy", partial(stages.accuracy_matrix, cfg, run_dir, thetas, merged), outputs=[out])
+            runner.sharded("studies/accuracy/sets", partial(stages.accuracy_sets_work, cfg, thetas),
+                           partial(stages.accuracy_sets_finish, run_dir), outputs=[out / "sets"])
+            runner.sharded("studies/accuracy", partial(stages.accuracy_work, cfg, run_dir, thetas, merged),
+                           partial(stages.accuracy_finish, cfg, run_dir, thetas),
+                           outputs=[out / "accuracy.json", out / "accuracy.png"])
         elif name == "ensemble":
             lam, alpha = choice["lam"], choice["alpha"]
-            runner("studies/ensemble", partial(stages.ensemble_study, cfg, run_dir, thetas, lam, alpha),
-                   key={"lam": lam, "alpha": alpha}, outputs=[out])
+            runner.sharded("studies/ensemble", partial(stages.ensemble_work, cfg, thetas, lam, alpha),
+                           partial(stages.ensemble_finish, cfg, run_dir, thetas, lam, alpha),
+                           key={"lam": lam, "alpha": alpha}, outputs=[out])
         elif name == "lambda":
             theta_b = theta_b or second_criterion_run(runner, cfg, run_dir)
-            runner("studies/lambda", partial(stages.lambda_study, cfg, run_dir, thetas, theta_b),
-                   outputs=[out / "lambda.json", out / "lambda.png"])
+            runner.sharded("studies/lambda", partial(stages.lambda_work, cfg, thetas, theta_b),
+                           partial(stages.lambda_finish, cfg, run_dir, thetas, theta_b),
+                           outputs=[out / "lambda.json", out / "lambda.png"])
 
 
 # --- the run directory ------------------------------------------------------------------------------------
@@ -148,7 +188,7 @@ def open_run(cfg: RunConfig, run_dir: str | os.PathLike, force: bool = False, ac
     run directory; ``runner.close()`` or the process's end releases it). A different training config is refused
     unless ``force`` (which starts the run directory over); ``verify`` checks finished stages' files by content."""
     run_dir = Path(run_dir)
-    accelerator = accelerator if accelerator is not None else launcher_accelerator()
+    accelerator = accelerator if accelerator is not None else launcher_accelerator(cfg.timeout_minutes)
     lock = None
     if accelerator is None or accelerator.is_main_process:
         preflight(cfg)  # the whole config against itself, before anything is sampled or written
@@ -205,10 +245,15 @@ def _changed_training_sections(recorded: dict[str, Any], cfg: RunConfig) -> list
     return [k for k in _TRAINING_SECTIONS if a.get(k) != b.get(k)]
 
 
-def launcher_accelerator() -> Any:
-    """One Accelerator when launched with several processes (``accelerate launch``), else None."""
+def launcher_accelerator(timeout_minutes: int = 240) -> Any:
+    """One Accelerator when launched with several processes (``accelerate launch``), else None; its process group
+    (and DeepSpeed's) waits ``timeout_minutes`` before calling a missing process dead."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    from accelerate import Accelerator
+    from datetime import timedelta
 
-    return Accelerator()
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    os.environ.setdefault("DEEPSPEED_TIMEOUT", str(timeout_minutes))  # read by DeepSpeed's init_distributed
+    return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))])

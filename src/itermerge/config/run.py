@@ -107,6 +107,8 @@ class SamplingConfig:
         metadata={"help": "hf: KV cache appended in place with room to grow (rows join mid-way), not re-concatenated"})
     grouped_query_sdpa: bool = field(
         default=True, metadata={"help": "hf on CPU: grouped K/V heads passed to torch's SDPA as they are"})
+    cuda_graphs: bool = field(
+        default=True, metadata={"help": "hf on GPU: static KV cache of slots, each decoding step one CUDA graph"})
 
     def __post_init__(self) -> None:
         if self.backend not in ("hf", "vllm"):
@@ -179,6 +181,11 @@ class StudiesConfig:
     )
     prompts: int = field(default=32, metadata={"help": "dev prompts per study"})
     n: int = field(default=4, metadata={"help": "completions per prompt in the studies"})
+    sampling: str = field(
+        default="eval",
+        metadata={"help": "how the α and λ studies sample: eval (appendix A's evaluation column, as §4.1) or train "
+                          "(the training column; then r_θ/β also estimates KL to θ0)"},
+    )
 
     def __post_init__(self) -> None:
         if len(self.ensemble_fallback) != 2:
@@ -188,6 +195,8 @@ class StudiesConfig:
         for name in ("prompts", "n"):
             if getattr(self, name) < 1:
                 raise ItermergeError(f"studies.{name} = {getattr(self, name)}: must be a positive integer")
+        if self.sampling not in ("eval", "train"):
+            raise ItermergeError(f"studies.sampling = {self.sampling!r}: use eval or train")
 
 
 @dataclass(frozen=True)
@@ -197,6 +206,12 @@ class RunConfig:
     name: str = field(default="run", metadata={"help": "run name (the default run directory is runs/NAME)"})
     seed: int = field(default=0, metadata={"help": "one seed for prompts, sampling and training"})
     iterations: int = field(default=3, metadata={"help": "T, the number of iterations of Alg. 1"})
+    timeout_minutes: int = field(
+        default=240,
+        metadata={"help": "under a launcher, how long a process may wait for the others (the process group's and "
+                          "DeepSpeed's timeout); every stage is shared out, so a wait is at most one unit of another "
+                          "process's share (one search point with lm-eval at the paper's size: under 2 h)"},
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -207,6 +222,8 @@ class RunConfig:
     studies: StudiesConfig = field(default_factory=StudiesConfig)
 
     def __post_init__(self) -> None:
+        if self.timeout_minutes < 1:
+            raise ItermergeError(f"timeout_minutes = {self.timeout_minutes}: must be a positive number of minutes")
         if self.iterations < 1:
             raise ItermergeError(f"iterations = {self.iterations}: T must be at least 1")
 

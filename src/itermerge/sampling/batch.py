@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -36,6 +36,30 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     finished: bool = False
     ended: bool = False
+
+
+class Batch(Protocol):
+    """What the decode loop drives: rows join (``admit``), choose a token (``sample``) and advance (``forward``).
+
+    ``size`` is the width decoded (live and ended rows), ``live`` the rows still decoding; ``drop_ended`` lets
+    the batch shed ended rows when a change would pay.
+    """
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def live(self) -> int: ...
+
+    def can_admit(self) -> bool: ...
+
+    def admit(self, prompt_ids: list[list[int]], rows: list[tuple[int, int]], seeds: list[int]) -> None: ...
+
+    def drop_ended(self) -> None: ...
+
+    def sample(self) -> list[Row]: ...
+
+    def forward(self) -> None: ...
 
 
 class DecodeBatch:
@@ -76,15 +100,10 @@ class DecodeBatch:
         KV cache copied to its rows."""
         dev, max_new = self.device, self.params.max_new_tokens
         distinct = list(dict.fromkeys(p for p, _ in rows))
-        lengths = torch.tensor([len(prompt_ids[p]) for p in distinct], device=dev)  # (U,)
-        width = int(lengths.max())
-        input_ids = torch.full((len(distinct), width), self.pad_id, dtype=torch.long, device=dev)
-        for i, p in enumerate(distinct):
-            input_ids[i, width - len(prompt_ids[p]) :] = torch.tensor(prompt_ids[p], device=dev)
-        mask = (torch.arange(width, device=dev) >= (width - lengths)[:, None]).long()  # (U, W)
-        positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # as HF generate
-        cache = self.new_cache(width + min(max_new, INITIAL_ROOM))
-        logits = self.forward_fn(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions)
+        cache, logits, mask, lengths = prefill(
+            self.forward_fn, self.new_cache, [prompt_ids[p] for p in distinct], self.pad_id, dev,
+            room=min(max_new, INITIAL_ROOM),
+        )
         of_prompt = torch.tensor([distinct.index(p) for p, _ in rows], device=dev)  # (B_new,)
         cache.batch_select_indices(of_prompt)
         new = dict(
@@ -123,15 +142,9 @@ class DecodeBatch:
 
     def sample(self) -> list[Row]:
         """Choose every live row's next token from its logits; returns the rows that ended with it."""
-        p, logits = self.params, self.logits
-        if self.counts is not None:
-            logits = apply_penalties(logits, self.counts, p.presence_penalty, p.frequency_penalty)
-        if self.uniforms is None:
-            tokens = logits.argmax(dim=-1)  # (B,)
-        else:
-            steps = torch.tensor([min(len(r.tokens), p.max_new_tokens - 1) for r in self.rows], device=self.device)
-            u = self.uniforms.gather(1, steps[:, None]).squeeze(1)  # each row's noise for its own step
-            tokens = sample_categorical(warp_logits(logits, p.temperature, p.top_k, p.top_p), u)
+        p = self.params
+        steps = [min(len(r.tokens), p.max_new_tokens - 1) for r in self.rows]
+        tokens = choose_tokens(self.logits, p, self.counts, self.uniforms, steps)  # (B,)
         is_eos = torch.isin(tokens, self.eos).tolist()
         ended = []
         for row, token, eos in zip(self.rows, tokens.tolist(), is_eos):
@@ -161,6 +174,42 @@ class DecodeBatch:
 
     def _live_index(self) -> torch.Tensor:
         return torch.tensor([i for i, r in enumerate(self.rows) if not r.ended], dtype=torch.long, device=self.device)
+
+
+def prefill(
+    forward: Forward, new_cache: NewCache, prompts: list[list[int]], pad_id: int, device: torch.device, *, room: int
+) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``prompts`` left-padded to a common width W through ``forward`` in a fresh cache with ``room`` spare
+    slots: (cache, last-position logits (U, V), attention mask (U, W), prompt lengths (U,)). Position ids are
+    HF ``generate``'s: a prompt's first token is at position 0 whatever its padding."""
+    lengths = torch.tensor([len(p) for p in prompts])  # (U,)
+    width = int(lengths.max())
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.tensor(p)
+    mask = (torch.arange(width) >= (width - lengths)[:, None]).long()  # (U, W)
+    positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # as HF generate
+    input_ids, mask, positions, lengths = (t.to(device) for t in (input_ids, mask, positions, lengths))
+    cache = new_cache(width + room)
+    logits = forward(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions)
+    return cache, logits, mask, lengths
+
+
+def choose_tokens(
+    logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None, uniforms: torch.Tensor | None,
+    steps: list[int],
+) -> torch.Tensor:
+    """Each row's next token (B,) from its logits (B, V): penalties (``counts`` (B, V), None without them), then
+    argmax when ``uniforms`` is None (greedy), else HF's warping and the inverse CDF at the row's own uniform
+    ``uniforms[b, steps[b]]`` ((B, max_new_tokens) float64)."""
+    p = params
+    if counts is not None:
+        logits = apply_penalties(logits, counts, p.presence_penalty, p.frequency_penalty)
+    if uniforms is None:
+        return logits.argmax(dim=-1)
+    at = torch.tensor(steps, device=uniforms.device)[:, None]
+    u = uniforms.gather(1, at).squeeze(1)  # each row's noise for its own step
+    return sample_categorical(warp_logits(logits, p.temperature, p.top_k, p.top_p), u)
 
 
 def _left_pad(mask: torch.Tensor, width: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from itermerge.sampling.batch import DecodeBatch, Forward, NewCache, Row
+from itermerge.sampling.batch import Batch, DecodeBatch, Forward, NewCache, Row
 from itermerge.sampling.params import SamplingParams, prompt_seeds
 
 # Rows join (waiting rows fill free slots) or leave (ended rows are dropped) once that changes at
@@ -28,11 +28,14 @@ CHANGE_FRACTION = 1 / 8
 def decode(
     forward: Forward, new_cache: NewCache, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
     eos_ids: Sequence[int], pad_id: int, device: torch.device, *, batch_size: int, progress: bool = False,
-    desc: str = "sampling",
+    desc: str = "sampling", batch: Batch | None = None,
 ) -> list[list[Row]]:
     """``params.n`` rows per prompt (one when greedy: greedy rows are all the same), as [prompt][k] → Row
     (token ids ending with the EOS when ``finished``). Row k of a prompt draws from uniforms keyed on the
-    prompt's content and k, so it does not depend on what it was batched with."""
+    prompt's content and k, so it does not depend on what it was batched with.
+
+    ``batch`` is where the rows decode: by default a ``DecodeBatch`` over ``forward`` and ``new_cache``; the
+    static-cache path (``sampling.slots.SlotBatch``) passes its own, with room for ``batch_size`` rows."""
     seeds = prompt_seeds([list(p) for p in prompt_ids], params.seed)
     per_prompt = 1 if params.greedy else params.n
     rows = sorted(  # by prompt length, so rows that decode together need little padding
@@ -41,7 +44,8 @@ def decode(
     )
     prompts = [list(p) for p in prompt_ids]
     results: list[list[Row | None]] = [[None] * per_prompt for _ in prompt_ids]
-    batch = DecodeBatch(forward, new_cache, params, list(eos_ids), pad_id, device)
+    if batch is None:
+        batch = DecodeBatch(forward, new_cache, params, list(eos_ids), pad_id, device)
     change = max(1, math.ceil(batch_size * CHANGE_FRACTION))
     taken, n_tokens, start = 0, 0, time.perf_counter()
     bar = tqdm(total=len(rows), unit="sample", desc=desc, disable=not progress)

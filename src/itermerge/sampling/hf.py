@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,8 @@ from itermerge.logprobs import plain_output_path
 from itermerge.sampling.decode import decode
 from itermerge.sampling.kv_cache import growing_cache, plain_cache
 from itermerge.sampling.params import Sample, SamplingParams
+from itermerge.sampling.slots import SlotBatch
+from itermerge.sampling.static import StaticKV, cache_bytes, capacity_for, static_unsupported
 from itermerge.tokenization import stop_token_ids
 
 
@@ -26,6 +29,10 @@ class HFSampler:
     batch and waiting rows take their slots (continuous batching), so the batch stays full until the
     last prompts; only the last position's logits are computed. Temperature/top-k/top-p follow HF's
     warpers, so a sample has the law of HF ``generate``'s; greedy matches ``generate(do_sample=False)``.
+
+    ``cuda_graphs`` (``sampling.cuda_graphs``, on GPUs only): rows decode in the fixed slots of a static KV
+    cache and each decoding step is one CUDA graph replay (``sampling/static.py``, ``sampling/slots.py``);
+    the same draws up to float rounding. Models it cannot serve (``static_unsupported``) decode as on CPUs.
     """
 
     def __init__(
@@ -40,6 +47,7 @@ class HFSampler:
         blocked_output_layer: bool = True,
         growing_kv_cache: bool = True,
         grouped_query_sdpa: bool = True,
+        cuda_graphs: bool = True,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ItermergeError(f"HFSampler batch_size = {batch_size!r}: must be an integer >= 1")
@@ -62,6 +70,11 @@ class HFSampler:
         # exactly head(body(x)): a plain bias-free output layer, no soft-capping or logit scale.
         self._split = plain_output_path(model) if blocked_output_layer and self.device.type == "cpu" else None
         self.growing_kv_cache, self.grouped_query_sdpa = growing_kv_cache, grouped_query_sdpa
+        # On a GPU, decoding steps over a static cache of slots, each step one CUDA graph (sampling/static.py);
+        # the reason it is off for a model that cannot (None when it can), and the cache, kept between calls.
+        self.static_unsupported = static_unsupported(model) if cuda_graphs and self.device.type == "cuda" else None
+        self.static_decoding = cuda_graphs and self.device.type == "cuda" and self.static_unsupported is None
+        self.static_kv: StaticKV | None = None
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
         """``params.n`` samples per prompt, in prompt order. Same seed and prompt → same samples."""
@@ -70,13 +83,32 @@ class HFSampler:
         self.model.eval()
         try:
             with _grouped_query_sdpa(self.device, self.grouped_query_sdpa):
+                batch = self._slot_batch(prompt_ids, params) if self.static_decoding and prompt_ids else None
                 rows = decode(self._forward, self._new_cache, prompt_ids, params, self.eos_ids, self.pad_id,
-                              self.device, batch_size=self.batch_size, progress=self.progress)
+                              self.device, batch_size=self.batch_size, progress=self.progress, batch=batch)
         finally:
             self.model.train(was_training)
         samples = [[Sample(self.tokenizer.decode(r.tokens, skip_special_tokens=True), r.tokens, r.finished)
                     for r in per] for per in rows]
         return [row * params.n if params.greedy else row for row in samples]
+
+    def _slot_batch(self, prompt_ids: list[list[int]], params: SamplingParams) -> SlotBatch | None:
+        """Rows in the slots of the static cache, which is kept from the last call while it is long enough; None
+        (the growing cache) when a cache for every row at full length would not fit in the GPU's free memory."""
+        needed = capacity_for(max(map(len, prompt_ids)) + params.max_new_tokens)
+        if self.static_kv is None or self.static_kv.capacity < needed:
+            self.static_kv = None  # the old buffers go before the new ones are allocated
+            nbytes = cache_bytes(self.model.config, self.batch_size, needed, next(self.model.parameters()).dtype)
+            if self.device.type == "cuda" and nbytes > STATIC_MEMORY_SHARE * torch.cuda.mem_get_info(self.device)[0]:
+                warnings.warn(f"sampling: a static KV cache of {self.batch_size} rows × {needed} tokens needs "
+                              f"{nbytes / 2**30:.1f} GiB, over {STATIC_MEMORY_SHARE:.0%} of the GPU's free memory; "
+                              "decoding without CUDA graphs (lower sampling.batch_size or max_new_tokens to use them)",
+                              stacklevel=3)
+                return None
+            self.static_kv = StaticKV(self.model, self._cache_arg, self.batch_size, needed,
+                                      graphs=self.device.type == "cuda")
+        return SlotBatch(self.static_kv, self._forward, self._new_cache, params, self.eos_ids, self.pad_id,
+                         self.device)
 
     def _new_cache(self, capacity: int) -> Any:
         """A KV cache that grows in place and lets rows join mid-way, or (``growing_kv_cache=False``) the plain one."""
@@ -103,6 +135,7 @@ class HFSampler:
         return output_logits(hidden[:, -1, :], head.weight).float()
 
 
+STATIC_MEMORY_SHARE = 0.8  # of the GPU's free memory, at most, for the static KV cache (graphs need some too)
 VOCAB_BLOCK = 4096  # output-layer rows per block in output_logits
 
 

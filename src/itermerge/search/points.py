@@ -12,15 +12,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from itermerge.checkpoint import CheckpointReader, load_model, load_tokenizer
+from itermerge.checkpoint import CheckpointReader, load_tokenizer
 from itermerge.config.evaluation import EvalConfig
 from itermerge.config.search import SearchConfig
+from itermerge.devices import CPU, Placement, load_placed, release
 from itermerge.errors import ItermergeError
 from itermerge.evaluation import Evaluator, Metric, metrics_to_dict
 from itermerge.maths.merge import merge_weights
 from itermerge.merging import MergeBasis
 from itermerge.records import append_record, read_records
 from itermerge.rundir import atomic_write_json
+from itermerge.runner import Shard
 from itermerge.search.grid import check_split, grid, model_name, point_key
 from itermerge.search.selection import select_point
 
@@ -49,73 +51,123 @@ def run_search(
     mean_cache: str | os.PathLike | None = None,
     evaluate_fn: EvaluateFn | None = None,
     progress: bool = True,
+    where: Placement = CPU,
+    make_sampler: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate every (λ, α) of the grid and θ0..θT on the dev split; write points, choice; return the choice.
 
-    Each point is Algorithm 2 applied in memory to one loaded model (``MergeBasis``: θ0, θ̄, θT in
-    float32), then evaluated. Points go to ``points.jsonl`` as they finish, the checkpoints to
-    ``checkpoints.jsonl``; a rerun skips what is recorded under the same evaluator fingerprint.
-    ``evaluate_fn`` replaces the evaluators built from ``eval_config`` (its fingerprint still keys the
-    records, so give a config that names what the function measures).
+    ``evaluate_points`` on one process, then ``choose``. ``evaluate_fn`` replaces the evaluators built from
+    ``eval_config`` (its fingerprint still keys the records, so give a config that names what it measures).
     """
-    config = config or SearchConfig()
+    evaluate_points(search_dir, reference, checkpoints, eval_config, config, mean_cache=mean_cache,
+                    evaluate_fn=evaluate_fn, progress=progress, where=where, make_sampler=make_sampler)
+    return choose(search_dir, checkpoints, eval_config, config)
+
+
+def evaluate_points(
+    search_dir: str | os.PathLike,
+    reference: str | os.PathLike,
+    checkpoints: Sequence[str | os.PathLike],
+    eval_config: EvalConfig,
+    config: SearchConfig | None = None,
+    *,
+    mean_cache: str | os.PathLike | None = None,
+    evaluate_fn: EvaluateFn | None = None,
+    progress: bool = True,
+    where: Placement = CPU,
+    make_sampler: Callable[..., Any] | None = None,
+    shard: Shard | None = None,
+) -> int:
+    """This process's share (``shard``) of the grid points and θ0..θ_{T−1} not yet recorded, evaluated on the dev
+    split; returns how many. Each point is Algorithm 2 applied in memory to one loaded model (``MergeBasis``),
+    then evaluated; its record is appended to ``points.jsonl`` as it finishes (``checkpoints.jsonl`` for θ_t), so
+    a rerun evaluates only what is missing. Models load on ``where`` (device and dtype)."""
+    config, shard = config or SearchConfig(), shard or Shard()
     check_split(config.split)
-    search_dir = Path(search_dir)
-    checkpoints = [Path(c) for c in checkpoints]
+    search_dir, checkpoints = Path(search_dir), [Path(c) for c in checkpoints]
     if not checkpoints:
         raise ItermergeError("run_search: no checkpoints θ1..θT given")
-    T = len(checkpoints)
-    todo_grid = grid([0.0] if T == 1 else config.lams, config.alphas)  # θ̄ is undefined for T = 1
-    fingerprint = eval_config.fingerprint()
-    stamp = {"split": config.split, "eval_fingerprint": fingerprint}
+    T, stamp = len(checkpoints), _stamp(config, eval_config)
     points_path, ckpt_path = search_dir / "points.jsonl", search_dir / "checkpoints.jsonl"
     done = {point_key(r["lam"], r["alpha"]) for r in read_records(points_path) if _same(r, stamp)}
     done_ckpts = {r["t"] for r in read_records(ckpt_path) if _same(r, stamp)}
-    atomic_write_json(search_dir / "eval_config.json", {"fingerprint": fingerprint, **eval_config.to_dict()})
-
-    todo = [p for p in todo_grid if point_key(*p) not in done]
-    todo_ckpts = [t for t in range(T) if t not in done_ckpts]  # θT's record is the (0, 0) point
-    if todo or todo_ckpts:
-        tokenizer = load_tokenizer(checkpoints[-1])
-        model = load_model(checkpoints[-1])
-        if evaluate_fn is None:
-            ref_model = load_model(reference) if eval_config.kl is not None else None
-            evaluate_fn = Evaluator(eval_config, tokenizer, config.split, reference_model=ref_model, progress=False)
-        basis = MergeBasis.from_checkpoints(reference, checkpoints, mean_cache=mean_cache) if todo else None
-        for lam, alpha in tqdm(todo, desc="search (λ, α)", unit="point", disable=not progress):
-            start = time.perf_counter()
+    if shard.is_main:
+        atomic_write_json(search_dir / "eval_config.json", {"fingerprint": stamp["eval_fingerprint"],
+                                                             **eval_config.to_dict()})
+    jobs = [("point", p) for p in _grid(T, config) if point_key(*p) not in done]
+    jobs += [("checkpoint", t) for t in range(T) if t not in done_ckpts]  # θT's record is the (0, 0) point
+    mine = shard.take(jobs)
+    if not mine:
+        return 0
+    model = load_placed(checkpoints[-1], where)
+    evaluate_fn = evaluate_fn or _evaluator(eval_config, config.split, checkpoints[-1], reference, where, make_sampler)
+    basis = (MergeBasis.from_checkpoints(reference, checkpoints, mean_cache=mean_cache)
+             if any(kind == "point" for kind, _ in mine) else None)
+    paths = [Path(reference), *checkpoints]
+    for kind, job in tqdm(mine, desc=f"search (λ, α) {_share(shard, len(jobs))}", unit="model",
+                          disable=not (progress and shard.is_main)):
+        start = time.perf_counter()
+        if kind == "point":
+            lam, alpha = job
             basis.apply_to(model, lam, alpha)
             refuse_non_finite(model, lam, alpha)
             merge_s = time.perf_counter() - start
             metrics, seconds = timed_eval(evaluate_fn, model)
             append_record(points_path, {
                 "lam": lam, "alpha": alpha, "weights": merge_weights(T, lam, alpha), **stamp,
-                "metrics": metrics_to_dict(metrics), "seconds": {"merge": merge_s, **seconds},
+                "metrics": metrics_to_dict(metrics), "seconds": {"merge": merge_s, **seconds}, "rank": shard.rank,
             })
-        del basis
-        paths = [Path(reference), *checkpoints]
-        for t in tqdm(todo_ckpts, desc="search: θ0..θT−1", unit="model", disable=not progress):
-            start = time.perf_counter()
-            load_weights_into(model, paths[t])
+        else:
+            load_weights_into(model, paths[job])
             load_s = time.perf_counter() - start
             metrics, seconds = timed_eval(evaluate_fn, model)
-            append_record(ckpt_path, {"t": t, "name": model_name(t), "path": str(paths[t]), **stamp,
-                                      "metrics": metrics_to_dict(metrics), "seconds": {"load": load_s, **seconds}})
+            append_record(ckpt_path, {"t": job, "name": model_name(job), "path": str(paths[job]), **stamp,
+                                      "metrics": metrics_to_dict(metrics), "seconds": {"load": load_s, **seconds},
+                                      "rank": shard.rank})
+    release(model, basis)
+    return len(mine)
+
+
+def choose(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], eval_config: EvalConfig,
+           config: SearchConfig | None = None) -> dict[str, Any]:
+    """The paper's rule applied to the recorded points of the grid: writes choice.json and returns it."""
+    config, search_dir = config or SearchConfig(), Path(search_dir)
+    T, stamp = len(checkpoints), _stamp(config, eval_config)
+    points_path, ckpt_path = search_dir / "points.jsonl", search_dir / "checkpoints.jsonl"
     points = [r for r in read_records(points_path) if _same(r, stamp)]
-    base = next(p for p in points if point_key(p["lam"], p["alpha"]) == (0.0, 0.0))
-    if T not in done_ckpts:
+    base = next((p for p in points if point_key(p["lam"], p["alpha"]) == (0.0, 0.0)), None)
+    if base is None:
+        raise ItermergeError(f"{points_path}: no record of θT (λ = 0, α = 0); rerun the search to evaluate it")
+    if T not in {r["t"] for r in read_records(ckpt_path) if _same(r, stamp)}:
         # θ_T is the merge at λ = 0, α = 0 bit for bit (eq. 9 returns a unit-weight input exactly).
         append_record(ckpt_path, {"t": T, "name": model_name(T), "path": str(checkpoints[-1]), **stamp,
                                   "metrics": base["metrics"], "seconds": base["seconds"], "same_as": "λ=0, α=0"})
-    grid_keys = {point_key(*p) for p in todo_grid}
+    grid_keys = {point_key(*p) for p in _grid(T, config)}
     in_grid = [p for p in points if point_key(p["lam"], p["alpha"]) in grid_keys]
-    choice = {
-        **select_point(in_grid, base, config.rule),
-        **stamp,
-        "grid": {"lams": config.lams, "alphas": config.alphas},
-    }
+    choice = {**select_point(in_grid, base, config.rule), **stamp,
+              "grid": {"lams": config.lams, "alphas": config.alphas}}
     atomic_write_json(search_dir / "choice.json", choice)
     return choice
+
+
+def _grid(T: int, config: SearchConfig) -> list[tuple[float, float]]:
+    return grid([0.0] if T == 1 else config.lams, config.alphas)  # θ̄ is undefined for T = 1
+
+
+def _stamp(config: SearchConfig, eval_config: EvalConfig) -> dict[str, str]:
+    return {"split": config.split, "eval_fingerprint": eval_config.fingerprint()}
+
+
+def _share(shard: Shard, total: int) -> str:
+    return f"(this process's {shard.taken} of {total})" if shard.world > 1 else ""
+
+
+def _evaluator(eval_config: EvalConfig, split: str, theta_T: Path, reference: str | os.PathLike, where: Placement,
+               make_sampler: Callable[..., Any] | None) -> Evaluator:
+    """The evaluators of ``eval_config`` for ``split``, the reference model (for KL) placed like the policy."""
+    ref_model = load_placed(reference, where) if eval_config.kl is not None else None
+    return Evaluator(eval_config, load_tokenizer(theta_T), split, reference_model=ref_model, progress=False,
+                     make_sampler=make_sampler)
 
 
 def _same(record: dict[str, Any], stamp: dict[str, str]) -> bool:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from itermerge import __version__
+from itermerge.devices import CPU, Placement, load_placed, release
 from itermerge.errors import ItermergeError
 from itermerge.logprobs.ensemble import live_members, next_token_logprobs, scoring_batches
 from itermerge.maths.ensemble import ensemble_coefficients, kl_per_position, mix_logprobs
@@ -34,7 +35,6 @@ def uniform_average(models: Sequence[nn.Module]) -> nn.Module:
     return merged_model(models, [1.0 / T] * T)
 
 
-@torch.no_grad()
 def approximation_error(
     models: Sequence[nn.Module], coeffs: Sequence[float], merged: nn.Module, prompt_ids: Sequence[Sequence[int]],
     params: SamplingParams, eos_ids: Sequence[int], pad_id: int, baselines: dict[str, nn.Module] | None = None,
@@ -47,46 +47,63 @@ def approximation_error(
     and KL(π_m ‖ π*) at each position, and the Pearson correlation across completions of log π*(y|x)
     and log π_m(y|x). π* is the untempered per-token ensemble (sampling settings only pick the text).
     """
+    return approximation_report([approximation_sums(models, coeffs, merged, prompt_ids, params, eos_ids, pad_id,
+                                                    baselines, batch_size)])
+
+
+@torch.no_grad()
+def approximation_sums(
+    models: Sequence[nn.Module], coeffs: Sequence[float], merged: nn.Module, prompt_ids: Sequence[Sequence[int]],
+    params: SamplingParams, eos_ids: Sequence[int], pad_id: int, baselines: dict[str, nn.Module] | None = None,
+    batch_size: int = 8, show: bool = True,
+) -> dict[str, Any]:
+    """``approximation_error``'s sums over these prompts (any share of them: processes add theirs up)."""
     members, live = live_members(models, coeffs)
     if baselines is None:
         baselines = {"theta_T": models[-1], "uniform_average": uniform_average(models)} if len(models) > 1 else {}
     candidates = {"merged": merged, **baselines}
-    sampled = ensemble_generate(models, coeffs, prompt_ids, params, eos_ids, pad_id, batch_size, progress=True)
+    sampled = ensemble_generate(models, coeffs, prompt_ids, params, eos_ids, pad_id, batch_size, progress=show)
     flat_prompts = [list(p) for p, per in zip(prompt_ids, sampled) for _ in per]
     flat_completions = [ids for per in sampled for ids, _ in per]
     keep = [i for i, c in enumerate(flat_completions) if c]
     flat_prompts, flat_completions = [flat_prompts[i] for i in keep], [flat_completions[i] for i in keep]
-    if not flat_completions:
-        raise ItermergeError("the ensemble produced only empty completions; raise max_new_tokens or check the EOS ids")
     n = len(flat_completions)
-    seq_ens = [0.0] * n
-    seq = {name: [0.0] * n for name in candidates}
-    kl_fwd = dict.fromkeys(candidates, 0.0)
-    kl_rev = dict.fromkeys(candidates, 0.0)
-    tokens = 0
+    sums: dict[str, Any] = {"coefficients": list(coeffs), "models_in_ensemble": len(members), "completions": n,
+                            "tokens": 0, "seq_ens": [0.0] * n, "seq": {name: [0.0] * n for name in candidates},
+                            "kl_fwd": dict.fromkeys(candidates, 0.0), "kl_rev": dict.fromkeys(candidates, 0.0)}
     device = next(members[0].parameters()).device
     for idx, batch, targets in scoring_batches(flat_prompts, flat_completions, pad_id, batch_size, device):
         ens = mix_logprobs([next_token_logprobs(m, batch) for m in members], live)  # (N, V)
         row_of = torch.repeat_interleave(torch.tensor([len(flat_completions[i]) for i in idx]))  # (N,) row in batch
-        _add_by_row(seq_ens, idx, row_of, ens.gather(1, targets[:, None]).squeeze(1))
-        tokens += len(targets)
+        _add_by_row(sums["seq_ens"], idx, row_of, ens.gather(1, targets[:, None]).squeeze(1))
+        sums["tokens"] += len(targets)
         for name, model in candidates.items():
             lp = next_token_logprobs(model, batch)  # (N, V)
-            kl_fwd[name] += float(kl_per_position(ens, lp).sum())
-            kl_rev[name] += float(kl_per_position(lp, ens).sum())
-            _add_by_row(seq[name], idx, row_of, lp.gather(1, targets[:, None]).squeeze(1))
+            sums["kl_fwd"][name] += float(kl_per_position(ens, lp).sum())
+            sums["kl_rev"][name] += float(kl_per_position(lp, ens).sum())
+            _add_by_row(sums["seq"][name], idx, row_of, lp.gather(1, targets[:, None]).squeeze(1))
+    return sums
+
+
+def approximation_report(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The per-token KLs and the correlations from every share's sums (``approximation_sums``), in share order."""
+    n, tokens = sum(p["completions"] for p in parts), sum(p["tokens"] for p in parts)
+    if not n:
+        raise ItermergeError("the ensemble produced only empty completions; raise max_new_tokens or check the EOS ids")
+    seq_ens = [x for p in parts for x in p["seq_ens"]]
     report = {}
-    for name in candidates:
-        r, p = pearson(seq_ens, seq[name])
+    for name in parts[0]["seq"]:
+        seq = [x for p in parts for x in p["seq"][name]]
+        r, pv = pearson(seq_ens, seq)
         report[name] = {
-            "kl_ensemble_to_model_per_token": kl_fwd[name] / tokens,
-            "kl_model_to_ensemble_per_token": kl_rev[name] / tokens,
-            "seq_logp_pearson": r, "seq_logp_pearson_p": p,
-            "mean_seq_logp": sum(seq[name]) / n,
+            "kl_ensemble_to_model_per_token": sum(p["kl_fwd"][name] for p in parts) / tokens,
+            "kl_model_to_ensemble_per_token": sum(p["kl_rev"][name] for p in parts) / tokens,
+            "seq_logp_pearson": r, "seq_logp_pearson_p": pv,
+            "mean_seq_logp": sum(seq) / n,
         }
     return {
-        "coefficients": list(coeffs), "models_in_ensemble": len(members), "completions": n, "tokens": tokens,
-        "ensemble_mean_seq_logp": sum(seq_ens) / n, "candidates": report,
+        "coefficients": parts[0]["coefficients"], "models_in_ensemble": parts[0]["models_in_ensemble"],
+        "completions": n, "tokens": tokens, "ensemble_mean_seq_logp": sum(seq_ens) / n, "candidates": report,
     }
 
 
@@ -158,42 +175,75 @@ def approximation_study(
     reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], prompts: Sequence[Prompt],
     out_dir: str | os.PathLike, *, lam: float | None = None, alpha: float | None = None,
     weights: Sequence[float] | None = None, params: SamplingParams | None = None, batch_size: int = 8,
-    cost_tokens: int = 32, device: str = "cpu", note: str | None = None,
+    cost_tokens: int = 32, where: Placement = CPU, note: str | None = None,
 ) -> dict[str, Any]:
     """Load θ0..θT, merge (λ, α) or ``weights`` in memory, and write ``approximation.json`` + ``.png`` to ``out_dir``.
 
     The JSON holds the inputs, the k_t and coefficients, ``approximation_error`` on completions that the
     ensemble samples for ``prompts``, and ``decoding_cost`` for ``cost_tokens`` new tokens per prompt.
     """
-    from itermerge.checkpoint import load_model, load_tokenizer
-    from itermerge.rundir import atomic_write_json
+    part = approximation_part(reference, checkpoints, prompts, lam=lam, alpha=alpha, weights=weights, params=params,
+                              batch_size=batch_size, cost_tokens=cost_tokens, where=where, with_cost=True)
+    return approximation_write(reference, checkpoints, len(prompts), out_dir, [part], lam=lam, alpha=alpha,
+                               weights=weights, params=params, note=note)
+
+
+def _weights(checkpoints: Sequence[Any], lam: float | None, alpha: float | None, weights: Sequence[float] | None,
+             prompts: int) -> list[float]:
+    if not checkpoints:
+        raise ItermergeError("approximation study: no checkpoints; give θ1..θT (the iterative-DPO checkpoints, "
+                             "in order)")
+    if not prompts:
+        raise ItermergeError("approximation study: no prompts; give at least one dev prompt to sample from the "
+                             "ensemble")
+    return resolve_weights(len(checkpoints), lam, alpha, weights)
+
+
+def approximation_part(
+    reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], prompts: Sequence[Prompt], *,
+    lam: float | None = None, alpha: float | None = None, weights: Sequence[float] | None = None,
+    params: SamplingParams | None = None, batch_size: int = 8, cost_tokens: int = 32, where: Placement = CPU,
+    with_cost: bool = True, show: bool = True,
+) -> dict[str, Any]:
+    """The study on these prompts (any share of them): the sums of ``approximation_sums`` and, ``with_cost``, the
+    decoding cost (measured by one process only: timings of processes sharing a machine do not add)."""
+    from itermerge.checkpoint import load_tokenizer
     from itermerge.tokenization import encode_prompt, pad_id
 
-    if not checkpoints:
-        raise ItermergeError(
-            "approximation study: no checkpoints; give θ1..θT (the iterative-DPO checkpoints, in order)"
-        )
-    if not prompts:
-        raise ItermergeError(
-            "approximation study: no prompts; give at least one dev prompt to sample from the ensemble"
-        )
-    k = resolve_weights(len(checkpoints), lam, alpha, weights)
-    coeffs = ensemble_coefficients(k)
+    k = _weights(checkpoints, lam, alpha, weights, len(prompts))
     params = params or SamplingParams(n=1, temperature=1.0, max_new_tokens=64)
     tokenizer = load_tokenizer(checkpoints[-1])
-    models = [load_model(p, device=device) for p in [reference, *checkpoints]]
+    models = [load_placed(p, where) for p in [reference, *checkpoints]]
     merged = merged_model(models, k)
     prompt_ids = [encode_prompt(tokenizer, p.messages) for p in prompts]
     pad, eos = pad_id(tokenizer), list(stop_token_ids(models[-1], tokenizer))
-    error = approximation_error(models, coeffs, merged, prompt_ids, params, eos, pad, batch_size=batch_size)
-    cost = decoding_cost(models, coeffs, merged, prompt_ids, cost_tokens, pad, batch_size=batch_size)
+    coeffs = ensemble_coefficients(k)
+    sums = approximation_sums(models, coeffs, merged, prompt_ids, params, eos, pad, batch_size=batch_size, show=show)
+    cost = None
+    if with_cost:
+        cost = decoding_cost(models, coeffs, merged, prompt_ids, cost_tokens, pad, batch_size=batch_size)
+    release(merged, *models)
+    return {"sums": sums, "cost": cost}
+
+
+def approximation_write(
+    reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], prompts: int, out_dir: str | os.PathLike,
+    parts: Sequence[dict[str, Any]], *, lam: float | None = None, alpha: float | None = None,
+    weights: Sequence[float] | None = None, params: SamplingParams | None = None, note: str | None = None,
+) -> dict[str, Any]:
+    """approximation.json and .png from the shares' parts (in share order; one of them measured the cost)."""
+    from itermerge.rundir import atomic_write_json
+
+    k = _weights(checkpoints, lam, alpha, weights, prompts)
+    params = params or SamplingParams(n=1, temperature=1.0, max_new_tokens=64)
     result = {
         "itermerge_version": __version__,
         "what": "exact ensemble eq. (6), normalised per token, vs the merge eq. (9) that approximates it",
         "reference": str(reference), "checkpoints": [str(c) for c in checkpoints],
-        "lam": lam, "alpha": alpha, "weights": k, "coefficients": coeffs, "measured": note,
-        "sampling": dataclasses.asdict(params),
-        "prompts": len(prompts), "error": error, "cost": cost,
+        "lam": lam, "alpha": alpha, "weights": k, "coefficients": ensemble_coefficients(k), "measured": note,
+        "sampling": dataclasses.asdict(params), "prompts": prompts,
+        "error": approximation_report([p["sums"] for p in parts]),
+        "cost": next(p["cost"] for p in parts if p["cost"] is not None),
     }
     out = Path(out_dir)
     atomic_write_json(out / "approximation.json", result)

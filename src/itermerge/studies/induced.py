@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from itermerge.devices import CPU, Placement
 from itermerge.errors import ItermergeError
 from itermerge.logprobs import score_sequences
 from itermerge.maths.dpo import induced_reward
@@ -81,23 +82,26 @@ def check_same_tokenizer(paths: dict[str, str | os.PathLike]) -> None:
             )
 
 
-def load_ref(ref: ModelRef, device: str) -> nn.Module:
+def load_ref(ref: ModelRef, where: Placement = CPU) -> nn.Module:
+    """A loaded model as it is; a checkpoint directory loaded on ``where``."""
     if isinstance(ref, nn.Module):
         return ref
-    from itermerge.checkpoint import load_model
+    from itermerge.devices import load_placed
 
-    return load_model(ref, device=device)
+    return load_placed(ref, where)
 
 
 def sample_and_reward(
     model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], prompt_ids: list[list[int]], params: SamplingParams,
     batch_size: int, reference: nn.Module, reward_policies: dict[str, nn.Module], beta: float, eos: tuple[int, ...],
-    pad_id: int, scorers: dict[str, Any],
+    pad_id: int, scorers: dict[str, Any], *, make_sampler: Any = None,
 ) -> dict[str, list[float]]:
-    """Sample from ``model``, then each policy's induced reward and each scorer's reward of those samples."""
-    from itermerge.sampling import make_sampler
+    """Sample from ``model`` (with ``make_sampler(model, tokenizer, batch_size, progress)``, by default the hf
+    sampler), then each policy's induced reward and each scorer's reward of those samples."""
+    if make_sampler is None:
+        from itermerge.sampling.hf import HFSampler as make_sampler
 
-    samples = make_sampler("hf", model, tokenizer, batch_size=batch_size, progress=False).generate(prompt_ids, params)
+    samples = make_sampler(model, tokenizer, batch_size=batch_size, progress=False).generate(prompt_ids, params)
     xs = [ids for ids, per in zip(prompt_ids, samples) for _ in per]
     ys = [s.token_ids for per in samples for s in per]
     texts = [s.text for per in samples for s in per]
@@ -129,10 +133,10 @@ def encode(tokenizer: Any, prompt: Prompt) -> list[int]:
     return encode_prompt(tokenizer, prompt.messages)
 
 
-def progress(values: Sequence[float], desc: str):
+def progress(values: Sequence[float], desc: str, show: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(list(values), desc=desc, unit="point")
+    return tqdm(list(values), desc=desc, unit="point", disable=not show)
 
 
 def write_study(result: dict[str, Any], json_path: Path, plot) -> None:

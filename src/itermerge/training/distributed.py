@@ -75,7 +75,8 @@ def set_float32_masters(model: nn.Module, checkpoint: str | Path, device: torch.
 
 
 def gather_full_weights(accelerator: Accelerator, scorer: nn.Module, model: nn.Module) -> dict[str, Tensor]:
-    """The trained weights, whole, on the main process (empty elsewhere): a collective every process calls.
+    """The trained weights, whole, in the main process's host memory (empty elsewhere): a collective every process
+    calls; the extra device memory it needs is one parameter at a time, on every process.
 
     Under ZeRO-3 these are DeepSpeed's float32 master weights, gathered one parameter at a time: its
     16-bit gather (``stage3_gather_16bit_weights_on_model_save``) would round most DPO updates away,
@@ -86,14 +87,16 @@ def gather_full_weights(accelerator: Accelerator, scorer: nn.Module, model: nn.M
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         from deepspeed.utils import safe_get_full_fp32_param
 
-        full: dict[str, Tensor | None] = {}
+        full: dict[str, Tensor] = {}
+        complete = True
         for name, p in model.named_parameters():  # the same order on every process
             value = safe_get_full_fp32_param(p)  # None for a frozen parameter (no master copy), on every process
-            full[name] = (
-                None if value is None else value.detach().float().cpu() if accelerator.is_main_process else value
-            )
-        if all(value is not None for value in full.values()):
-            return dict(full) if accelerator.is_main_process else {}  # type: ignore[arg-type]
+            complete = complete and value is not None
+            if value is not None and accelerator.is_main_process:
+                full[name] = value.detach().float().cpu()  # to host memory, tensor by tensor
+            del value  # the other processes keep nothing: at most one whole tensor on a device at a time
+        if complete:
+            return full if accelerator.is_main_process else {}
     gathered = accelerator.get_state_dict(scorer) or {}
     return {name.removeprefix("model."): value for name, value in gathered.items()}
 
