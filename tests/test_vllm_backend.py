@@ -224,3 +224,60 @@ def test_close_records_gpu_memory(fake_vllm, checkpoint, monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a, **k: (70 * gib, 80 * gib))
     s = VLLMSampler(checkpoint)
     assert s.close() == {"gpu_allocated_gib": 0.5, "gpu_free_gib": 70.0, "gpu_total_gib": 80.0}
+
+
+# ---------------------------------------------------------------- the backend inside a run's stages
+
+
+def test_the_search_loads_every_point_into_one_engine_in_place_and_tears_it_down(fake_vllm, tiny_ckpts, tmp_path,
+                                                                                 monkeypatch):
+    """sampling.backend: vllm — the search builds one engine from θT, loads each evaluated model's weights into it
+    (4 merges and θ0..θ2, never written to disk), resets its prefix cache each time, and closes it at the end."""
+    import vllm.entrypoints.llm as fake
+    from vllm.distributed.parallel_state import CALLS
+
+    from itermerge.config import from_dict
+    from itermerge.devices import CPU
+    from itermerge.sampling.backends import evaluation_sampler
+    from itermerge.search.points import run_search
+
+    built, init = [], fake.LLM.__init__
+    monkeypatch.setattr(fake.LLM, "__init__", lambda self, model, **kw: built.append(self) or init(self, model, **kw))
+    cfg = from_dict({"model": {"path": str(tiny_ckpts[0])}, "sampling": {"backend": "vllm"},
+                     "evaluation": {"prompts": {"n": 3}, "max_new_tokens": 4},
+                     "search": {"lams": [0.0, 0.5], "alphas": [0.0, 0.5]}})
+    with evaluation_sampler(cfg, CPU, tiny_ckpts[-1]) as make_sampler:
+        choice = run_search(tmp_path / "search", tiny_ckpts[0], tiny_ckpts[1:], cfg.evaluation, cfg.search,
+                            mean_cache=tmp_path / "mean", make_sampler=make_sampler, progress=False)
+    assert (choice["lam"], choice["alpha"]) in {(0.0, 0.0), (0.0, 0.5), (0.5, 0.0), (0.5, 0.5)}
+    (engine,) = built
+    assert engine.init_kwargs["model"] == str(tiny_ckpts[-1])
+    assert len(engine.model.load_calls) == 4 + 3 and engine.prefix_cache_resets == 4 + 3
+    from itermerge.checkpoint import CheckpointReader
+
+    last = dict(engine.model.load_calls[-1])  # θ2, the last model evaluated: its own weights went in
+    assert torch.equal(last["model.norm.weight"], CheckpointReader(tiny_ckpts[2]).get("model.norm.weight"))
+    assert CALLS[:1] == ["destroy_model_parallel"] and not any(tmp_path.glob("search/*merged*"))
+
+
+def test_the_sampling_stage_shares_prompts_across_processes_each_with_its_own_engine(fake_vllm, tiny_ckpts, tmp_path):
+    """Iteration 1's samples with sampling.backend: vllm: each process's engine samples its share and is torn down;
+    the two shares together are exactly one process's samples (per-prompt seeds)."""
+    from vllm.distributed.parallel_state import CALLS
+
+    from itermerge import iteration
+    from itermerge.config import from_dict
+    from itermerge.prompts import training_prompts
+    from itermerge.runner import Shard
+
+    cfg = from_dict({"model": {"path": str(tiny_ckpts[0])}, "sampling": {"backend": "vllm", "n": 2,
+                                                                          "max_new_tokens": 6},
+                     "prompts": {"per_iteration": 5}})
+    prompts = training_prompts(cfg, 1)
+    one = iteration.sample_shard(cfg, 1, tiny_ckpts[0], prompts, Shard())
+    assert CALLS.count("destroy_model_parallel") == 1  # the engine was torn down before the scorer ran
+    halves = [iteration.sample_shard(cfg, 1, tiny_ckpts[0], prompts, Shard(rank, 2)) for rank in (0, 1)]
+    assert CALLS.count("destroy_model_parallel") == 3
+    key = lambda c: (c.prompt_id, c.index)  # noqa: E731
+    assert sorted(halves[0]["completions"] + halves[1]["completions"], key=key) == sorted(one["completions"], key=key)
+    assert len(halves[0]["completions"]) == 6 and len(halves[1]["completions"]) == 4
