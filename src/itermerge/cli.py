@@ -67,6 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--alpha", type=_number("--alpha"), help="α: extrapolation of the alignment signal (magnitude); 0 = none"
     )
     p.add_argument("--weights", type=_weights, help="explicit k_1,...,k_T of eq. 9 instead of --lam/--alpha")
+    p.add_argument(
+        "--method", default="paper", choices=["paper", "expo", "ema", "slerp", "ties", "dare", "groups"],
+        help="paper: Algorithm 2 (--lam/--alpha or --weights); expo: θ0 + (1+α)(θT − θ0) (--alpha); ema: an "
+        "exponential moving average of θ1..θT (--gamma); slerp: θ0 + slerp(θ̄ − θ0, θT − θ0, t) (--t); ties, "
+        "dare: each θ_t − θ0 sparsified (--density; dare --seed), then eq. 10's k_t; groups: (λ, α) per layer "
+        "group (--groups)",
+    )
+    p.add_argument("--gamma", type=_number("--gamma"), help="ema: decay per iteration in (0, 1]; 1 = plain mean")
+    p.add_argument("--t", type=_number("--t"), help="slerp: 0 gives θ̄, 1 gives θT; outside [0, 1] extrapolates")
+    p.add_argument("--density", type=_number("--density"), help="ties, dare: fraction of each task vector kept")
+    p.add_argument("--seed", type=int, help="dare: seed of the drop masks (default 0), keyed per tensor and θ_t")
+    p.add_argument(
+        "--groups", metavar="FILE.yaml",
+        help="groups: GROUP: [λ, α] per line, GROUP one of embeddings, attention, mlp, norms, head, 'layers a-b' or "
+        "default (else --lam/--alpha)",
+    )
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--dtype", default="auto", help="output dtype: auto (as θT), float32, bfloat16, float16")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
@@ -158,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam", type=_number("--lam"))
     p.add_argument("--alpha", type=_number("--alpha"))
     p.add_argument("--weights", type=_weights)
+    p.add_argument("--method", default="paper", choices=["paper", "expo", "ema"],
+                   help="the merge operators that are eq. 9 with one k per checkpoint (see `merge --method`)")
+    p.add_argument("--gamma", type=_number("--gamma"), help="ema: decay per iteration in (0, 1]")
     p.add_argument("--out", required=True, help="directory for approximation.json and .png")
     p.add_argument("--task", default="arithmetic", help="built-in task whose dev prompts are used")
     p.add_argument("--prompts", type=int, default=8)

@@ -11,20 +11,22 @@ from itermerge.errors import ItermergeError
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from itermerge.checkpoint.dtypes import parse_dtype
-    from itermerge.maths.merge import resolve_weights
-    from itermerge.merging import merge_checkpoints, mergekit_config
+    from itermerge.merging import merge_checkpoints, mergekit_config_for
+    from itermerge.merging.operators import read_groups
 
-    if args.weights is None and args.lam is None and args.alpha is None:
+    if args.method == "paper" and args.weights is None and args.lam is None and args.alpha is None:
         raise ItermergeError("itermerge merge: give --lam and --alpha (eq. 10) or --weights k1,...,kT (eq. 9)")
     dtype = parse_dtype(args.dtype)
+    params = dict(lam=args.lam, alpha=args.alpha, weights=args.weights, gamma=args.gamma, t=args.t,
+                  density=args.density, seed=args.seed, groups=read_groups(args.groups) if args.groups else None)
     if args.emit_mergekit_config:
-        k = resolve_weights(len(args.checkpoints), args.lam, args.alpha, args.weights)
-        Path(args.emit_mergekit_config).write_text(mergekit_config(args.reference, args.checkpoints, k, dtype))
+        text = mergekit_config_for(args.method, args.reference, args.checkpoints, dtype, mean_cache=args.mean_cache,
+                                   **params)
+        Path(args.emit_mergekit_config).write_text(text)
         print(f"mergekit config: {args.emit_mergekit_config}")
     out = merge_checkpoints(
-        args.reference, args.checkpoints, args.out, lam=args.lam, alpha=args.alpha, weights=args.weights,
-        dtype=dtype, force=args.force, max_shard_size=args.max_shard_size, mean_cache=args.mean_cache,
-        progress=not args.quiet,
+        args.reference, args.checkpoints, args.out, method=args.method, **params, dtype=dtype, force=args.force,
+        max_shard_size=args.max_shard_size, mean_cache=args.mean_cache, progress=not args.quiet,
     )
     print(f"merged checkpoint: {out}")
 
@@ -162,9 +164,18 @@ def cmd_ensemble(args: argparse.Namespace) -> None:
     from itermerge.studies.approximation import approximation_study
     from itermerge.tasks import get_task
 
+    lam, alpha, weights = args.lam, args.alpha, args.weights
+    if args.method != "paper":  # eq. (9) with the operator's k_t: eq. (6) with ensemble_coefficients(k)
+        from itermerge.merging.operators import resolve_operator
+
+        op = resolve_operator(args.method, len(args.checkpoints), [], alpha=alpha, weights=weights, lam=lam,
+                              gamma=args.gamma)
+        lam, alpha, weights = None, None, list(op.weights)
+    elif args.gamma is not None:
+        raise ItermergeError("--gamma does not apply to --method paper; use --method ema")
     prompts = get_task(args.task).prompts("dev", args.prompts, seed=args.seed)
     result = approximation_study(
-        args.reference, args.checkpoints, prompts, args.out, lam=args.lam, alpha=args.alpha, weights=args.weights,
+        args.reference, args.checkpoints, prompts, args.out, lam=lam, alpha=alpha, weights=weights,
         params=SamplingParams(n=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed),
         batch_size=args.batch_size,
     )

@@ -66,10 +66,34 @@ def ema_weights(T: int, gamma: float) -> list[float]:
 # --- SLERP (WARP) ------------------------------------------------------------------------------
 
 
-def _dot64(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 20) -> float:
-    # float32 BLAS sums lose ~1e-3 relative on 1e8 entries, as much as the colinearity threshold's margin.
-    return float(sum(np.dot(a[i : i + chunk].astype(np.float64), b[i : i + chunk].astype(np.float64))
-                     for i in range(0, a.size, chunk)))
+def dot64(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 18) -> float:
+    """⟨a, b⟩ of two flat float32 arrays (N,) in float64: per chunk numpy's pairwise sum of the products, the
+    chunks summed in order.
+
+    float32 sums lose ~1e-3 relative on 1e8 entries, as much as the colinearity threshold's margin. Not BLAS:
+    the same bits on every machine, and no BLAS threads fighting a merge's thread pool. The chunk is the
+    streamed merge's block (dtypes.CHUNK), so that its first pass sums the same partial dots.
+    """
+    total = 0.0
+    for i in range(0, a.size, chunk):
+        total += float(np.multiply(a[i : i + chunk], b[i : i + chunk], dtype=np.float64).sum())
+    return total
+
+
+def slerp_coefficients(dot_ab: float, dot_aa: float, dot_bb: float, t: float, eps: float = 1e-8) -> tuple[float, float]:
+    """(k_a, k_b) with slerp(a, b, t) = k_a·a + k_b·b, from the float64 dots ⟨a, b⟩, ‖a‖², ‖b‖² of one tensor.
+
+    (sin((1−t)Ω)/sin Ω, sin(tΩ)/sin Ω), or the lerp's (1−t, t) when |cos Ω| > 0.9995 or ‖a‖ or ‖b‖ ≤ eps.
+    The streamed merge gets the dots from a first pass over blocks and applies these as eq. (9) weights.
+    """
+    t = _finite(t, "slerp: t")
+    norm_a, norm_b = math.sqrt(dot_aa), math.sqrt(dot_bb)
+    if norm_a > eps and norm_b > eps:
+        cos = min(1.0, max(-1.0, dot_ab / (norm_a * norm_b)))
+        if abs(cos) <= SLERP_DOT_THRESHOLD:
+            omega = math.acos(cos)
+            return math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+    return 1 - t, t
 
 
 def slerp(delta_a: np.ndarray, delta_b: np.ndarray, t: float, eps: float = 1e-8) -> np.ndarray:
@@ -88,14 +112,8 @@ def slerp(delta_a: np.ndarray, delta_b: np.ndarray, t: float, eps: float = 1e-8)
     if delta_a.shape != delta_b.shape:
         raise ItermergeError(f"slerp: shapes {delta_a.shape} and {delta_b.shape} differ; pass two deltas of one tensor")
     a, b = delta_a.ravel(), delta_b.ravel()
-    norm_a, norm_b = math.sqrt(_dot64(a, a)), math.sqrt(_dot64(b, b))
-    if norm_a > eps and norm_b > eps:
-        cos = min(1.0, max(-1.0, _dot64(a, b) / (norm_a * norm_b)))
-        if abs(cos) <= SLERP_DOT_THRESHOLD:
-            omega = math.acos(cos)
-            k_a, k_b = math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
-            return (k_a * delta_a + k_b * delta_b).astype(delta_a.dtype, copy=False)
-    return ((1 - t) * delta_a + t * delta_b).astype(delta_a.dtype, copy=False)
+    k_a, k_b = slerp_coefficients(dot64(a, b), dot64(a, a), dot64(b, b), t, eps)
+    return (k_a * delta_a + k_b * delta_b).astype(delta_a.dtype, copy=False)
 
 
 # --- TIES --------------------------------------------------------------------------------------
@@ -119,7 +137,7 @@ def _top_magnitude(delta: np.ndarray, density: float) -> np.ndarray:
     keep = magnitude > kth
     ties = np.flatnonzero(magnitude == kth)[: k - int(keep.sum())]  # lowest indices win ties: deterministic
     keep[ties] = True
-    return np.where(keep, flat, 0).astype(delta.dtype, copy=False).reshape(delta.shape)
+    return (flat * keep).astype(delta.dtype, copy=False).reshape(delta.shape)  # × mask, as mergekit
 
 
 def ties_trim(deltas: Sequence[np.ndarray], density: float) -> list[np.ndarray]:
@@ -156,7 +174,7 @@ def ties_merge(
     weighted = stacked * w_col  # (T, *S)
     elected = np.where(weighted.sum(axis=0) >= 0, 1, -1).astype(stacked.dtype)  # (*S)
     agree = np.sign(weighted) == elected  # (T, *S)
-    merged = np.where(agree, weighted, 0).sum(axis=0)  # (*S)
+    merged = (weighted * agree).sum(axis=0)  # (*S), × mask as mergekit: a dropped −x leaves −0
     if normalize:
         divisor = np.where(agree, w_col, 0).sum(axis=0)
         merged = merged / np.where(divisor == 0, 1, divisor)
@@ -186,6 +204,21 @@ def dare_mask(shape: tuple[int, ...], density: float, seed: int) -> np.ndarray:
     return np.random.default_rng(int(seed)).random(shape, dtype=np.float32) < density
 
 
+def dare_mask_block(start: int, size: int, density: float, seed: int) -> np.ndarray:
+    """Elements [start, start + size) of the flattened ``dare_mask(shape, density, seed)``, drawn without the rest.
+
+    PCG64 gives two float32 draws per 64-bit step, so the stream jumps ``start // 2`` steps (and one draw for an
+    odd start): a streamed merge draws each block's mask alone and still gets the whole tensor's mask bit for bit.
+    """
+    density = _density(density, "dare_mask_block")
+    bits = np.random.PCG64(int(seed))
+    bits.advance(start // 2)
+    rng = np.random.Generator(bits)
+    if start % 2:
+        rng.random(1, dtype=np.float32)
+    return rng.random(size, dtype=np.float32) < density
+
+
 def dare(delta: np.ndarray, density: float, seed: int, rescale: bool = True) -> np.ndarray:
     """DARE (Yu et al. 2024) on one task vector (*S): drop each entry with probability 1 − density.
 
@@ -197,7 +230,7 @@ def dare(delta: np.ndarray, density: float, seed: int, rescale: bool = True) -> 
     density = _density(density, "dare")
     if density == 1.0:
         return delta
-    kept = np.where(dare_mask(delta.shape, density, seed), delta, 0).astype(delta.dtype, copy=False)
+    kept = (delta * dare_mask(delta.shape, density, seed)).astype(delta.dtype, copy=False)  # × mask, as mergekit
     return kept / np.asarray(density, dtype=delta.dtype) if rescale else kept
 
 

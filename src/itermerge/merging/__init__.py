@@ -2,7 +2,7 @@
 
 from itermerge.merging.basis import MergeBasis, merge_state_dicts, task_arithmetic
 from itermerge.merging.mean import mean_checkpoint
-from itermerge.merging.mergekit import mergekit_config
+from itermerge.merging.mergekit import mergekit_config, mergekit_config_for
 from itermerge.merging.streamed import merge_checkpoints
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "merge_checkpoints",
     "merge_state_dicts",
     "mergekit_config",
+    "mergekit_config_for",
     "task_arithmetic",
 ]

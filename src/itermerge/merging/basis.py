@@ -15,7 +15,9 @@ from itermerge.checkpoint.dtypes import FLOAT_DTYPES, to_float32
 from itermerge.checkpoint.reader import CheckpointReader, check_compatible
 from itermerge.errors import ItermergeError
 from itermerge.maths.merge import eq9_block, intermediate_total, merge_weights
+from itermerge.maths.operators import dot64, slerp_coefficients
 from itermerge.merging.mean import mean_cache_hashes, mean_checkpoint
+from itermerge.merging.operators import resolve_operator
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +73,10 @@ class MergeBasis:
     θ0 + (k̄ (θ̄ − θ0) + k_T (θT − θ0)), the same elementwise operations as `eq9_block`, so a point
     equals the streamed merge with a θ̄ cache bit for bit (except where that merge copies an input
     exactly: λ = 0 with α = 0, or λ = 1 with α = 0, which differ here by at most one rounding).
+    ``apply_coefficients`` takes any (k̄, k_T), shared or per tensor; ``apply_operator`` the operators linear
+    in (θ0, θ̄, θT) — ExPO, layer groups, SLERP (its per-tensor angle fixes (k̄, k_T)) — and EMA, whose
+    intermediate k_t differ, with ``each=True``: then every θ_t − θ0 is kept ((T+1)× the model in memory)
+    and the coefficients are k_1..k_T themselves.
     """
 
     def __init__(
@@ -79,6 +85,7 @@ class MergeBasis:
         theta_bar: Mapping[str, torch.Tensor] | None,
         theta_T: Mapping[str, torch.Tensor],
         T: int,
+        intermediates: Sequence[Mapping[str, torch.Tensor]] | None = None,
     ):
         self.T = T
         self.theta0 = {n: _f32(t) for n, t in theta0.items()}
@@ -86,6 +93,14 @@ class MergeBasis:
         self.delta_bar = (
             None if theta_bar is None else {n: np.subtract(_f32(theta_bar[n]), t) for n, t in self.theta0.items()}
         )
+        self.each = intermediates is not None
+        if self.each:
+            if len(intermediates) != T - 1:
+                raise ItermergeError(f"MergeBasis: {len(intermediates)} intermediate checkpoints for T={T}; give T−1")
+            self.directions = [{n: np.subtract(_f32(x[n]), t) for n, t in self.theta0.items()} for x in intermediates]
+            self.directions.append(self.delta_T)
+        else:
+            self.directions = [self.delta_bar, self.delta_T]
 
     @classmethod
     def from_checkpoints(
@@ -93,9 +108,13 @@ class MergeBasis:
         reference: str | os.PathLike,
         checkpoints: Sequence[str | os.PathLike],
         mean_cache: str | os.PathLike | None = None,
+        each: bool = False,
     ) -> MergeBasis:
         readers = [CheckpointReader(p) for p in [reference, *checkpoints]]
         check_compatible(readers)
+        if each:
+            return cls(_load_float32(readers[0]), None, _load_float32(readers[-1]), T=len(checkpoints),
+                       intermediates=[_load_float32(r) for r in readers[1:-1]])
         theta_bar = None
         if len(checkpoints) == 2:
             theta_bar = _load_float32(readers[1])
@@ -110,30 +129,76 @@ class MergeBasis:
             theta_bar = _load_float32(CheckpointReader(cache))
         return cls(_load_float32(readers[0]), theta_bar, _load_float32(readers[-1]), T=len(checkpoints))
 
-    def weights(self, lam: float, alpha: float) -> tuple[float, float]:
-        """(k̄, k_T): θ = θ0 + k̄ (θ̄ − θ0) + k_T (θT − θ0), with k̄ = Σ_{t<T} k_t = (1+α) λ."""
-        k = merge_weights(self.T, lam, alpha)
-        return intermediate_total(k), k[-1]
+    def coefficients(self, k: Sequence[float]) -> tuple[float, ...]:
+        """Eq. (9)'s k_1..k_T as weights of the basis' deltas: (k̄, k_T) with k̄ = Σ_{t<T} k_t, or k itself (each)."""
+        if len(k) != self.T:
+            raise ItermergeError(f"{len(k)} weights for T={self.T} checkpoints; give one k_t per checkpoint")
+        if self.each:
+            return tuple(float(x) for x in k)
+        if len(set(k[:-1])) > 1:
+            raise ItermergeError(
+                f"k = {[round(x, 4) for x in k]}: the intermediate k_t differ, and θ̄ holds only their mean; "
+                "build the basis with MergeBasis.from_checkpoints(..., each=True)"
+            )
+        return intermediate_total(k), float(k[-1])
 
-    def _merge_into(self, out: np.ndarray, name: str, k_bar: float, k_T: float) -> None:
-        """out = θ0 + (k̄ D̄ + k_T D_T) over a flat float32 array, through eq. (9)'s one kernel, block by block."""
+    def weights(self, lam: float, alpha: float) -> tuple[float, ...]:
+        """(k̄, k_T): θ = θ0 + k̄ (θ̄ − θ0) + k_T (θT − θ0), with k̄ = Σ_{t<T} k_t = (1+α) λ."""
+        return self.coefficients(merge_weights(self.T, lam, alpha))
+
+    def slerp_coefficients(self, t: float) -> dict[str, tuple[float, float]]:
+        """Per tensor, (k̄, k_T) with slerp(θ̄ − θ0, θT − θ0, t) = k̄ (θ̄ − θ0) + k_T (θT − θ0): SLERP as eq. (9)."""
+        if self.delta_bar is None:
+            raise ItermergeError("SLERP interpolates θ̄'s and θT's task vectors: build the basis with T ≥ 2, each=False")
+        out = {}
+        for name, b in self.delta_T.items():
+            a, b = self.delta_bar[name].reshape(-1), b.reshape(-1)
+            out[name] = slerp_coefficients(dot64(a, b), dot64(a, a), dot64(b, b), t)
+        return out
+
+    def operator_coefficients(self, method: str, **params: Any) -> dict[str, tuple[float, ...]]:
+        """Per tensor, the coefficients of the basis' deltas that a merge operator gives (``merging.operators``)."""
+        op = resolve_operator(method, self.T, list(self.theta0), **params)
+        if op.method == "slerp":
+            return self.slerp_coefficients(op.t)
+        if not op.linear:
+            raise ItermergeError(
+                f"--method {op.method} sparsifies each θ_t − θ0 before weighting: it is not linear in (θ0, θ̄, θT); "
+                "write it with merge_checkpoints (itermerge merge) instead"
+            )
+        return {name: self.coefficients(op.weights_for(name)) for name in self.theta0}
+
+    def _merge_into(self, out: np.ndarray, name: str, coefficients: Sequence[float]) -> None:
+        """out = θ0 + Σ_j c_j D_j over a flat float32 array, through eq. (9)'s one kernel, block by block."""
         theta0 = self.theta0[name].reshape(-1)
-        terms = [(d[name].reshape(-1), k) for d, k in ((self.delta_bar, k_bar), (self.delta_T, k_T))
-                 if d is not None and k != 0.0]
+        terms = [(d[name].reshape(-1), c) for d, c in zip(self.directions, coefficients) if d is not None and c != 0.0]
         tmp = np.empty(min(dtypes.CHUNK, out.size), dtype=np.float32)
         for i in range(0, out.size, dtypes.CHUNK):
             j = min(i + dtypes.CHUNK, out.size)
-            eq9_block(out[i:j], theta0[i:j], [d[i:j] for d, _ in terms], [k for _, k in terms], tmp[: j - i],
+            eq9_block(out[i:j], theta0[i:j], [d[i:j] for d, _ in terms], [c for _, c in terms], tmp[: j - i],
                       deltas=True)
 
-    def merged_tensor(self, name: str, lam: float, alpha: float) -> torch.Tensor:
+    def merged_tensor(self, name: str, lam: float | None = None, alpha: float | None = None, *,
+                      coefficients: Sequence[float] | None = None) -> torch.Tensor:
+        """One merged tensor: of (λ, α), or of the given coefficients of the basis' deltas."""
         import torch
 
         out = np.empty(self.theta0[name].shape, dtype=np.float32)
-        self._merge_into(out.reshape(-1), name, *self.weights(lam, alpha))
+        self._merge_into(out.reshape(-1), name, self.weights(lam, alpha) if coefficients is None else coefficients)
         return torch.from_numpy(out)
 
     def apply_to(self, model: torch.nn.Module, lam: float, alpha: float) -> None:
+        self.apply_coefficients(model, self.weights(lam, alpha))
+
+    def apply_operator(self, model: torch.nn.Module, method: str, **params: Any) -> None:
+        """``apply_to`` for a merge operator: e.g. ("expo", alpha=0.4), ("slerp", t=0.7), ("groups", groups={...})."""
+        self.apply_coefficients(model, self.operator_coefficients(method, **params))
+
+    def apply_coefficients(
+        self, model: torch.nn.Module, coefficients: Sequence[float] | Mapping[str, Sequence[float]]
+    ) -> None:
+        """θ0 + Σ_j c_j D_j into the model in place; ``coefficients`` (k̄, k_T) (or k_1..k_T with ``each``),
+        shared by every tensor or given per tensor name."""
         import torch
 
         params = dict(model.named_parameters())  # tied weights appear once
@@ -142,7 +207,10 @@ class MergeBasis:
             raise ItermergeError(
                 f"model parameter {missing[0]!r} is not in θ0's checkpoint; load the model from the same architecture"
             )
-        k_bar, k_T = self.weights(lam, alpha)
+        per_tensor = coefficients if isinstance(coefficients, Mapping) else dict.fromkeys(params, coefficients)
+        absent = sorted(set(params) - set(per_tensor))
+        if absent:
+            raise ItermergeError(f"no coefficients for parameter {absent[0]!r}; give one entry per tensor")
         with torch.no_grad():
             direct = {
                 n: p
@@ -151,15 +219,13 @@ class MergeBasis:
             }
             for name, p in params.items():  # GPU or non-fp32 parameters: merge on the CPU, then copy
                 if name not in direct:
-                    p.copy_(self.merged_tensor(name, lam, alpha))
+                    p.copy_(self.merged_tensor(name, coefficients=per_tensor[name]))
             workers = max(1, min(os.cpu_count() or 1, 8))
             with ThreadPoolExecutor(max_workers=workers) as pool:  # numpy releases the GIL
-                list(
-                    pool.map(
-                        lambda item: self._merge_into(item[1].detach().numpy().reshape(-1), item[0], k_bar, k_T),
-                        direct.items(),
-                    )
-                )
+                list(pool.map(
+                    lambda item: self._merge_into(item[1].detach().numpy().reshape(-1), item[0], per_tensor[item[0]]),
+                    direct.items(),
+                ))
 
 
 def _f32(t: Any) -> np.ndarray:

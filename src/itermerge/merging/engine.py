@@ -74,6 +74,56 @@ def stream_blocks(writer: ShardedWriter, plan: Sequence[tuple[str, tuple[int, ..
     writer.close()
 
 
+def reduce_blocks(numel: Mapping[str, int], block: Callable[[str, int, Scratch], Any],
+                  fold: Callable[[Any, int, Any], Any], finish: Callable[[str, Any], Any],
+                  desc: str, progress: bool) -> dict[str, Any]:
+    """A first pass: ``block`` on every block of every tensor on the thread pool, reduced per tensor.
+
+    Each result is folded into its tensor's state in the calling thread, ``state = fold(state, i, result)``
+    (state starts as None; blocks arrive in any order), and ``finish(name, state)`` turns a tensor's state
+    into its result as soon as its last block is in, so only the tensors in flight hold state.
+    """
+    jobs = [(name, i) for name, n in numel.items() for i in range(dtypes.n_chunks(n))]
+    remaining = {name: dtypes.n_chunks(n) for name, n in numel.items()}
+    states: dict[str, Any] = {}
+    results: dict[str, Any] = {}
+    local = threading.local()
+
+    def run(job: tuple[str, int]) -> tuple[str, int, Any]:
+        scratch = getattr(local, "scratch", None)
+        if scratch is None:
+            scratch = local.scratch = Scratch()
+        return (*job, block(*job, scratch))
+
+    def take(done) -> None:
+        for f in done:
+            name, i, value = f.result()
+            states[name] = fold(states.get(name), i, value)
+            remaining[name] -= 1
+            if remaining[name] == 0:
+                results[name] = finish(name, states.pop(name))
+
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+        total=len(jobs), desc=desc, unit="block", disable=not progress,
+    ) as bar:
+        pending: set = set()
+        try:
+            for job in jobs:
+                pending.add(pool.submit(run, job))
+                if len(pending) >= 4 * workers:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    take(done)
+                    bar.update(len(done))
+            take(as_completed(pending))
+            bar.update(len(pending))
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+    return results
+
+
 def chunk_len(reader: CheckpointReader, name: str, i: int) -> int:
     return min(dtypes.CHUNK, reader.numel(name) - i * dtypes.CHUNK)
 
@@ -83,6 +133,34 @@ def float_block(reader: CheckpointReader, name: str, i: int, scratch: Scratch, s
     st = reader.dtype(name)
     raw = reader.read_chunk(name, i, scratch.get(("raw", slot), ST_STORAGE[st]))
     return to_float32(raw, st, scratch.get(("f32", slot), np.float32)[: raw.size])
+
+
+class Source:
+    """One input of a merge, block by block in float32: a checkpoint, or the mean of several (θ̄ as it streams).
+
+    The mean is computed as ``mean_checkpoint`` computes it (sum in order, then one division), so a θ̄ cache and
+    a θ̄ computed on the fly give the same bits.
+    """
+
+    def __init__(self, readers: Sequence[CheckpointReader]):
+        self.readers = tuple(readers)
+
+    @property
+    def reader(self) -> CheckpointReader | None:
+        """The checkpoint itself when this source is one (an exact copy of it can be written), else None."""
+        return self.readers[0] if len(self.readers) == 1 else None
+
+    def block(self, name: str, i: int, scratch: Scratch, slot: int) -> np.ndarray:
+        if len(self.readers) == 1:
+            return float_block(self.readers[0], name, i, scratch, slot)
+        acc = scratch.get(("mean", slot), np.float32)[: chunk_len(self.readers[0], name, i)]
+        for m, r in enumerate(self.readers):
+            x = float_block(r, name, i, scratch, slot)
+            if m == 0:
+                np.copyto(acc, x)
+            else:
+                np.add(acc, x, out=acc)
+        return np.divide(acc, np.float32(len(self.readers)), out=acc)
 
 
 def read_for_hash(readers: Sequence[CheckpointReader], name: str, i: int, scratch: Scratch) -> None:

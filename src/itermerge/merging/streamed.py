@@ -1,28 +1,63 @@
-"""Algorithm 2 on disk: θ = θ0 + Σ k_t (θ_t − θ0) streamed block by block from safetensors to sharded safetensors."""
+"""Algorithm 2 and its neighbours on disk: θ = θ0 + Σ k_t (θ_t − θ0) streamed block by block to sharded safetensors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from itermerge import __version__
+from itermerge.checkpoint import dtypes
 from itermerge.checkpoint.dtypes import FLOAT_DTYPES, ST_STORAGE, all_finite, parse_dtype, to_float32, torch_name
 from itermerge.checkpoint.reader import CheckpointReader, check_compatible
 from itermerge.checkpoint.writer import ShardedWriter, copy_metadata, parse_size
 from itermerge.errors import ItermergeError
-from itermerge.maths.merge import eq9_block, intermediate_total, resolve_weights
-from itermerge.merging.engine import Scratch, encode_block, float_block, read_for_hash, refuse_fp8, stream_blocks
+from itermerge.maths.merge import eq9_block, intermediate_total
+from itermerge.maths.operators import tensor_seed
+from itermerge.merging.engine import (
+    Scratch,
+    Source,
+    encode_block,
+    float_block,
+    read_for_hash,
+    refuse_fp8,
+    stream_blocks,
+)
+from itermerge.merging.first_pass import slerp_weights, top_magnitudes
 from itermerge.merging.mean import mean_cache_hashes, mean_checkpoint
+from itermerge.merging.operators import (
+    DESCRIPTIONS,
+    Operator,
+    TopK,
+    dare_block,
+    resolve_operator,
+    ties_block,
+    trim_block,
+)
 from itermerge.rundir import atomic_dir, atomic_write_json
 
 if TYPE_CHECKING:
     import torch
+
+
+@dataclass(frozen=True)
+class _TensorPlan:
+    """How one float tensor is merged: its sources with non-zero k, the kernel, and what else is read."""
+
+    sources: tuple[Source, ...]
+    weights: tuple[float, ...]
+    kernel: str = "eq9"  # eq9 | ties | dare
+    keeps: tuple[TopK | None, ...] = ()  # ties: what each source's task vector keeps
+    seeds: tuple[int, ...] = ()  # dare: each source's mask seed
+    exact: CheckpointReader | None = None  # a unit coefficient vector: this input, copied bit for bit
+    hash_only: tuple[CheckpointReader, ...] = ()  # inputs read only so that their content hash is complete
 
 
 def merge_checkpoints(
@@ -30,28 +65,38 @@ def merge_checkpoints(
     checkpoints: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
+    method: str = "paper",
     lam: float | None = None,
     alpha: float | None = None,
     weights: Sequence[float] | None = None,
+    gamma: float | None = None,
+    t: float | None = None,
+    density: float | None = None,
+    seed: int | None = None,
+    groups: Mapping[str, tuple[float, float]] | None = None,
     dtype: str | torch.dtype | None = None,
     force: bool = False,
     max_shard_size: str | int = "5GB",
     mean_cache: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Path:
-    """Write θ = θ0 + Σ k_t (θ_t − θ0) (eq. 9, with eq. 10's k_t from λ, α) as an HF checkpoint.
+    """Write θ = θ0 + Σ k_t (θ_t − θ0) (eq. 9, with eq. 10's k_t from λ, α), or another operator, as an HF checkpoint.
 
-    Streams blocks of every tensor from the safetensors files, computes in float32, writes sharded
-    safetensors (``dtype``: 'bfloat16', 'float16', 'float32' or a torch dtype; default each tensor's
-    dtype in θT), copies config and tokenizer from θT, and records the inputs, their content hashes
-    and the k_t in ``merge.json``. The output appears under ``out`` only when complete.
-    ``mean_cache``: a θ̄ directory (made by ``mean_checkpoint``, created there if absent) used when
-    the intermediate k_t are equal, so that only θ0, θ̄ and θT are read.
+    ``method`` (merging/operators.py): "paper" (``lam``/``alpha`` or ``weights``), "expo" (``alpha``), "ema"
+    (``gamma``), "slerp" (``t``, between θ̄'s and θT's task vectors), "ties" and "dare" (``density``, DARE's
+    ``seed``; the task vectors are sparsified, then eq. 10's or the given k_t apply), "groups" (``groups``:
+    {group: (λ, α)}, the rest takes ``lam``/``alpha``). SLERP and TIES first stream the per-tensor statistics
+    they need (merging/first_pass.py); every operator then streams blocks of every tensor from the safetensors
+    files, computes in float32, writes sharded safetensors (``dtype``: 'bfloat16', 'float16', 'float32' or a
+    torch dtype; default each tensor's dtype in θT), copies config and tokenizer from θT, and records the
+    inputs, their content hashes, the operator and its parameters in ``merge.json``. The output appears under
+    ``out`` only when complete. ``mean_cache``: a θ̄ directory (made by ``mean_checkpoint``, created there if
+    absent) used when the intermediate k_t of every tensor are equal (and by SLERP), so that only θ0, θ̄ and θT
+    are read.
     """
     start = time.perf_counter()
     if not checkpoints:
         raise ItermergeError("--checkpoints is empty: give θ1..θT, the checkpoints of iterative DPO in order")
-    k = resolve_weights(len(checkpoints), lam, alpha, weights)
     out_dtype = parse_dtype(dtype)
     max_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     out = Path(out)
@@ -62,60 +107,50 @@ def merge_checkpoints(
     base, trained, last = readers[0], readers[1:], readers[-1]
     names = base.keys()
     refuse_fp8(base, names)
-
-    # The sources actually read: (reader, k) with k ≠ 0; θ̄ stands in for θ1..θ_{T−1} when it can.
-    sources = list(zip(trained, k))
-    known: dict[str, str] = {}  # content hashes vouched for by the θ̄ cache's record
-    used_cache = None
-    T = len(trained)
-    if mean_cache is not None and T >= 3 and len(set(k[:-1])) == 1 and k[0] != 0.0:
-        cache = Path(mean_cache)
-        hashes = mean_cache_hashes(cache, trained[:-1])
-        if hashes is None:
-            mean_checkpoint([r.path for r in trained[:-1]], cache, force=True, progress=progress)
-            hashes = mean_cache_hashes(cache, trained[:-1])
-        known = {str(r.path): h for r, h in zip(trained[:-1], hashes)}
-        sources = [(CheckpointReader(cache), intermediate_total(k)), (last, k[-1])]
-        used_cache = str(cache)
-    sources = [(r, kt) for r, kt in sources if kt != 0.0]
-    # Inputs read only for their content hash (k_t = 0 and not vouched for by the cache).
-    read = {id(r) for r, _ in sources} | {id(base)}
-    hash_only = [r for r in readers if id(r) not in read and str(r.path) not in known]
+    floats = [n for n in names if base.dtype(n) in FLOAT_DTYPES]
+    op = resolve_operator(method, len(trained), floats, lam=lam, alpha=alpha, weights=weights, gamma=gamma, t=t,
+                          density=density, seed=seed, groups=groups)
+    theta_bar, known, used_cache = _theta_bar(op, trained, floats, mean_cache, progress)
+    plans = _plans(op, readers, theta_bar, floats, known, progress)
     plan = [(n, base.shape(n), _out_dtype(last.dtype(n), out_dtype)) for n in names]
     out_st = {n: st for n, _, st in plan}
-    srcs, ks = [r for r, _ in sources], [kt for _, kt in sources]
-    # A unit coefficient vector is an exact copy of one input: θ0 (α = −1) or the only k = 1.
-    exact = base if not sources else sources[0][0] if len(sources) == 1 and ks[0] == 1.0 else None
+    int_hash = [r for r in readers if r is not last and str(r.path) not in known]
 
     def block(name: str, i: int, scratch: Scratch) -> np.ndarray:
-        read_for_hash(hash_only, name, i, scratch)
         st = out_st[name]
         if st not in FLOAT_DTYPES:  # integer buffers (rare): θT's, as save_pretrained would write them
-            read_for_hash([r for r in [base, *srcs] if r is not last], name, i, scratch)
+            read_for_hash(int_hash, name, i, scratch)
             return last.read_chunk(name, i, scratch.get("out", ST_STORAGE[st]))
-        if exact is not None:
-            read_for_hash([r for r in [base, *srcs] if r is not exact], name, i, scratch)
-            raw = exact.read_chunk(name, i, scratch.get(("raw", 0), ST_STORAGE[exact.dtype(name)]))
-            if exact.dtype(name) == st:
+        p = plans[name]
+        read_for_hash(p.hash_only, name, i, scratch)
+        inputs = [base, *(r for s in p.sources for r in s.readers)]
+        if p.exact is not None:
+            raw = p.exact.read_chunk(name, i, scratch.get(("raw", 0), ST_STORAGE[p.exact.dtype(name)]))
+            if p.exact.dtype(name) == st:
                 if not all_finite(raw, st):
-                    raise ItermergeError(_non_finite_message(name, [exact], k))
+                    raise ItermergeError(_non_finite_message(name, [p.exact], p.weights))
                 return raw
-            merged = to_float32(raw, exact.dtype(name), scratch.get(("f32", 0), np.float32)[: raw.size])
+            merged = to_float32(raw, p.exact.dtype(name), scratch.get(("f32", 0), np.float32)[: raw.size])
         else:
             theta0 = float_block(base, name, i, scratch, 0)
-            xs = [float_block(r, name, i, scratch, m + 1) for m, r in enumerate(srcs)]
-            merged = eq9_block(
-                scratch.get("acc", np.float32)[: theta0.size],
-                theta0,
-                xs,
-                ks,
-                scratch.get("tmp", np.float32)[: theta0.size],
-            )
+            xs = [s.block(name, i, scratch, m + 1) for m, s in enumerate(p.sources)]
+            acc, tmp = (scratch.get(key, np.float32)[: theta0.size] for key in ("acc", "tmp"))
+            if p.kernel == "eq9":
+                merged = eq9_block(acc, theta0, xs, p.weights, tmp)
+            else:
+                deltas = [np.subtract(x, theta0, out=scratch.get(("d", m), np.float32)[: x.size])
+                          for m, x in enumerate(xs)]
+                if p.kernel == "ties":
+                    for d, keep in zip(deltas, p.keeps):
+                        trim_block(d, keep, i * dtypes.CHUNK, tmp)
+                    merged = ties_block(acc, theta0, deltas, p.weights, tmp)
+                else:
+                    merged = dare_block(acc, theta0, deltas, p.weights, p.seeds, op.density, i * dtypes.CHUNK, tmp)
         if not all_finite(merged, "F32"):
-            raise ItermergeError(_non_finite_message(name, [base, *srcs], k))
+            raise ItermergeError(_non_finite_message(name, inputs, p.weights))
         encoded = encode_block(merged, st, scratch)
         if st != "F32" and not all_finite(encoded, st):
-            raise ItermergeError(_non_finite_message(name, [], k))
+            raise ItermergeError(_non_finite_message(name, [], p.weights))
         return encoded
 
     with atomic_dir(out, force=force) as tmp:
@@ -125,20 +160,84 @@ def merge_checkpoints(
         if out_dtype is not None:
             _set_config_dtype(tmp / "config.json", out_dtype)
         hashes = {str(r.path): known.get(str(r.path)) or r.content_hash() for r in readers}
+        paper = op.method == "paper" and weights is None
         atomic_write_json(tmp / "merge.json", {
             "itermerge_version": __version__,
-            "method": "Algorithm 2 / eq. (9): θ0 + Σ_t k_t (θ_t − θ0), float32 arithmetic",
+            "method": DESCRIPTIONS[op.method],
+            "operator": op.params,
             "reference": {"path": str(base.path), "hash": hashes[str(base.path)]},
             "checkpoints": [{"path": str(r.path), "hash": hashes[str(r.path)]} for r in trained],
-            "lam": lam if weights is None else None,
-            "alpha": alpha if weights is None else None,
-            "weights": k,
-            "reference_weight": 1.0 - sum(k),
+            "lam": lam if paper else None,
+            "alpha": alpha if paper else None,
+            "weights": None if op.weights is None else list(op.weights),
+            "reference_weight": None if op.weights is None else 1.0 - sum(op.weights),
             "dtype": torch_name(out_dtype) if out_dtype is not None else "as θT",
             "mean_cache": used_cache,
             "seconds": round(time.perf_counter() - start, 3),
         })
     return out
+
+
+def _theta_bar(
+    op: Operator, trained: Sequence[CheckpointReader], floats: Sequence[str], mean_cache: str | os.PathLike | None,
+    progress: bool,
+) -> tuple[Source | None, dict[str, str], str | None]:
+    """θ̄ as a source when the operator reads it (SLERP, or equal intermediate k_t with a cache), the content
+    hashes its cache vouches for, and the cache's path if one is used."""
+    T = len(trained)
+    if op.method == "slerp" and T == 2:
+        return Source(trained[:1]), {}, None
+    if op.method == "slerp" and mean_cache is None:
+        return Source(trained[:-1]), {}, None  # θ̄ computed as it streams
+    if op.method != "slerp":
+        ks = [op.weights_for(n) for n in floats] if op.linear and mean_cache is not None and T >= 3 else []
+        if not ks or any(len(set(k[:-1])) > 1 for k in ks) or all(k[0] == 0.0 for k in ks):
+            return None, {}, None
+    cache = Path(mean_cache)
+    hashes = mean_cache_hashes(cache, trained[:-1])
+    if hashes is None:
+        mean_checkpoint([r.path for r in trained[:-1]], cache, force=True, progress=progress)
+        hashes = mean_cache_hashes(cache, trained[:-1])
+    return Source([CheckpointReader(cache)]), {str(r.path): h for r, h in zip(trained[:-1], hashes)}, str(cache)
+
+
+def _plans(op: Operator, readers: Sequence[CheckpointReader], theta_bar: Source | None, floats: Sequence[str],
+           known: Mapping[str, str], progress: bool) -> dict[str, _TensorPlan]:
+    """Each float tensor's sources and weights (zeros dropped), with SLERP's and TIES's first passes run here."""
+    base, trained = Source(readers[:1]), [Source([r]) for r in readers[1:]]
+    plans = {}
+    if op.method in ("ties", "dare") and not op.linear:
+        live = [(t, s, k) for t, (s, k) in enumerate(zip(trained, op.weights), start=1) if k != 0.0]
+        keeps = {}
+        if op.method == "ties" and live:
+            keeps = top_magnitudes(base, [s for _, s, _ in live], floats, op.density, progress)
+        for name in floats:
+            plans[name] = _TensorPlan(tuple(s for _, s, _ in live), tuple(k for _, _, k in live), op.method,
+                                      keeps=tuple(keeps.get(name, ())),
+                                      seeds=tuple(tensor_seed(op.seed, name, t) for t, _, _ in live))
+    elif op.method == "slerp":
+        coefficients = slerp_weights(base, theta_bar, trained[-1], floats, op.t, progress)
+        for name in floats:
+            terms = [(theta_bar, coefficients[name][0]), (trained[-1], coefficients[name][1])]
+            plans[name] = _TensorPlan(*_nonzero(terms))
+    else:
+        for name in floats:
+            k = op.weights_for(name)
+            terms = zip(trained, k) if theta_bar is None else [(theta_bar, intermediate_total(k)), (trained[-1], k[-1])]
+            plans[name] = _TensorPlan(*_nonzero(terms))
+    for name, p in plans.items():
+        exact = readers[0] if not p.sources else None
+        if p.kernel == "eq9" and len(p.sources) == 1 and p.weights[0] == 1.0:
+            exact = p.sources[0].reader
+        used = {id(exact)} if exact is not None else {id(readers[0]), *(id(r) for s in p.sources for r in s.readers)}
+        hash_only = tuple(r for r in readers if id(r) not in used and str(r.path) not in known)
+        plans[name] = dataclasses.replace(p, exact=exact, hash_only=hash_only)
+    return plans
+
+
+def _nonzero(terms) -> tuple[tuple[Source, ...], tuple[float, ...]]:
+    kept = [(s, k) for s, k in terms if k != 0.0]
+    return tuple(s for s, _ in kept), tuple(k for _, k in kept)
 
 
 def _out_dtype(stored: str, requested: str | None) -> str:
