@@ -97,6 +97,23 @@ def test_held_out_dev_and_test_never_meet_an_iterations_prompts(theta0, in_repo)
     assert [p.id for p in split_prompts(other.evaluation.prompts, "dev")] != [p.id for p in dev]
 
 
+def test_a_larger_test_set_than_dev(theta0, in_repo):
+    """prompts.test sizes the test split alone: held out of the file after dev (dev unchanged), or the task's."""
+    held = {"dev_path": None, "test_path": None, "per_iteration": 20, "dev": 16}
+    base = from_dict(example(theta0, iterations=2, prompts=held))
+    big = from_dict(example(theta0, iterations=2, prompts={**held, "test": 30}))
+    assert big.evaluation.prompts.test_n == 30
+    dev, test = (split_prompts(big.evaluation.prompts, s) for s in ("dev", "test"))
+    assert (len(dev), len(test)) == (16, 30)
+    assert [p.id for p in dev] == [p.id for p in split_prompts(base.evaluation.prompts, "dev")]
+    trained = {content_key(p) for t in (1, 2) for p in training_prompts(big, t)}
+    assert not trained & {content_key(p) for p in test}
+    task = from_dict({"model": {"path": str(theta0)}, "prompts": {"dev": 8, "test": 40}})
+    assert [len(split_prompts(task.evaluation.prompts, s)) for s in ("dev", "test")] == [8, 40]
+    with pytest.raises(ItermergeError, match=r"prompts\.test = 0"):
+        from_dict({"model": {"path": str(theta0)}, "prompts": {"test": 0}})
+
+
 def test_a_rule_without_a_capability_axis_runs_through_search_test_and_report(theta0, tmp_path, in_repo):
     cfg = example(theta0, evaluation={"accuracy": None}, studies={"alpha_study": False, "accuracy_matrix": False})
     assert from_dict(cfg).search.rule.capability == ()  # nothing measures correctness: reward alone decides

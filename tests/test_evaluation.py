@@ -34,8 +34,9 @@ from itermerge.tokenization import encode_prompt
 def test_mean_metric_by_hand():
     # [1, 0, 1, 1]: mean 0.75; s² = (3·0.25² + 0.75²) / 3 = 0.25; se = 0.5 / √4 = 0.25.
     m = mean_metric([1.0, 0.0, 1.0, 1.0])
-    assert m == Metric(0.75, 0.25, 4)
-    assert mean_metric([3.0]) == Metric(3.0, None, 1)
+    assert m == Metric(0.75, 0.25, 4, (1.0, 0.0, 1.0, 1.0))  # each prompt's value kept, for paired comparisons
+    assert mean_metric([3.0]) == Metric(3.0, None, 1, (3.0,))
+    assert Metric.from_dict(m.to_dict()) == m
     with pytest.raises(ItermergeError):
         mean_metric([])
 
@@ -43,7 +44,7 @@ def test_mean_metric_by_hand():
 def test_clustered_mean_uses_prompts_as_units():
     # per-prompt means [0.5, 1.0]: mean 0.75, s = √(2·0.25²) = 0.3536, se = s / √2 = 0.25; n = 2 prompts, not 4 samples.
     m = clustered_mean([[1.0, 0.0], [1.0, 1.0]])
-    assert (m.value, m.n) == (0.75, 2)
+    assert (m.value, m.n, m.items) == (0.75, 2, (0.5, 1.0))
     assert m.stderr == pytest.approx(0.25)
 
 
@@ -70,7 +71,7 @@ def test_task_accuracy_separates_correctness_from_format():
     prompts = task.prompts("dev", 4, seed=0)
     out = task_accuracy(task, prompts, _replies(prompts))
     # per-prompt correctness [1, 1, 0, 0]: mean 0.5, s = √(1/3), se = √(1/3) / 2
-    assert out["accuracy"] == Metric(0.5, pytest.approx(math.sqrt(1 / 3) / 2), 4)
+    assert out["accuracy"] == Metric(0.5, pytest.approx(math.sqrt(1 / 3) / 2), 4, (1.0, 1.0, 0.0, 0.0))
     # per-prompt format [1, 0, 1, 0]: the same mean, from different replies
     assert out["format"].value == 0.5
 
@@ -104,7 +105,8 @@ def test_evaluator_wires_modes_and_scores_by_hand(tiny_tok):
     a0 = int(prompts[0].answer)
     assert task.score(prompts[0], str(a0)) == pytest.approx(1 - 0.001 * len(str(a0)))
     per_prompt = [(task.score(p, r[0]) + (-1.5 - 0.008)) / 2 for p, r in zip(prompts, sampler.replies)]
-    assert out["reward"] == Metric(pytest.approx(sum(per_prompt) / 4), pytest.approx(mean_metric(per_prompt).stderr), 4)
+    assert out["reward"] == Metric(pytest.approx(sum(per_prompt) / 4), pytest.approx(mean_metric(per_prompt).stderr), 4,
+                                   pytest.approx(tuple(per_prompt)))
 
 
 def test_config_errors_name_the_fix():
@@ -146,7 +148,7 @@ def test_kl_of_a_model_with_itself_is_zero(tiny_tok):
     m = tiny_model(0)
     cfg = EvalConfig(prompts=PromptSource(n=3), max_new_tokens=6, accuracy=None, reward=None, kl=KLConfig(samples=2))
     out = Evaluator(cfg, tiny_tok, "dev", reference_model=tiny_model(0), progress=False)(m)
-    assert out["kl"] == Metric(0.0, 0.0, 3)
+    assert out["kl"] == Metric(0.0, 0.0, 3, (0.0, 0.0, 0.0))
     other = Evaluator(cfg, tiny_tok, "dev", reference_model=tiny_model(1), progress=False)(m)
     assert other["kl"].value != 0.0
     with pytest.raises(ItermergeError, match="reference"):

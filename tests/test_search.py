@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -64,6 +65,26 @@ def test_selection_rule_on_hand_made_points():
     # equal rewards: the point nearer θT wins
     tie = [base, _pt(0.2, 0.4, 0.7, 0.6), _pt(0.1, 0.2, 0.7, 0.6)]
     assert (select_point(tie, base, SelectionRule())["lam"]) == 0.1
+
+
+def test_reward_gain_is_paired_when_the_points_keep_their_prompts():
+    """Same 5 prompts: d = chosen − θT = [.1, .1, .2, .1, 0], mean 0.1, sd(d) = √(0.02 / 4), se = sd / √5 ≈ 0.0316,
+    a third of the unpaired √(se_a² + se_b²) ≈ 0.1; the bootstrap interval of mean(d) lies within [0, 0.2]."""
+    base_items = [0.1, 0.2, 0.3, 0.4, 0.5]
+    d = [0.1, 0.1, 0.2, 0.1, 0.0]
+    top_items = [b + x for b, x in zip(base_items, d)]
+    base, top = _pt(0.0, 0.0, 0.3, 0.6), _pt(0.3, 0.4, 0.4, 0.6)
+    base["metrics"]["reward"] = Metric(0.3, 0.0707, 5, tuple(base_items)).to_dict()
+    top["metrics"]["reward"] = Metric(0.4, 0.0707, 5, tuple(top_items)).to_dict()
+    gain = select_point([base, top], base, SelectionRule())["reward_gain"]
+    assert gain["paired"] is True and gain["n"] == 5
+    assert gain["value"] == pytest.approx(0.1)
+    assert gain["stderr"] == pytest.approx(math.sqrt(0.02 / 4) / math.sqrt(5))
+    assert 0.0 <= gain["ci_low"] < 0.1 < gain["ci_high"] <= 0.2 and gain["method"] == "bootstrap"
+    # without per-prompt values: the unpaired difference, flagged as such
+    base["metrics"]["reward"].pop("items"), top["metrics"]["reward"].pop("items")
+    gain = select_point([base, top], base, SelectionRule())["reward_gain"]
+    assert gain["paired"] is False and gain["stderr"] == pytest.approx(math.hypot(0.0707, 0.0707))
 
 
 def test_search_refuses_test_split(tiny_ckpts, tmp_path):
@@ -148,7 +169,7 @@ def test_search_end_to_end_on_a_3x3_grid(tiny_ckpts, tmp_path):
     assert ev.calls == 16 + 12
 
 
-def test_finalize_writes_the_chosen_merge_and_tests_once(tiny_ckpts, tmp_path):
+def test_finalize_writes_the_chosen_merge_and_tests_it_once_beside_the_baselines(tiny_ckpts, tmp_path):
     cfg = SearchConfig(lams=(0.0, 0.5), alphas=(0.0, 0.5))
     ev, out = LinearEvaluator(), tmp_path / "search"
     choice = run_search(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), cfg, mean_cache=tmp_path / "mean",
@@ -156,15 +177,32 @@ def test_finalize_writes_the_chosen_merge_and_tests_once(tiny_ckpts, tmp_path):
     calls = ev.calls
     record = finalize(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), tmp_path / "merged",
                       mean_cache=tmp_path / "mean", evaluate_fn=ev, progress=False)
-    assert ev.calls == calls + 3 and [m["t"] for m in record["models"]] == [0, 3, "merged"]
+    rows = {m["t"]: m for m in record["models"]}
+    assert list(rows) == [0, 1, 2, 3, "expo", "uniform", "merged"]
+    # ExPO is the rule's pick on the λ = 0 line: θ0 + (1+α)(θ3 − θ0); the uniform average is (θ1 + θ2 + θ3) / 3
+    a = choice["expo"]["alpha"]
+    assert choice["expo"]["lam"] == 0.0 and a in cfg.alphas
+    assert rows["expo"]["weights"] == pytest.approx([-a, 0.0, 0.0, 1 + a])
+    assert rows["uniform"]["weights"] == pytest.approx([0.0, 1 / 3, 1 / 3, 1 / 3])
+    assert rows["merged"]["weights"] == pytest.approx([-choice["alpha"], *merge_weights(3, choice["lam"],
+                                                                                         choice["alpha"])])
+    for t in (1, 2, 3):
+        assert rows[t]["weights"] == [float(i == t) for i in range(4)]
+    # every row's numbers are its weights' (the evaluator is linear in θ): the merged model on disk included
+    for m in rows.values():
+        assert m["metrics"]["reward"]["value"] == pytest.approx(_linear(tiny_ckpts, R_TENSOR, m["weights"][1:]),
+                                                                rel=1e-5, abs=1e-4)
+    # a row equal to an earlier one is not evaluated again, and says whose numbers it carries
+    distinct = {tuple(round(w, 9) for w in m["weights"]) for m in rows.values()}
+    assert ev.calls == calls + len(distinct)
+    assert all(rows[m["same_as"]]["metrics"] == m["metrics"] for m in rows.values() if m.get("same_as") is not None)
     merge_meta = json.loads((tmp_path / "merged" / "merge.json").read_text())
     assert (merge_meta["lam"], merge_meta["alpha"]) == (choice["lam"], choice["alpha"])
-    # the merged model on disk is the chosen point: same linear functionals as the in-memory merge
-    k = merge_weights(3, choice["lam"], choice["alpha"])
-    merged = next(m for m in record["models"] if m["t"] == "merged")
-    assert merged["metrics"]["reward"]["value"] == pytest.approx(_linear(tiny_ckpts, R_TENSOR, k), rel=1e-5, abs=1e-4)
-    finalize(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), tmp_path / "merged", evaluate_fn=ev, progress=False)
-    assert ev.calls == calls + 3  # test numbers are measured once
+    # the merge against every other row, paired (n = 1 here: no interval)
+    assert [p["b"] for p in record["paired"]] == [0, 1, 2, 3, "expo", "uniform"]
+    finalize(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), tmp_path / "merged", mean_cache=tmp_path / "mean",
+             evaluate_fn=ev, progress=False)
+    assert ev.calls == calls + len(distinct)  # test numbers are measured once
 
 
 def test_search_with_the_real_evaluators(tiny_ckpts, tmp_path):
@@ -183,7 +221,7 @@ def test_search_with_the_real_evaluators(tiny_ckpts, tmp_path):
     assert len(points) == 4 and set(points[0]["metrics"]) == {"accuracy", "format", "reward", "kl"}
     assert all(p["metrics"]["reward"]["n"] == 3 for p in points)
     theta0 = next(c for c in read_records(tmp_path / "s" / "checkpoints.jsonl") if c["t"] == 0)
-    assert theta0["metrics"]["kl"] == {"value": 0.0, "stderr": 0.0, "n": 3}
+    assert theta0["metrics"]["kl"] == {"value": 0.0, "stderr": 0.0, "n": 3, "items": [0.0, 0.0, 0.0]}
     assert {"generate_s", "kl_s"} <= set(points[0]["seconds"])
     assert choice["eval_fingerprint"] == evc.fingerprint()
     assert any(p["metrics"]["kl"]["value"] != 0.0 for p in points)

@@ -37,6 +37,8 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike, force: bool = False, verify:
         thetas = algorithm_1(runner, cfg, run_dir)
         theta_b = second_criterion_run(runner, cfg, run_dir) if cfg.studies.lambda_study else None
         choice = search_and_test(runner, cfg, run_dir)
+        for at in cfg.search.at:  # the same question for the first T' iterations alone
+            search_and_test(runner, cfg, run_dir, at=at)
         run_studies(runner, cfg, run_dir, thetas, choice, theta_b=theta_b)
         if runner.is_main:
             from itermerge.report import write_report
@@ -88,16 +90,20 @@ def second_criterion_run(runner: StageRunner, cfg: RunConfig, run_dir: Path) -> 
 
 
 def search_and_test(runner: StageRunner, cfg: RunConfig, run_dir: Path, *, test: bool = True,
-                    reference: str | os.PathLike | None = None) -> dict[str, Any]:
+                    reference: str | os.PathLike | None = None, at: int | None = None) -> dict[str, Any]:
     """Algorithm 2: θ̄ cached, the (λ, α) grid on dev (each point merged in memory, the points shared out among the
-    processes), the paper's rule; then the chosen merge written and tested once (the models shared out likewise)."""
+    processes), the paper's rule; then the chosen merge written and tested once beside the baselines (the models
+    shared out likewise). ``at`` = T' < T: the same for θ1..θ_T' alone, in search_T{T'}/, the merge kept in memory."""
     from itermerge.search import finalize as fin
     from itermerge.search import points
 
     theta0, checkpoints = fin.run_paths(run_dir, reference)
-    cache, out, where = run_dir / "cache" / "mean_intermediate", run_dir / "search", placement(cfg.model)
+    tag = "" if at is None else f"_T{at}"
+    checkpoints = checkpoints if at is None else checkpoints[:at]
+    cache, out, where = run_dir / "cache" / f"mean_intermediate{tag}", run_dir / f"search{tag}", placement(cfg.model)
+    merged = run_dir / "merged" if at is None else None
     if len(checkpoints) >= 3:  # Alg. 2, line 1: θ̄ = mean(θ1..θ_{T−1}), once
-        runner("mean", partial(mean_of, checkpoints[:-1], cache), outputs=[cache])
+        runner(f"mean{tag}", partial(mean_of, checkpoints[:-1], cache), outputs=[cache])
     fingerprint = cfg.evaluation.fingerprint()
 
     def search(shard: Shard) -> int:
@@ -109,27 +115,28 @@ def search_and_test(runner: StageRunner, cfg: RunConfig, run_dir: Path, *, test:
         choice = points.choose(out, checkpoints, cfg.evaluation, cfg.search)
         return {"lam": choice["lam"], "alpha": choice["alpha"], "points_evaluated": sum(parts)}
 
-    choice = runner.sharded("search", search, choose,
-                            key={"search": dataclasses.asdict(cfg.search), "evaluation": fingerprint},
+    search_key = {k: v for k, v in dataclasses.asdict(cfg.search).items() if k != "at"}
+    choice = runner.sharded(f"search{tag}", search, choose, key={"search": search_key, "evaluation": fingerprint},
                             outputs=[out / n for n in ("points.jsonl", "checkpoints.jsonl", "choice.json",
                                                        "eval_config.json")])
     if not test:
         return choice
     key = {"lam": choice["lam"], "alpha": choice["alpha"]}
-    runner("merge", partial(fin.write_merge, out, theta0, checkpoints, run_dir / "merged", mean_cache=cache),
-           key=key, outputs=[run_dir / "merged"])
+    if merged is not None:
+        runner("merge", partial(fin.write_merge, out, theta0, checkpoints, merged, mean_cache=cache),
+               key=key, outputs=[merged])
 
     def test_eval(shard: Shard) -> list[dict[str, Any]]:
         with evaluation_sampler(cfg, where, checkpoints[-1]) as make_sampler:
-            return fin.evaluate_test(out, theta0, checkpoints, cfg.evaluation, run_dir / "merged", where=where,
-                                     make_sampler=make_sampler, shard=shard)
+            return fin.evaluate_test(out, theta0, checkpoints, cfg.evaluation, merged, where=where,
+                                     mean_cache=cache, make_sampler=make_sampler, shard=shard)
 
     def write_test(parts: list[list[dict[str, Any]]]) -> dict[str, Any]:
-        record = fin.write_test(out, checkpoints, cfg.evaluation, parts)
+        record = fin.write_test(out, checkpoints, cfg.evaluation, parts, reference=theta0, merged_dir=merged)
         return {"lam": record["lam"], "alpha": record["alpha"], "models": [m["name"] for m in record["models"]]}
 
-    runner.sharded("test_eval", test_eval, write_test, key={**key, "evaluation": fingerprint},
-                   outputs=[out / "test.json"])
+    runner.sharded(f"test_eval{tag}", test_eval, write_test,
+                   key={**key, "evaluation": fingerprint, "table": "baselines"}, outputs=[out / "test.json"])
     return choice
 
 
@@ -229,7 +236,9 @@ def _clear(run_dir: Path) -> None:
 
 def _changed_training_sections(recorded: dict[str, Any], cfg: RunConfig) -> list[str]:
     """The training sections in which the recorded config differs from ``cfg`` (settings added since the run was
-    made compare as their defaults; the dev-set size does not count)."""
+    made compare as their defaults). The dev and test set sizes do not count where they cannot change the training
+    prompts: a built-in task's splits are disjoint by construction; a held-out file's are not (they are cut out of
+    the training file, so their size changes what is trained on)."""
     with contextlib.suppress(ItermergeError):  # a key no longer known: compare as recorded, so the difference shows
         recorded = to_dict(from_dict(recorded, where="manifest.json"))
     now = json.loads(json.dumps(to_dict(cfg)))  # as recorded: tuples become lists
@@ -237,8 +246,10 @@ def _changed_training_sections(recorded: dict[str, Any], cfg: RunConfig) -> list
 
     def part(config: dict[str, Any]) -> dict[str, Any]:
         sections = {k: config.get(k) for k in _TRAINING_SECTIONS}
-        if isinstance(sections.get("prompts"), dict):
-            sections["prompts"] = {k: v for k, v in sections["prompts"].items() if k != "dev"}
+        prompts = sections.get("prompts")
+        if isinstance(prompts, dict) and (prompts.get("source", "task") == "task"
+                                          or (prompts.get("dev_path") and prompts.get("test_path"))):
+            sections["prompts"] = {k: v for k, v in prompts.items() if k not in ("dev", "test")}
         return sections
 
     a, b = part(recorded), part(now)

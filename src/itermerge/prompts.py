@@ -116,25 +116,32 @@ def read_prompts(path: str | os.PathLike, source: str = "jsonl") -> list[Prompt]
 
 
 def heldout(
-    pool: Sequence[Prompt], splits: Sequence[str], n: int, seed: int
+    pool: Sequence[Prompt], splits: Sequence[str], n: int, seed: int, test_n: int | None = None
 ) -> tuple[list[Prompt], dict[str, list[Prompt]]]:
-    """(the training pool in file order, {split: its n held-out prompts}) for each of ``splits`` (dev, test).
+    """(the training pool in file order, {split: its held-out prompts}) for each of ``splits`` (dev, test): n dev
+    prompts and ``test_n`` (default n) test prompts.
 
-    The held-out prompts are chosen by a permutation seeded with ``stage_seed(seed, "prompts/heldout")``; a
-    split always gets the same prompts for the same file, n and seed, whichever other splits are held out.
+    The held-out prompts are chosen by a permutation seeded with ``stage_seed(seed, "prompts/heldout")``: dev takes
+    its first n, test the next test_n; a split always gets the same prompts for the same file, sizes and seed,
+    whichever other splits are held out.
     """
     import numpy as np
 
     if not splits:
         return list(pool), {}
-    need = n * len(HELDOUT_SPLITS)
+    sizes = {"dev": n, "test": n if test_n is None else test_n}
+    need = sum(sizes[s] for s in HELDOUT_SPLITS)
     if len(pool) <= need:
         raise ItermergeError(
-            f"{len(pool)} prompts cannot give {n} dev and {n} test prompts held out of them and leave any to train on; "
-            "add prompts, lower prompts.dev, or give prompts.dev_path and prompts.test_path"
+            f"{len(pool)} prompts cannot give {sizes['dev']} dev and {sizes['test']} test prompts held out of them and "
+            "leave any to train on; add prompts, lower prompts.dev (or prompts.test), or give prompts.dev_path and "
+            "prompts.test_path"
         )
     order = np.random.default_rng(stage_seed(seed, "prompts/heldout")).permutation(len(pool))
-    picked = {split: [int(i) for i in order[k * n : (k + 1) * n]] for k, split in enumerate(HELDOUT_SPLITS)}
+    picked, start = {}, 0
+    for split in HELDOUT_SPLITS:
+        picked[split] = [int(i) for i in order[start : start + sizes[split]]]
+        start += sizes[split]
     out = {split: [pool[i] for i in picked[split]] for split in splits}
     removed = {i for split in splits for i in picked[split]}
     return [p for i, p in enumerate(pool) if i not in removed], out
@@ -153,7 +160,7 @@ def training_pool(cfg: RunConfig) -> list[Prompt]:
     if source.heldout_from is None or Path(source.heldout_from) != Path(pc.path):
         return pool
     held = [split for split in HELDOUT_SPLITS if split not in source.files]
-    return heldout(pool, held, source.n, source.seed)[0]
+    return heldout(pool, held, source.n, source.seed, test_n=source.test_n)[0]
 
 
 def training_prompts(cfg: RunConfig, t: int) -> list[Prompt]:
@@ -177,17 +184,18 @@ def training_prompts(cfg: RunConfig, t: int) -> list[Prompt]:
 def split_prompts(source: PromptSource, split: str) -> list[Prompt]:
     """The first ``source.n`` prompts of ``split`` (dev or test): from ``source.files[split]``, held out of
     ``source.heldout_from``, or from the built-in task's split."""
+    n = source.test_n if split == "test" and source.test_n is not None else source.n
     if split in source.files:
         path = source.files[split]
-        return read_prompts(path, "dataset" if Path(path).is_dir() else "jsonl")[: source.n]
+        return read_prompts(path, "dataset" if Path(path).is_dir() else "jsonl")[:n]
     if source.heldout_from is not None and split in HELDOUT_SPLITS:
         held = [s for s in HELDOUT_SPLITS if s not in source.files]
         pool = read_prompts(source.heldout_from, source.heldout_source)
-        return heldout(pool, held, source.n, source.seed)[1][split]
+        return heldout(pool, held, source.n, source.seed, test_n=source.test_n)[1][split]
     if source.task is None:
         raise ItermergeError(
             f"eval.prompts: no prompts for split {split!r}; add files: {{{split}: PATH.jsonl}} or set a task"
         )
     from itermerge.tasks import get_task
 
-    return get_task(source.task, **source.task_options).prompts(split, source.n, source.seed)
+    return get_task(source.task, **source.task_options).prompts(split, n, source.seed)

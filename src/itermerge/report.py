@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,7 @@ from itermerge.plots import pyplot, save_figure
 from itermerge.records import read_records
 from itermerge.rundir import atomic_write_text
 from itermerge.search.selection import LOWER_IS_BETTER, pareto_frontier
-
-METRIC_ORDER = ("accuracy", "format", "reward", "kl")  # then lm_eval/* in their order
+from itermerge.tables import fmt_ci, fmt_metric, metrics_table, paired_table
 
 
 def write_report(run_dir: str | os.PathLike) -> Path:
@@ -49,6 +47,13 @@ def write_report(run_dir: str | os.PathLike) -> Path:
                      "Each point is one (λ, α) merge evaluated on the dev split; colour is λ, the label α; lines join "
                      "points of equal λ in order of α. The dashed line is the Pareto frontier, the star the choice.\n")
         parts.append(_timing_section(points, checkpoints))
+    for sub in sorted(run_dir.glob("search_T*"), key=lambda p: int(p.name[len("search_T"):] or 0)):
+        test, choice_at = _json(sub / "test.json"), _json(sub / "choice.json")
+        if test is not None and choice_at is not None:
+            T = sub.name[len("search_T"):]
+            parts.append(f"## At T = {T}: the first {T} iterations alone ({sub.name}/)\n\n"
+                         f"Rule on dev: {choice_at['reason']}.\n\n"
+                         + _test_table(test).split("\n\n", 1)[1])
     parts += [_studies_section(run_dir), _iterations_section(run_dir), _config_section(run_dir)]
     out = run_dir / "report.md"
     atomic_write_text(out, "\n".join(p for p in parts if p))
@@ -58,54 +63,21 @@ def write_report(run_dir: str | os.PathLike) -> Path:
 # --- tables ------------------------------------------------------------------------------------------
 
 
-def fmt_metric(m: dict[str, Any] | None) -> str:
-    """``0.55 ± 0.05`` (4 significant digits, the stderr to 2); blank when absent."""
-    if m is None:
-        return ""
-    se = "" if m.get("stderr") is None else f" ± {m['stderr']:.2g}"
-    return f"{m['value']:.4g}{se}"
-
-
-def metric_names(rows: Sequence[dict[str, Any]]) -> list[str]:
-    names = {n for r in rows for n in r["metrics"]}
-    return [n for n in METRIC_ORDER if n in names] + sorted(n for n in names if n not in METRIC_ORDER)
-
-
-def metrics_table(rows: Sequence[tuple[str, dict[str, Any]]], baseline: dict[str, Any] | None = None) -> str:
-    """A Markdown table, one row per model, one column per metric; ``n`` in the header when every row agrees.
-
-    Rows named "Merged…" also show the difference to ``baseline`` (θT), as Table 2 does.
-    """
-    names = metric_names([m for _, m in rows])
-    header = []
-    for n in names:
-        ns = {m["metrics"][n]["n"] for _, m in rows if n in m["metrics"]}
-        arrow = " ↓" if n in LOWER_IS_BETTER else ""
-        header.append(f"{n}{arrow} (n={ns.pop()})" if len(ns) == 1 else f"{n}{arrow}")
-    lines = ["| model | " + " | ".join(header) + " |", "|---" * (len(names) + 1) + "|"]
-    for name, m in rows:
-        cells = []
-        for n in names:
-            cell = fmt_metric(m["metrics"].get(n))
-            if len({r["metrics"][n]["n"] for _, r in rows if n in r["metrics"]}) > 1 and n in m["metrics"]:
-                cell += f" (n={m['metrics'][n]['n']})"
-            if baseline is not None and name.startswith("Merged") and n in m["metrics"] and n in baseline["metrics"]:
-                cell += f" ({m['metrics'][n]['value'] - baseline['metrics'][n]['value']:+.3g})"
-            cells.append(cell)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def _choice_section(choice: dict[str, Any]) -> str:
     gain = choice["reward_gain"]
-    z = "" if gain.get("z") is None else f", {gain['z']:.1f} unpaired standard errors"
+    if gain.get("paired"):
+        z = f" (95% CI {fmt_ci(gain)}, paired over {gain['n']} prompts, {gain['method']}, p = {gain['p_value']:.3g})"
+    else:
+        z = "" if gain.get("z") is None else f", {gain['z']:.1f} unpaired standard errors"
+    expo = choice.get("expo")
+    expo = "" if expo is None else f"ExPO by the same rule (λ = 0): α = {expo['alpha']:g}.\n\n"
     kept = ("No merge met the rule with more reward than θT, so the chosen model is θT itself.\n\n"
             if (choice["lam"], choice["alpha"]) == (0.0, 0.0) else "")
     return (
         f"## Chosen merge: λ = {choice['lam']:g}, α = {choice['alpha']:g}\n\n"
         f"Weights k_1..k_T (eq. 10): {', '.join(f'{k:.4g}' for k in choice.get('weights') or [])}.\n\n"
         f"Rule: {choice['reason']}.\n\n"
-        f"{kept}Gain in {choice['rule']['reward']} over θT: {gain['value']:+.4g}{z}.\n"
+        f"{kept}Gain in {choice['rule']['reward']} over θT: {gain['value']:+.4g}{z}.\n\n{expo}"
     )
 
 
@@ -120,8 +92,12 @@ def _test_table(test: dict[str, Any]) -> str:
     rows = [(m["name"], m) for m in test["models"]]
     last = [m for m in test["models"] if isinstance(m["t"], int)]
     base = max(last, key=lambda m: m["t"]) if last else None
+    paired = paired_table(test.get("paired") or [])
+    paired = "" if not paired else (
+        "\nThe chosen merge against each row on the same prompts (difference of means; 95% interval and p: exact "
+        "McNemar / Newcombe for 0/1 scores, paired bootstrap otherwise):\n\n" + paired)
     return (f"## Table 2 style, {test['split']} split (measured once, after the choice)\n\n"
-            + metrics_table(rows, base))
+            + metrics_table(rows, base) + paired)
 
 
 def _timing_section(points: list[dict[str, Any]], checkpoints: list[dict[str, Any]]) -> str:

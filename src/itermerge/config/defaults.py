@@ -32,7 +32,8 @@ def follow_the_run(data: dict[str, Any], scorer: dict[str, Any] | None) -> dict[
     own_task = prompts.get("source", "task") != "task"
     files = {split: prompts[f"{split}_path"] for split in ("dev", "test") if prompts.get(f"{split}_path")}
     if "prompts" not in evaluation:
-        common = {"n": prompts.get("dev", 100), "seed": data.get("seed", 0), "files": files}
+        common = {"n": prompts.get("dev", 100), "seed": data.get("seed", 0), "files": files,
+                  **({"test_n": prompts["test"]} if prompts.get("test") is not None else {})}
         if own_task:
             evaluation["prompts"] = {**common, "task": None, "heldout_source": prompts.get("source"),
                                      "heldout_from": prompts.get("path") if len(files) < 2 else None}

@@ -24,6 +24,10 @@ class PromptSource:
         default_factory=dict, metadata={"help": "split → prompts JSONL; replaces the task's generator"}
     )
     n: int = field(default=100, metadata={"help": "prompts per split (all of a file when larger)"})
+    test_n: int | None = field(
+        default=None, metadata={"help": "prompts in the test split, if not n (a test set large enough to see a "
+                                        "small difference costs one evaluation per model, the dev set one per point)"}
+    )
     seed: int = field(default=0, metadata={"help": "prompt order and sampling seed"})
     heldout_from: str | None = field(
         default=None,

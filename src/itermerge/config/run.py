@@ -64,6 +64,9 @@ class PromptsConfig:
     dev: int = field(
         default=100, metadata={"help": "dev and test prompts each (the search, the studies, the final test)"}
     )
+    test: int | None = field(
+        default=None, metadata={"help": "test prompts, if not prompts.dev (e.g. 400 to see a 5-point difference)"}
+    )
     max_prompt_length: int = field(default=1024, metadata={"help": "longest prompt in tokens (appendix C: 1,024)"})
     truncate: str = field(
         default="drop", metadata={"help": "a longer prompt is dropped (counted) or truncated from the left"}
@@ -77,6 +80,8 @@ class PromptsConfig:
         for name in ("per_iteration", "dev", "max_prompt_length"):
             if getattr(self, name) < 1:
                 raise ItermergeError(f"prompts.{name} = {getattr(self, name)}: must be a positive integer")
+        if self.test is not None and (isinstance(self.test, bool) or not isinstance(self.test, int) or self.test < 1):
+            raise ItermergeError(f"prompts.test = {self.test!r}: must be a positive integer, or absent (= prompts.dev)")
         if self.truncate not in ("drop", "left"):
             raise ItermergeError(f"prompts.truncate = {self.truncate!r}: use drop or left")
 
@@ -226,6 +231,10 @@ class RunConfig:
             raise ItermergeError(f"timeout_minutes = {self.timeout_minutes}: must be a positive number of minutes")
         if self.iterations < 1:
             raise ItermergeError(f"iterations = {self.iterations}: T must be at least 1")
+        late = [t for t in self.search.at if t >= self.iterations]
+        if late:
+            raise ItermergeError(f"search.at = {list(self.search.at)}: T' = {late[0]} is not below iterations = "
+                                 f"{self.iterations}; the full run's search is already T = {self.iterations}")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

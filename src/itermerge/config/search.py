@@ -49,9 +49,18 @@ class SearchConfig:
     alphas: tuple[float, ...] = field(default=DEFAULT_ALPHAS, metadata={"help": "α: extrapolation (magnitude)"})
     split: str = field(default="dev", metadata={"help": "split the points are evaluated on (never test)"})
     rule: SelectionRule = field(default_factory=SelectionRule)
+    at: tuple[int, ...] = field(
+        default=(), metadata={"help": "also search and test the merge of θ1..θ_T' alone, for each T' < T listed "
+                                      "(search_T3/ for 3): a T = 6 run answers for T = 3 too"}
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lams", tuple(float(x) for x in self.lams))
         object.__setattr__(self, "alphas", tuple(float(x) for x in self.alphas))
+        object.__setattr__(self, "at", tuple(self.at))
+        bad = [t for t in self.at if isinstance(t, bool) or not isinstance(t, int) or t < 1]
+        if bad:
+            raise ItermergeError(f"search.at = {list(self.at)}: {bad[0]!r} is not an iteration count; give whole "
+                                 "numbers 1 ≤ T' < iterations")
         if not self.lams or not self.alphas:
             raise ItermergeError("search: lams and alphas must each hold at least one value")

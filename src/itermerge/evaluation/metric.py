@@ -14,21 +14,26 @@ from itermerge.errors import ItermergeError
 class Metric:
     """``value`` ± ``stderr`` over ``n`` independent units (prompts, or documents for lm-eval).
 
-    ``stderr`` is None where it is undefined (n = 1) or where the source did not report one.
+    ``stderr`` is None where it is undefined (n = 1) or where the source did not report one. ``items``: each
+    unit's value in the evaluation's prompt order (None where the source gives only the mean), so that two models
+    measured on the same prompts are compared prompt by prompt (``maths.paired``).
     """
 
     value: float
     stderr: float | None
     n: int
+    items: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"value": self.value, "stderr": self.stderr, "n": self.n}
+        out = {"value": self.value, "stderr": self.stderr, "n": self.n}
+        return out if self.items is None else {**out, "items": [round(v, 9) for v in self.items]}
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any], where: str = "metric") -> Metric:
         try:
-            stderr = obj["stderr"]
-            return cls(float(obj["value"]), None if stderr is None else float(stderr), int(obj["n"]))
+            stderr, items = obj["stderr"], obj.get("items")
+            return cls(float(obj["value"]), None if stderr is None else float(stderr), int(obj["n"]),
+                       None if items is None else tuple(float(v) for v in items))
         except (KeyError, TypeError, ValueError) as e:
             raise ItermergeError(f'{where}: expected {{"value", "stderr", "n"}}, got {obj!r:.120}') from e
 
@@ -41,11 +46,11 @@ def mean_metric(values: Sequence[float]) -> Metric:
     n = len(values)
     if n == 0:
         raise ItermergeError("a metric over 0 items is undefined; evaluate at least one prompt")
-    mean = math.fsum(values) / n
+    mean, items = math.fsum(values) / n, tuple(float(v) for v in values)
     if n == 1:
-        return Metric(mean, None, 1)
+        return Metric(mean, None, 1, items)
     var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
-    return Metric(mean, math.sqrt(var / n), n)
+    return Metric(mean, math.sqrt(var / n), n, items)
 
 
 def clustered_mean(groups: Sequence[Sequence[float]]) -> Metric:

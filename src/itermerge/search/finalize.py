@@ -1,10 +1,13 @@
-"""The chosen merge written to disk (streamed) and evaluated once on the test split, beside θ0 and θT."""
+"""The chosen merge written to disk (streamed) and evaluated once on the test split, beside the baselines:
+θ0, every θt, ExPO, the uniform average; each compared with the merge prompt by prompt."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,8 @@ from itermerge.config.evaluation import EvalConfig
 from itermerge.devices import CPU, Placement, load_placed, release
 from itermerge.errors import ItermergeError
 from itermerge.evaluation import Evaluator, metrics_to_dict
-from itermerge.merging import merge_checkpoints
+from itermerge.maths.merge import merge_weights
+from itermerge.merging import MergeBasis, merge_checkpoints
 from itermerge.rundir import Manifest, atomic_write_json
 from itermerge.runner import Shard
 from itermerge.search.grid import model_name
@@ -31,19 +35,19 @@ def finalize(
     *,
     mean_cache: str | os.PathLike | None = None,
     test_split: str = "test",
-    all_checkpoints: bool = False,
     evaluate_fn: EvaluateFn | None = None,
     progress: bool = True,
     where: Placement = CPU,
     make_sampler: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the chosen merge with the streaming ``merge_checkpoints`` and evaluate it once on test, beside θ0 and
-    θT (every θt with ``all_checkpoints``), on one process: ``write_merge``, ``evaluate_test``, ``write_test``."""
+    """Write the chosen merge with the streaming ``merge_checkpoints`` and evaluate it once on test beside the
+    baselines (``test_models``), on one process: ``write_merge``, ``evaluate_test``, ``write_test``."""
     write_merge(search_dir, reference, checkpoints, merged_dir, mean_cache=mean_cache, progress=progress)
     done = evaluate_test(search_dir, reference, checkpoints, eval_config, merged_dir, test_split=test_split,
-                         all_checkpoints=all_checkpoints, evaluate_fn=evaluate_fn, progress=progress, where=where,
+                         mean_cache=mean_cache, evaluate_fn=evaluate_fn, progress=progress, where=where,
                          make_sampler=make_sampler)
-    return write_test(search_dir, checkpoints, eval_config, [done], test_split=test_split)
+    return write_test(search_dir, checkpoints, eval_config, [done], test_split=test_split, reference=reference,
+                      merged_dir=merged_dir)
 
 
 def chosen(search_dir: str | os.PathLike) -> tuple[float, float]:
@@ -81,52 +85,157 @@ def _record(search_dir: Path, eval_config: EvalConfig, test_split: str) -> dict[
     return record
 
 
-def _wanted(reference, checkpoints: list[Path], merged_dir: Path, all_checkpoints: bool) -> list[tuple[Any, Path]]:
-    T = len(checkpoints)
-    return [(0, Path(reference)), *(((t, checkpoints[t - 1]) for t in range(1, T)) if all_checkpoints else ()),
-            (T, checkpoints[-1]), ("merged", merged_dir)]
+@dataclass(frozen=True)
+class TestModel:
+    """One row of the test table: a checkpoint on disk (``path``) or a merge built in memory (``lam``, ``alpha``).
+
+    ``weights``: its coefficients on (θ0, θ1, …, θT), Σ = 1; two rows with the same weights are one model."""
+
+    key: Any  # 0..T, "expo", "uniform", "merged"
+    name: str
+    weights: tuple[float, ...]
+    path: Path | None = None
+    lam: float | None = None
+    alpha: float | None = None
+
+
+def _full(k: Sequence[float]) -> tuple[float, ...]:
+    """Eq. (9)'s k_1..k_T with θ0's coefficient 1 − Σ k_t in front."""
+    return (1.0 - math.fsum(k), *map(float, k))
+
+
+def test_models(search_dir: str | os.PathLike, reference: str | os.PathLike, checkpoints: Sequence[Path],
+                merged_dir: Path | None) -> list[TestModel]:
+    """The test table's models, in order: θ0, θ1..θT, ExPO (λ = 0, α chosen on dev by the same rule), the uniform
+    average of θ1..θT (λ = (T−1)/T, α = 0) and the chosen merge (from ``merged_dir``, else built in memory)."""
+    T, (lam, alpha) = len(checkpoints), chosen(search_dir)
+    choice = json.loads((Path(search_dir) / "choice.json").read_text())
+    unit = lambda t: tuple(float(i == t) for i in range(T + 1))  # noqa: E731
+    models = [TestModel(0, model_name(0), unit(0), Path(reference)),
+              *(TestModel(t, model_name(t), unit(t), Path(checkpoints[t - 1])) for t in range(1, T + 1))]
+    expo = choice.get("expo")
+    if expo is not None:
+        a = expo["alpha"]
+        models.append(TestModel("expo", f"ExPO (λ=0, α={a:g})", _full(merge_weights(T, 0.0, a)), lam=0.0, alpha=a))
+    if T >= 2:
+        u = (T - 1) / T
+        models.append(TestModel("uniform", f"Uniform average θ1..θ{T}", _full(merge_weights(T, u, 0.0)), lam=u,
+                                alpha=0.0))
+    weights = _full(merge_weights(T, lam, alpha))
+    name = f"Merged (λ={lam:g}, α={alpha:g})"
+    models.append(TestModel("merged", name, weights, merged_dir) if merged_dir is not None
+                  else TestModel("merged", name, weights, lam=lam, alpha=alpha))
+    return models
+
+
+def _same_model(a: TestModel, b: TestModel) -> bool:
+    return all(abs(x - y) <= 1e-12 for x, y in zip(a.weights, b.weights))
 
 
 def evaluate_test(
     search_dir: str | os.PathLike, reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
-    eval_config: EvalConfig, merged_dir: str | os.PathLike, *, test_split: str = "test", all_checkpoints: bool = False,
-    evaluate_fn: EvaluateFn | None = None, progress: bool = True, where: Placement = CPU,
-    make_sampler: Callable[..., Any] | None = None, shard: Shard | None = None,
+    eval_config: EvalConfig, merged_dir: str | os.PathLike | None, *, test_split: str = "test",
+    mean_cache: str | os.PathLike | None = None, evaluate_fn: EvaluateFn | None = None, progress: bool = True,
+    where: Placement = CPU, make_sampler: Callable[..., Any] | None = None, shard: Shard | None = None,
 ) -> list[dict[str, Any]]:
-    """This process's share of the models test.json does not hold yet, each evaluated once on the test split."""
+    """This process's share of the test table's models (``test_models``) that test.json does not hold yet, each
+    evaluated once on the test split. A model equal to an earlier row (ExPO at α = 0 is θT) is not evaluated
+    again: ``write_test`` copies that row's numbers. In-memory merges need ``mean_cache`` for T ≥ 3."""
     shard, search_dir, checkpoints = shard or Shard(), Path(search_dir), [Path(c) for c in checkpoints]
-    lam, alpha = chosen(search_dir)
     record = _record(search_dir, eval_config, test_split)
     done = {m["t"] for m in record["models"]}
-    todo = shard.take([(t, p) for t, p in _wanted(reference, checkpoints, Path(merged_dir), all_checkpoints)
-                       if t not in done])
+    models = test_models(search_dir, reference, checkpoints, None if merged_dir is None else Path(merged_dir))
+    distinct = [m for i, m in enumerate(models) if not any(_same_model(m, o) for o in models[:i])]
+    todo = shard.take([m for m in distinct if m.key not in done])
     if not todo:
         return []
+    measured = _measured_elsewhere(search_dir, eval_config.fingerprint(), test_split)
+    out = [{**measured[str(m.path)], "t": m.key, "name": m.name, "weights": list(m.weights),
+            "reused_from": measured[str(m.path)]["reused_from"]} for m in todo if str(m.path) in measured]
+    todo = [m for m in todo if str(m.path) not in measured]
+    if not todo:
+        return out
     model = load_placed(checkpoints[-1], where)
     if evaluate_fn is None:
         ref_model = load_placed(reference, where) if eval_config.kl is not None else None
         evaluate_fn = Evaluator(eval_config, load_tokenizer(checkpoints[-1]), test_split, reference_model=ref_model,
                                 progress=False, make_sampler=make_sampler)
-    out = []
-    for t, path in tqdm(todo, desc=f"{test_split} evaluation", unit="model", disable=not (progress and shard.is_main)):
-        load_weights_into(model, path)
+    basis = (MergeBasis.from_checkpoints(reference, checkpoints, mean_cache=mean_cache)
+             if any(m.path is None for m in todo) else None)
+    for m in tqdm(todo, desc=f"{test_split} evaluation", unit="model", disable=not (progress and shard.is_main)):
+        if m.path is None:
+            basis.apply_to(model, m.lam, m.alpha)
+        else:
+            load_weights_into(model, m.path)
         metrics, seconds = timed_eval(evaluate_fn, model)
-        name = f"Merged (λ={lam:g}, α={alpha:g})" if t == "merged" else model_name(t)
-        out.append({"t": t, "name": name, "path": str(path), "metrics": metrics_to_dict(metrics), "seconds": seconds})
-    release(model)
+        out.append({"t": m.key, "name": m.name, "path": None if m.path is None else str(m.path),
+                    "weights": list(m.weights), "metrics": metrics_to_dict(metrics), "seconds": seconds})
+    release(model, basis)
     return out
 
 
+def _measured_elsewhere(search_dir: Path, fingerprint: str, split: str) -> dict[str, dict[str, Any]]:
+    """Checkpoints (θ0..θT, by path) already measured by the same evaluators on the same split in another search of
+    this run (search_T3/ and search/ share θ0..θ3): their rows, so a checkpoint is tested once per run."""
+    found: dict[str, dict[str, Any]] = {}
+    for other in sorted(search_dir.parent.glob("search*/test.json")):
+        if other.parent == search_dir:
+            continue
+        record = json.loads(other.read_text())
+        if record.get("eval_fingerprint") != fingerprint or record.get("split") != split:
+            continue
+        for row in record.get("models", []):
+            if isinstance(row.get("t"), int) and row.get("path") and row.get("same_as") is None:
+                found.setdefault(row["path"], {**row, "reused_from": other.parent.name})
+    return found
+
+
 def write_test(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], eval_config: EvalConfig,
-               parts: Sequence[Sequence[dict[str, Any]]], *, test_split: str = "test") -> dict[str, Any]:
-    """test.json: what it held, and the processes' new evaluations, in the table's order (θ0, …, θT, merged)."""
+               parts: Sequence[Sequence[dict[str, Any]]], *, test_split: str = "test",
+               reference: str | os.PathLike | None = None, merged_dir: str | os.PathLike | None = None
+               ) -> dict[str, Any]:
+    """test.json: what it held and the processes' new evaluations in the table's order (θ0, θ1..θT, ExPO, uniform,
+    merged; a row equal to an earlier one carries its numbers and ``same_as``), then ``paired``: the chosen merge
+    against every other row, prompt by prompt (``maths.paired``), on each metric."""
     search_dir = Path(search_dir)
     record = _record(search_dir, eval_config, test_split)
-    models = {m["t"]: m for m in record["models"]} | {m["t"]: m for part in parts for m in part}
-    order = {t: i for i, t in enumerate([0, *range(1, len(checkpoints) + 1), "merged"])}
-    record["models"] = sorted(models.values(), key=lambda m: order[m["t"]])
+    got = {m["t"]: m for m in record["models"]} | {m["t"]: m for part in parts for m in part}
+    rows = []
+    for m in test_models(search_dir, reference or "θ0", [Path(c) for c in checkpoints],
+                         None if merged_dir is None else Path(merged_dir)):
+        twin = next((o for o in rows if _same_model(m, o[0])), None)
+        if m.key in got and got[m.key].get("same_as") is None:
+            rows.append((m, got[m.key]))
+        elif twin is not None:
+            rows.append((m, {**twin[1], "t": m.key, "name": m.name, "weights": list(m.weights),
+                             "same_as": twin[1]["t"], "seconds": {}}))
+    record["models"] = [row for _, row in rows]
+    record["paired"] = paired_rows(record["models"])
     atomic_write_json(search_dir / "test.json", record)
     return record
+
+
+def paired_rows(models: Sequence[dict[str, Any]], against: Any = "merged") -> list[dict[str, Any]]:
+    """``against`` (the chosen merge) minus each other row, per metric that both hold per prompt: the paired
+    difference with its 95% interval and p-value (exact McNemar for 0/1 scores, bootstrap otherwise)."""
+    from itermerge.maths.paired import paired_difference
+
+    a = next((m for m in models if m["t"] == against), None)
+    if a is None:
+        return []
+    out = []
+    for b in models:
+        if b["t"] == against:
+            continue
+        metrics = {}
+        for name, ma in a["metrics"].items():
+            mb = b["metrics"].get(name, {})
+            if ma.get("items") is not None and mb.get("items") is not None and len(ma["items"]) == len(mb["items"]):
+                d = paired_difference(ma["items"], mb["items"])
+                metrics[name] = {k: d[k] for k in ("difference", "ci_low", "ci_high", "stderr", "p_value", "n",
+                                                   "method", "a_only", "b_only") if k in d}
+        out.append({"a": a["t"], "b": b["t"], "b_name": b["name"], "metrics": metrics})
+    return out
 
 
 def run_paths(run_dir: str | os.PathLike, reference: str | os.PathLike | None = None) -> tuple[Path, list[Path]]:

@@ -94,6 +94,11 @@ def evaluate_points(
     if shard.is_main:
         atomic_write_json(search_dir / "eval_config.json", {"fingerprint": stamp["eval_fingerprint"],
                                                              **eval_config.to_dict()})
+    paths = [Path(reference), *checkpoints]
+    if shard.is_main:  # θ_t measured on this split by another search of the run (search_T3/ beside search/)
+        for t, record in _measured_elsewhere(search_dir, stamp, paths[:T], done_ckpts).items():
+            append_record(ckpt_path, {**record, "t": t, "name": model_name(t)})
+    done_ckpts |= set(_measured_elsewhere(search_dir, stamp, paths[:T], done_ckpts))
     jobs = [("point", p) for p in _grid(T, config) if point_key(*p) not in done]
     jobs += [("checkpoint", t) for t in range(T) if t not in done_ckpts]  # θT's record is the (0, 0) point
     mine = shard.take(jobs)
@@ -103,7 +108,6 @@ def evaluate_points(
     evaluate_fn = evaluate_fn or _evaluator(eval_config, config.split, checkpoints[-1], reference, where, make_sampler)
     basis = (MergeBasis.from_checkpoints(reference, checkpoints, mean_cache=mean_cache)
              if any(kind == "point" for kind, _ in mine) else None)
-    paths = [Path(reference), *checkpoints]
     for kind, job in tqdm(mine, desc=f"search (λ, α) {_share(shard, len(jobs))}", unit="model",
                           disable=not (progress and shard.is_main)):
         start = time.perf_counter()
@@ -128,6 +132,22 @@ def evaluate_points(
     return len(mine)
 
 
+def _measured_elsewhere(search_dir: Path, stamp: dict[str, str], paths: Sequence[Path],
+                        done: set[int]) -> dict[int, dict[str, Any]]:
+    """{t: record} for the θ_t (t not in ``done``) that another search directory of this run measured with the same
+    evaluators on the same split, matched by path; the record says where it came from (``reused_from``)."""
+    wanted = {str(p): t for t, p in enumerate(paths) if t not in done}
+    found: dict[int, dict[str, Any]] = {}
+    for other in sorted(search_dir.parent.glob("search*/checkpoints.jsonl")):
+        if other.parent == search_dir:
+            continue
+        for r in read_records(other):
+            t = wanted.get(r.get("path"))
+            if t is not None and t not in found and _same(r, stamp) and r.get("same_as") is None:
+                found[t] = {**r, "reused_from": other.parent.name}
+    return found
+
+
 def choose(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], eval_config: EvalConfig,
            config: SearchConfig | None = None) -> dict[str, Any]:
     """The paper's rule applied to the recorded points of the grid: writes choice.json and returns it."""
@@ -146,6 +166,9 @@ def choose(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLik
     in_grid = [p for p in points if point_key(p["lam"], p["alpha"]) in grid_keys]
     choice = {**select_point(in_grid, base, config.rule), **stamp,
               "grid": {"lams": config.lams, "alphas": config.alphas}}
+    # ExPO (Zheng et al. 2024) is the λ = 0 line of the grid: θ0 + (1+α)(θT − θ0), α chosen by the same rule.
+    expo = select_point([p for p in in_grid if p["lam"] == 0.0], base, config.rule)
+    choice["expo"] = {k: expo[k] for k in ("lam", "alpha", "weights", "reason", "chosen", "reward_gain")}
     atomic_write_json(search_dir / "choice.json", choice)
     return choice
 

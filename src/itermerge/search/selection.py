@@ -100,11 +100,22 @@ def select_point(points: Sequence[Point], baseline: Point, rule: SelectionRule) 
 
 
 def _difference(a: Point, b: Point, metric: str) -> dict[str, Any]:
-    """a − b with an unpaired standard error √(se_a² + se_b²): conservative, as both used the same prompts."""
+    """a − b on ``metric``: paired over the prompts both were scored on when their records keep per-prompt values
+    (``maths.paired``: exact McNemar/Newcombe for 0/1 scores, else a seeded bootstrap), else the unpaired
+    √(se_a² + se_b²) of two independent means (conservative, as both used the same prompts)."""
     ma, mb = a["metrics"][metric], b["metrics"][metric]
     diff = ma["value"] - mb["value"]
+    items_a, items_b = ma.get("items"), mb.get("items")
+    if items_a is not None and items_b is not None and len(items_a) == len(items_b) and len(items_a) >= 2:
+        from itermerge.maths.paired import paired_difference
+
+        d = paired_difference(items_a, items_b)
+        se = d["stderr"]
+        return {"value": d["difference"], "stderr": se, "z": None if not se else d["difference"] / se,
+                "ci_low": d["ci_low"], "ci_high": d["ci_high"], "p_value": d["p_value"], "method": d["method"],
+                "paired": True, "n": d["n"]}
     se = None if ma["stderr"] is None or mb["stderr"] is None else math.hypot(ma["stderr"], mb["stderr"])
-    return {"value": diff, "stderr": se, "z": None if not se else diff / se}
+    return {"value": diff, "stderr": se, "z": None if not se else diff / se, "paired": False}
 
 
 def _fmt(m: Mapping[str, Any]) -> str:

@@ -176,7 +176,9 @@ def ensemble_finish(cfg: RunConfig, run_dir: Path, thetas: list[Path], lam: floa
     result = approximation_write(thetas[0], thetas[1:], len(dev_prompts(cfg, max(2, cfg.studies.prompts // 4))),
                                  run_dir / "studies" / "ensemble", [p for p in parts if p is not None], note=why,
                                  **setup)
-    return {"lam": result["lam"], "alpha": result["alpha"], "measured": why,
+    kl = {name: c["kl_ensemble_to_model_per_token"] for name, c in result["error"]["candidates"].items()}
+    return {"lam": result["lam"], "alpha": result["alpha"], "measured": why, "kl_ensemble_to_model_per_token": kl,
+            "time_ratio": (result.get("cost") or {}).get("time_ratio"),
             "sampling": dataclasses.asdict(setup["params"])}
 
 

@@ -1,0 +1,240 @@
+"""Replicates: the same run under several training seeds (and regimes), the dev and test sets shared, aggregated.
+
+A study file names a run config, the seeds, and optionally regimes (named overrides of the run config, e.g. two
+learning rates). ``replicate`` runs every (regime, seed) as an ordinary, resumable run directory
+``OUT/REGIME/seed_S``; ``aggregate`` reads their test tables back and pools them: each row's mean across seeds with
+a t interval, the merge − baseline difference pooled over seeds prompt by prompt (``maths.paired``), and each
+seed's (λ, α). Nothing is re-evaluated by the aggregation.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from itermerge.config import RunConfig, from_dict
+from itermerge.config.parse import read_yaml
+from itermerge.errors import ItermergeError
+from itermerge.rundir import atomic_write_json
+
+BASELINES = ("T", "expo", "uniform", 0)  # the merge is compared with θT, ExPO, the uniform average, θ0
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """A study file: ``run`` (a run config, inline or a path), ``seeds``, ``regimes`` {name: overrides}."""
+
+    name: str
+    run: dict[str, Any]
+    seeds: tuple[int, ...]
+    regimes: dict[str, dict[str, Any]]
+
+    def configs(self) -> dict[str, dict[int, RunConfig]]:
+        """{regime: {seed: RunConfig}}: every replica of a regime shares the dev and test prompts of the run's own
+        seed (its evaluation prompts are fixed before the seed changes); training and sampling follow the seed."""
+        out = {}
+        for regime, overrides in self.regimes.items():
+            base = from_dict(_merged(self.run, overrides), where=f"{self.name}: regime {regime}")
+            out[regime] = {seed: dataclasses.replace(base, seed=seed) for seed in self.seeds}
+        return out
+
+
+def load_study(path: str | os.PathLike, seeds: Sequence[int] | None = None) -> Study:
+    """A study file, or a plain run config (one regime, "default"); ``seeds`` replaces the file's."""
+    path = Path(path)
+    data = read_yaml(path, None)
+    if "run" in data:
+        run = data["run"]
+        if isinstance(run, str):
+            run = read_yaml((path.parent / run) if not Path(run).is_absolute() else Path(run), None)
+        unknown = sorted(set(data) - {"name", "run", "seeds", "regimes"})
+        if unknown:
+            raise ItermergeError(f"{path}: unknown study keys {unknown}; a study has name, run, seeds and regimes")
+    else:
+        run = data
+    if not isinstance(run, dict):
+        raise ItermergeError(f"{path}: run is {type(run).__name__}; give the run config as a mapping or a file path")
+    regimes = (data.get("regimes") if "run" in data else None) or {"default": {}}
+    if not isinstance(regimes, dict) or not all(isinstance(v, dict) for v in regimes.values()):
+        raise ItermergeError(f"{path}: regimes must map a name to config overrides, e.g. "
+                             "{lr-1e-5: {dpo: {learning_rate: 1.0e-5}}}")
+    default = data.get("seeds", [run.get("seed", 0)]) if "run" in data else [run.get("seed", 0)]
+    chosen = list(seeds) if seeds is not None else default
+    if not chosen or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in chosen):
+        raise ItermergeError(f"{path}: seeds = {chosen!r}; give whole numbers >= 0, e.g. --seeds 0,1,2,3,4")
+    if len(set(chosen)) != len(chosen):
+        raise ItermergeError(f"{path}: seeds = {chosen!r} repeats a seed; replicas must differ")
+    study = Study(str(data.get("name") or run.get("name") or path.stem), run, tuple(chosen),
+                  {str(k): v for k, v in regimes.items()})
+    study.configs()  # every replica's config is checked before anything runs
+    return study
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` or ``"0-4"`` (inclusive) or a mix: ``"0-2,7"`` → [0, 1, 2, 7]."""
+    seeds = []
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            seeds += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+        except ValueError:
+            raise ItermergeError(f"--seeds {text!r}: {part!r} is not a seed or a range; write e.g. 0,1,2 or 0-4") \
+                from None
+    return seeds
+
+
+def replicate(study: Study, out: str | os.PathLike, *, prune_caches: bool = False) -> Path:
+    """Run every (regime, seed) of ``study`` into ``out/REGIME/seed_S`` (each resumable; finished ones are skipped
+    by their stages), then ``aggregate``. ``prune_caches`` deletes each finished run's cache/ (θ̄, recomputed on
+    demand) to keep a long study within the disk."""
+    from itermerge.pipeline import run
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "study.json", {"name": study.name, "seeds": list(study.seeds), "run": study.run,
+                                           "regimes": study.regimes})
+    configs = study.configs()
+    total, k = sum(len(v) for v in configs.values()), 0
+    for regime, by_seed in configs.items():
+        for seed, cfg in by_seed.items():
+            k += 1
+            run_dir = out / regime / f"seed_{seed}"
+            print(f"[{k}/{total}] {regime}, seed {seed} → {run_dir}", flush=True)
+            start = time.time()
+            run(cfg, run_dir)
+            _note_time(run_dir, time.time() - start)
+            if prune_caches and (run_dir / "cache").is_dir():
+                shutil.rmtree(run_dir / "cache")
+    aggregate(out)
+    return out
+
+
+def _note_time(run_dir: Path, seconds: float) -> None:
+    """Wall seconds of this invocation, appended to run_dir/wall_time.json (a resumed run has several)."""
+    path = run_dir / "wall_time.json"
+    spans = json.loads(path.read_text()) if path.exists() else []
+    atomic_write_json(path, [*spans, round(seconds, 1)])
+
+
+def _merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in section by section (nested mappings merge, anything else replaces)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# --- aggregation ------------------------------------------------------------------------------------------
+
+
+def aggregate(out: str | os.PathLike) -> dict[str, Any]:
+    """out/aggregate.json from every out/REGIME/seed_S/search*/test.json: for each regime and each search (T, and
+    every T' of search.at), each row's mean and 95% t interval across seeds per metric, the merge − baseline
+    paired differences pooled over seeds (hierarchical bootstrap), and each seed's choice."""
+    out = Path(out)
+    regimes = sorted(p for p in out.iterdir() if p.is_dir() and any(p.glob("seed_*/search/test.json")))
+    if not regimes:
+        raise ItermergeError(f"{out}: no REGIME/seed_S/search/test.json; run `itermerge replicate` first")
+    result = {"study": out.name, "regimes": {}}
+    for regime in regimes:
+        runs = sorted(regime.glob("seed_*"), key=lambda p: int(p.name.split("_")[1]))
+        searches = sorted({t.parent.name for r in runs for t in r.glob("search*/test.json")}, key=_search_order)
+        result["regimes"][regime.name] = {
+            "seeds": [int(r.name.split("_")[1]) for r in runs],
+            "wall_seconds": {r.name: _wall(r) for r in runs},
+            "searches": {name: aggregate_search([r / name for r in runs if (r / name / "test.json").exists()])
+                         for name in searches},
+        }
+    atomic_write_json(out / "aggregate.json", result)
+    return result
+
+
+def _search_order(name: str) -> tuple[int, int]:
+    return (0, 0) if name == "search" else (1, int(name[len("search_T"):]))
+
+
+def _wall(run_dir: Path) -> float | None:
+    """Seconds the run's stages took, from its manifest (invocations' wall time where recorded)."""
+    path = run_dir / "wall_time.json"
+    return round(sum(json.loads(path.read_text())), 1) if path.exists() else None
+
+
+def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
+    """One search (``search`` or ``search_T3``) across seeds: rows, pooled paired differences, choices."""
+    from itermerge.maths.paired import mean_and_ci, minimum_detectable_effect, pooled_paired_difference
+
+    tests = [json.loads((d / "test.json").read_text()) for d in search_dirs]
+    choices = [json.loads((d / "choice.json").read_text()) for d in search_dirs]
+    T = max(m["t"] for m in tests[0]["models"] if isinstance(m["t"], int))
+    rows = []
+    for m in tests[0]["models"]:
+        per_seed = [_row(test, m["t"]) for test in tests]
+        metrics = {}
+        for name in m["metrics"]:
+            values = [r["metrics"][name]["value"] for r in per_seed if r is not None and name in r["metrics"]]
+            metrics[name] = {**mean_and_ci(values), "per_seed": values}
+        rows.append({"t": m["t"], "name": _generic_name(m, T), "metrics": metrics})
+    paired = []
+    for b in BASELINES:
+        key = T if b == "T" else b
+        if any(_row(test, key) is None for test in tests):
+            continue
+        b_name = next(r["name"] for r in rows if r["t"] == key)
+        metrics = {}
+        for name in _row(tests[0], "merged")["metrics"]:
+            groups = [(_row(t, "merged")["metrics"][name].get("items"),
+                       _row(t, key)["metrics"].get(name, {}).get("items")) for t in tests]
+            if all(a is not None and b_ is not None and len(a) == len(b_) for a, b_ in groups):
+                pooled = pooled_paired_difference(groups)
+                pooled.pop("per_seed", None)
+                metrics[name] = pooled
+        paired.append({"b": key, "b_name": b_name, "metrics": metrics})
+    n_test = tests[0]["models"][0]["metrics"].get("accuracy", {}).get("n")
+    design = None
+    if n_test and n_test >= 2:
+        discordant = _discordant(tests, T)
+        design = {"test_prompts": n_test, "seeds": len(tests), "discordant_merge_vs_T": discordant,
+                  "mde_one_seed": minimum_detectable_effect(n_test, discordant=discordant) if discordant else
+                  minimum_detectable_effect(n_test, baseline=0.5)}
+    return {
+        "T": T, "seeds": [int(d.parent.name.split("_")[1]) for d in search_dirs], "rows": rows, "paired": paired,
+        "choices": [{"lam": c["lam"], "alpha": c["alpha"], "expo_alpha": (c.get("expo") or {}).get("alpha")}
+                    for c in choices],
+        "design": design,
+    }
+
+
+def _row(test: dict[str, Any], key: Any) -> dict[str, Any] | None:
+    return next((m for m in test["models"] if m["t"] == key), None)
+
+
+def _generic_name(m: dict[str, Any], T: int) -> str:
+    """A row's name without its seed's numbers: "Merged (chosen λ, α)", "ExPO (chosen α)"."""
+    if m["t"] == "merged":
+        return "Merged (λ, α chosen per seed)"
+    if m["t"] == "expo":
+        return "ExPO (λ = 0, α chosen per seed)"
+    return m["name"]
+
+
+def _discordant(tests: Sequence[dict[str, Any]], T: int) -> float | None:
+    """Share of test prompts on which the merge and θT disagree on accuracy, over all seeds (McNemar's ψ)."""
+    total = differ = 0
+    for test in tests:
+        a = (_row(test, "merged") or {}).get("metrics", {}).get("accuracy", {}).get("items")
+        b = (_row(test, T) or {}).get("metrics", {}).get("accuracy", {}).get("items")
+        if a is None or b is None:
+            return None
+        total += len(a)
+        differ += sum(x != y for x, y in zip(a, b))
+    return differ / total if total and differ else None

@@ -1,0 +1,129 @@
+"""Replicates on the tiny model: seeds that share dev and test, the T' search, and an aggregation equal to the files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import save_tiny, tiny_model
+
+from itermerge.errors import ItermergeError
+from itermerge.replicates import aggregate, load_study, parse_seeds, replicate
+
+
+def tiny_study(theta0: Path) -> dict:
+    run = {
+        "iterations": 3, "seed": 5, "model": {"path": str(theta0)},
+        "prompts": {"per_iteration": 6, "dev": 4, "test": 6, "max_prompt_length": 128},
+        "sampling": {"n": 4, "max_new_tokens": 6, "batch_size": 24},
+        "dpo": {"learning_rate": 1e-3, "global_batch_size": 4, "micro_batch_size": 2, "max_length": 256,
+                "max_prompt_length": 128},
+        "evaluation": {"max_new_tokens": 6, "reward": {"sampling": "greedy", "samples": 1}, "kl": None},
+        "search": {"lams": [0.0, 0.5], "alphas": [0.0, 0.5], "at": [2]},
+        "studies": {"alpha_study": False, "accuracy_matrix": False, "ensemble": False, "lambda_study": False},
+    }
+    return {"name": "tiny", "seeds": [0, 1], "run": run, "regimes": {"lr-a": {}}}
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("study")
+    theta0 = save_tiny(root / "theta0", tiny_model(0))
+    (root / "study.yaml").write_text(yaml.safe_dump(tiny_study(theta0)))
+    return replicate(load_study(root / "study.yaml"), root / "out", prune_caches=True)
+
+
+def _test(study_dir: Path, regime: str, seed: int, search: str = "search") -> dict:
+    return json.loads((study_dir / regime / f"seed_{seed}" / search / "test.json").read_text())
+
+
+def _row(test: dict, key) -> dict:
+    return next(m for m in test["models"] if m["t"] == key)
+
+
+def test_replicas_share_dev_and_test_and_differ_in_training(study_dir):
+    runs = [study_dir / "lr-a" / f"seed_{s}" for s in (0, 1)]
+    trained = [(r / "iter_01" / "prompts.jsonl").read_text() for r in runs]
+    assert trained[0] != trained[1]  # the seed moves the training prompts (and sampling, data order)
+    evaluated = [json.loads((r / "search" / "eval_config.json").read_text())["prompts"] for r in runs]
+    assert evaluated[0] == evaluated[1] and evaluated[0]["seed"] == 5 and evaluated[0]["test_n"] == 6
+    for r in runs:
+        test = json.loads((r / "search" / "test.json").read_text())
+        assert [m["t"] for m in test["models"]] == [0, 1, 2, 3, "expo", "uniform", "merged"]
+        assert all(m["metrics"]["accuracy"]["n"] == 6 and len(m["metrics"]["accuracy"]["items"]) == 6
+                   for m in test["models"])
+        assert not (r / "cache").exists()  # pruned: θ̄ is recomputed on demand
+    # θ0 scores the same on the shared test set in every replica
+    assert _row(_test(study_dir, "lr-a", 0), 0)["metrics"] == _row(_test(study_dir, "lr-a", 1), 0)["metrics"]
+
+
+def test_a_T_prime_search_reuses_the_checkpoints_measured_for_T(study_dir):
+    run = study_dir / "lr-a" / "seed_0"
+    full, short = _test(study_dir, "lr-a", 0), _test(study_dir, "lr-a", 0, "search_T2")
+    assert [m["t"] for m in short["models"]] == [0, 1, 2, "expo", "uniform", "merged"]
+    for t in (0, 1, 2):  # the same model on the same test prompts: measured once
+        assert _row(short, t)["metrics"] == _row(full, t)["metrics"] and _row(short, t)["reused_from"] == "search"
+    assert _row(short, "uniform")["weights"] == pytest.approx([0.0, 0.5, 0.5])
+    dev = [json.loads(line) for line in (run / "search_T2" / "checkpoints.jsonl").read_text().splitlines()]
+    assert {r["t"] for r in dev if r.get("reused_from") == "search"} == {0, 1}
+
+
+def test_the_aggregate_equals_the_run_files(study_dir):
+    agg = json.loads((study_dir / "aggregate.json").read_text())
+    assert set(agg["regimes"]) == {"lr-a"}
+    for regime in ("lr-a",):
+        for search, T in (("search", 3), ("search_T2", 2)):
+            got = agg["regimes"][regime]["searches"][search]
+            tests = [_test(study_dir, regime, s, search) for s in (0, 1)]
+            assert got["T"] == T and got["seeds"] == [0, 1]
+            for row in got["rows"]:
+                values = [_row(t, row["t"])["metrics"]["reward"]["value"] for t in tests]
+                assert row["metrics"]["reward"]["per_seed"] == values
+                assert row["metrics"]["reward"]["mean"] == pytest.approx(np.mean(values))
+            for pair in got["paired"]:
+                for metric in ("accuracy", "reward"):
+                    by_seed = [np.mean(np.subtract(_row(t, "merged")["metrics"][metric]["items"],
+                                                   _row(t, pair["b"])["metrics"][metric]["items"])) for t in tests]
+                    assert pair["metrics"][metric]["difference"] == pytest.approx(np.mean(by_seed))
+            assert [pair["b"] for pair in got["paired"]] == [T, "expo", "uniform", 0]
+            choices = [json.loads((study_dir / regime / f"seed_{s}" / search / "choice.json").read_text())
+                       for s in (0, 1)]
+            assert got["choices"] == [{"lam": c["lam"], "alpha": c["alpha"], "expo_alpha": c["expo"]["alpha"]}
+                                      for c in choices]
+    assert aggregate(study_dir) == agg  # nothing is re-evaluated: the same files give the same numbers
+
+
+def test_replicate_resumes_without_redoing_anything(study_dir):
+    before = {p: p.stat().st_mtime_ns for p in study_dir.glob("*/seed_*/search*/test.json")}
+    replicate(load_study(study_dir.parent / "study.yaml"), study_dir, prune_caches=True)
+    assert {p: p.stat().st_mtime_ns for p in study_dir.glob("*/seed_*/search*/test.json")} == before
+
+
+def test_regimes_override_the_run_and_keep_the_shared_prompts(tmp_path):
+    study = tiny_study(Path("theta0"))
+    study["regimes"] = {"slow": {}, "fast": {"dpo": {"learning_rate": 3e-3}, "seed": 9}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    configs = load_study(tmp_path / "s.yaml", seeds=[2, 3]).configs()
+    assert [c.dpo.learning_rate for c in configs["fast"].values()] == [3e-3, 3e-3]
+    assert configs["slow"][2].dpo.learning_rate == 1e-3 and configs["slow"][2].dpo.beta == configs["fast"][2].dpo.beta
+    assert [c.seed for c in configs["fast"].values()] == [2, 3]  # --seeds replaces the study's
+    assert configs["slow"][3].evaluation.prompts.seed == 5 and configs["fast"][3].evaluation.prompts.seed == 9
+
+
+def test_bad_studies_are_refused_by_name(tmp_path):
+    assert parse_seeds("0-2,7") == [0, 1, 2, 7]
+    with pytest.raises(ItermergeError, match="'x' is not a seed"):
+        parse_seeds("0,x")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"run": {"iterations": 2}, "seeds": [0, 0]}))
+    with pytest.raises(ItermergeError, match="repeats a seed"):
+        load_study(path)
+    path.write_text(yaml.safe_dump({"run": {"iterations": 2}, "sedes": [0]}))
+    with pytest.raises(ItermergeError, match="unknown study keys \\['sedes'\\]"):
+        load_study(path)
+    path.write_text(yaml.safe_dump({"run": {"iterations": 2, "search": {"at": [2]}}}))
+    with pytest.raises(ItermergeError, match=r"search\.at"):
+        load_study(path)
