@@ -193,7 +193,7 @@ def test_lm_eval_local_task_offline(tmp_path):
     tasks_dir = _local_task(tmp_path / "tasks", model, tok)
     out = run_lm_eval(model, [LmEvalTask("itermerge_tiny")], tok, include_path=tasks_dir, batch_size=4)
     # per-document correctness [1, 1, 0, 0] by construction: acc 0.5, se = √(1/3) / 2 (ddof 1, as lm-eval)
-    assert out["lm_eval/itermerge_tiny"] == Metric(0.5, pytest.approx(math.sqrt(1 / 3) / 2), 4)
+    assert out["lm_eval/itermerge_tiny"] == Metric(0.5, pytest.approx(math.sqrt(1 / 3) / 2), 4, (1.0, 1.0, 0.0, 0.0))
     assert out["lm_eval/average"].value == 0.5
     from_disk = run_lm_eval(save_tiny(tmp_path / "ckpt", model, tok), [LmEvalTask("itermerge_tiny")],
                             include_path=tasks_dir, device="cpu")
@@ -214,3 +214,26 @@ def test_paper_preset_lists_appendix_d():
     shots = {t.name: (t.num_fewshot, t.chat_template) for t in PRESETS["paper"]}
     assert shots == {"mmlu": (5, True), "truthfulqa_mc2": (0, True), "arc_challenge": (25, True),
                      "hellaswag": (10, False), "gsm8k_cot": (5, True)}
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None, reason="lm-eval not installed (pip install 'itermerge[eval]')"
+)
+def test_lm_eval_dev_and_test_never_share_a_document(tmp_path):
+    """The capability axis's dev documents (the search's) and test documents (the final table's) are disjoint halves
+    of the benchmark, fixed by a hash; each split's score is the mean over exactly its documents."""
+    from itermerge.evaluation.lm_eval import _task_manager, document_split, run_lm_eval
+
+    tok, model = tiny_tokenizer(), tiny_model(0)
+    tasks_dir = _local_task(tmp_path / "tasks", model, tok)
+    manager = _task_manager(("itermerge_tiny",), str(tasks_dir))
+    dev, test = (document_split("itermerge_tiny", manager, s)["itermerge_tiny"] for s in ("dev", "test"))
+    assert not set(dev) & set(test) and sorted(dev + test) == [0, 1, 2, 3]
+    assert dev == document_split("itermerge_tiny", manager, "dev")["itermerge_tiny"]  # deterministic
+    correct = [1.0, 1.0, 0.0, 0.0]  # by construction of _local_task
+    assert dev and test
+    for split, ids in (("dev", dev), ("test", test)):
+        got = run_lm_eval(model, [LmEvalTask("itermerge_tiny")], tok, include_path=tasks_dir, batch_size=4,
+                          split=split)["lm_eval/itermerge_tiny"]
+        assert got.n == len(ids) and got.value == pytest.approx(sum(correct[i] for i in ids) / len(ids))
+        assert got.items == tuple(correct[i] for i in ids)

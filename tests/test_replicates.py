@@ -127,3 +127,68 @@ def test_bad_studies_are_refused_by_name(tmp_path):
     path.write_text(yaml.safe_dump({"run": {"iterations": 2, "search": {"at": [2]}}}))
     with pytest.raises(ItermergeError, match=r"search\.at"):
         load_study(path)
+
+
+def test_the_results_page_carries_the_aggregate_numbers(study_dir, tmp_path):
+    from itermerge.cli import main
+
+    out = tmp_path / "results.md"
+    assert main(["results", "--study", str(study_dir), "--out", str(out)]) == 0
+    page = out.read_text()
+    agg = json.loads((study_dir / "aggregate.json").read_text())
+    search = agg["regimes"]["lr-a"]["searches"]["search"]
+    d = next(p for p in search["paired"] if p["b"] == 3)["metrics"]["reward"]
+    row = next(line for line in page.splitlines()
+               if line.startswith("| The merge beats θT (Table 2): merge − θT, reward | lr-a, T = 3, 2 seeds"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == f"{d['difference']:+.3g}" and cells[3] == f"[{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]"
+    low, high = d["ci_low"], d["ci_high"]
+    assert cells[5] == ("held" if low > 0 else "contradicted" if high < 0 else "not shown")
+    assert "## lr-a, T = 2 (`search_T2/`)" in page and "seed 1: (λ" in page
+    for r in search["rows"]:  # every row of the T = 3 table, mean over seeds
+        assert f"| {r['name']} | {r['metrics']['accuracy']['mean']:.4g}" in page
+    assert main(["results", "--out", str(out)]) == 2  # nothing to read: a named error
+
+
+def _fake_search(root: Path, seed: int, items: dict) -> Path:
+    """search/test.json and choice.json of one seed, with per-prompt accuracy items given by hand."""
+    d = root / "lr" / f"seed_{seed}" / "search"
+    d.mkdir(parents=True)
+    models = []
+    for t, xs in items.items():
+        name = {"merged": "Merged (λ=0.3, α=0.4)", "expo": "ExPO (λ=0, α=0.4)", "uniform": "Uniform"}.get(t, f"Iter {t}")
+        m = float(np.mean(xs))
+        models.append({"t": t, "name": name, "metrics": {"accuracy": {"value": m, "stderr": 0.1, "n": len(xs),
+                                                                      "items": xs}}})
+    (d / "test.json").write_text(json.dumps({"split": "test", "models": models}))
+    (d / "choice.json").write_text(json.dumps({"lam": 0.3, "alpha": 0.4 * seed, "expo": {"alpha": 1.0}}))
+    return d
+
+
+def test_aggregation_by_hand(tmp_path):
+    """Seed 0: merge [1,1,1,0] vs θ2 [1,0,0,0] → +0.5; seed 1: merge [1,1,0,0] vs θ2 [1,1,0,0] → 0: pooled +0.25,
+    each seed weighing the same. Rows: θ2's accuracy 0.25 and 0.5 → mean 0.375, t interval ± t_{1,0.975}·0.125."""
+    from scipy import stats
+
+    from itermerge.replicates import aggregate_search
+
+    base = {0: [0, 0, 0, 0], 1: [0, 1, 0, 0], "expo": [1, 0, 1, 0], "uniform": [0, 1, 1, 0]}
+    dirs = [_fake_search(tmp_path, 0, {**base, 2: [1, 0, 0, 0], "merged": [1, 1, 1, 0]}),
+            _fake_search(tmp_path, 1, {**base, 2: [1, 1, 0, 0], "merged": [1, 1, 0, 0]})]
+    got = aggregate_search(dirs)
+    assert got["T"] == 2 and got["seeds"] == [0, 1]
+    vs_T = next(p for p in got["paired"] if p["b"] == 2)["metrics"]["accuracy"]
+    assert vs_T["difference"] == pytest.approx(0.25) and vs_T["per_seed"] == pytest.approx([0.5, 0.0])
+    assert vs_T["ci_low"] <= 0.0 <= 0.5 <= vs_T["ci_high"] + 1e-12  # two seeds that disagree: a wide interval
+    theta2 = next(r for r in got["rows"] if r["t"] == 2)["metrics"]["accuracy"]
+    assert theta2["mean"] == pytest.approx(0.375) and theta2["per_seed"] == [0.25, 0.5]
+    half = stats.t.ppf(0.975, 1) * 0.125  # sd of (0.25, 0.5) is 0.1768, / √2 = 0.125
+    assert (theta2["ci_low"], theta2["ci_high"]) == pytest.approx((0.375 - half, 0.375 + half))
+    assert [p["b"] for p in got["paired"]] == [2, "expo", "uniform", 0]
+    last = next(p for p in got["iterations"] if p["b"] == 1)["metrics"]["accuracy"]  # θ2 − θ1: 0, then +0.25
+    assert last["difference"] == pytest.approx(0.125) and last["per_seed"] == pytest.approx([0.0, 0.25])
+    assert got["choices"] == [{"lam": 0.3, "alpha": 0.0, "expo_alpha": 1.0}, {"lam": 0.3, "alpha": 0.4,
+                                                                              "expo_alpha": 1.0}]
+    # merge and θ2 disagree on 2 of 8 prompts: ψ = 0.25, MDE on 4 prompts = 2.8016 · √0.25 / √4
+    assert got["design"]["discordant_merge_vs_T"] == 0.25
+    assert got["design"]["mde_one_seed"] == pytest.approx(2.80158 * 0.5 / 2, rel=1e-4)

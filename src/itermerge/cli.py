@@ -14,7 +14,9 @@ from itermerge.commands import (
     cmd_iterate,
     cmd_mean,
     cmd_merge,
+    cmd_replicate,
     cmd_report,
+    cmd_results,
     cmd_reward,
     cmd_run,
     cmd_search,
@@ -119,6 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
+        "replicate", help="a run under several seeds (and regimes), dev and test shared; pooled paired differences"
+    )
+    p.add_argument("study", help="a study file (run:, seeds:, regimes:), a run config, or the built-in `study`")
+    p.add_argument("--seeds", help="replace the file's seeds: 0,1,2 or 0-4")
+    p.add_argument("--out", help="study directory (default runs/NAME); rerun the same command to resume")
+    p.add_argument("--prune-caches", action="store_true",
+                   help="delete each finished run's cache/ (θ̄; recomputed on demand) to save disk")
+    p.set_defaults(func=cmd_replicate)
+
+    p = sub.add_parser("results", help="docs/results.md from a study directory and a demo run (nothing recomputed)")
+    p.add_argument("--study", help="a directory made by `itermerge replicate`")
+    p.add_argument("--demo", help="a run directory of `itermerge demo` (its studies: α, λ, ensemble)")
+    p.add_argument("--out", default="docs/results.md")
+    p.add_argument("--aggregate", action="store_true", help="re-aggregate the study's runs first")
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser(
         "search", help="(λ, α) grid merged in memory and evaluated on dev; the choice merged and tested once"
     )
     p.add_argument("run_dir", help="a run directory made by `itermerge iterate`")
@@ -212,6 +231,7 @@ PLAIN_HELP = (
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for pages that say how they were made
     try:
         args.func(args)
     except ItermergeError as e:

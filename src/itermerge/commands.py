@@ -202,3 +202,42 @@ def cmd_verify(args: argparse.Namespace) -> None:
     if bad:
         print(f"rerun the run's command to redo {bad[0]} and every stage after it", file=sys.stderr)
         raise SystemExit(1)
+
+
+def _builtin_or_path(name: str) -> Path:
+    """A config path, or the name of a config shipped in itermerge/configs (``study`` → configs/study.yaml)."""
+    from importlib.resources import files
+
+    path = Path(name)
+    if path.exists():
+        return path
+    shipped = Path(str(files("itermerge") / "configs" / f"{name}.yaml"))
+    if shipped.exists():
+        return shipped
+    raise ItermergeError(f"{name}: no such file, and no built-in config of that name (built-in: demo, demo_quick, "
+                         "study)")
+
+
+def cmd_replicate(args: argparse.Namespace) -> None:
+    from itermerge.replicates import load_study, parse_seeds, replicate
+
+    path = _builtin_or_path(args.study)
+    study = load_study(path, parse_seeds(args.seeds) if args.seeds else None)
+    out = Path(args.out) if args.out else Path("runs") / study.name
+    print(f"itermerge replicate: {path} — {len(study.regimes)} regime(s) × seeds {list(study.seeds)} → {out}")
+    replicate(study, out, prune_caches=args.prune_caches)
+    print(f"aggregate: {out / 'aggregate.json'}")
+
+
+def cmd_results(args: argparse.Namespace) -> None:
+    from itermerge.results import write_results
+
+    command = "itermerge " + " ".join(getattr(args, "argv", None) or ["results"])
+    if args.aggregate:
+        from itermerge.replicates import aggregate
+
+        if not args.study:
+            raise ItermergeError("itermerge results --aggregate: name the study directory (--study DIR)")
+        aggregate(args.study)
+    out = write_results(args.out, study=args.study, demo=args.demo, command=command)
+    print(f"results: {out}")

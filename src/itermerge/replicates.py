@@ -96,10 +96,11 @@ def replicate(study: Study, out: str | os.PathLike, *, prune_caches: bool = Fals
     demand) to keep a long study within the disk."""
     from itermerge.pipeline import run
 
-    out = Path(out)
+    out, main = Path(out), int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, one process writes
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "study.json", {"name": study.name, "seeds": list(study.seeds), "run": study.run,
-                                           "regimes": study.regimes})
+    if main:
+        atomic_write_json(out / "study.json", {"name": study.name, "seeds": list(study.seeds), "run": study.run,
+                                               "regimes": study.regimes, "machine": machine()})
     configs = study.configs()
     total, k = sum(len(v) for v in configs.values()), 0
     for regime, by_seed in configs.items():
@@ -109,11 +110,26 @@ def replicate(study: Study, out: str | os.PathLike, *, prune_caches: bool = Fals
             print(f"[{k}/{total}] {regime}, seed {seed} → {run_dir}", flush=True)
             start = time.time()
             run(cfg, run_dir)
-            _note_time(run_dir, time.time() - start)
-            if prune_caches and (run_dir / "cache").is_dir():
-                shutil.rmtree(run_dir / "cache")
-    aggregate(out)
+            if main:
+                _note_time(run_dir, time.time() - start)
+                if prune_caches and (run_dir / "cache").is_dir():
+                    shutil.rmtree(run_dir / "cache")
+    if main:
+        aggregate(out)
     return out
+
+
+def machine() -> str:
+    """This machine in words, for the results page: CPU or GPU, cores, library versions."""
+    import platform
+
+    import torch
+    import transformers
+
+    device = (f"{torch.cuda.device_count()}× {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+              else "no GPU")
+    return (f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPU cores, {device}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
 
 
 def _note_time(run_dir: Path, seconds: float) -> None:
@@ -184,21 +200,21 @@ def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
             values = [r["metrics"][name]["value"] for r in per_seed if r is not None and name in r["metrics"]]
             metrics[name] = {**mean_and_ci(values), "per_seed": values}
         rows.append({"t": m["t"], "name": _generic_name(m, T), "metrics": metrics})
-    paired = []
-    for b in BASELINES:
-        key = T if b == "T" else b
-        if any(_row(test, key) is None for test in tests):
-            continue
-        b_name = next(r["name"] for r in rows if r["t"] == key)
+    def pooled(a_key: Any, b_key: Any) -> dict[str, Any] | None:
+        if any(_row(test, a_key) is None or _row(test, b_key) is None for test in tests):
+            return None
         metrics = {}
-        for name in _row(tests[0], "merged")["metrics"]:
-            groups = [(_row(t, "merged")["metrics"][name].get("items"),
-                       _row(t, key)["metrics"].get(name, {}).get("items")) for t in tests]
-            if all(a is not None and b_ is not None and len(a) == len(b_) for a, b_ in groups):
-                pooled = pooled_paired_difference(groups)
-                pooled.pop("per_seed", None)
-                metrics[name] = pooled
-        paired.append({"b": key, "b_name": b_name, "metrics": metrics})
+        for name in _row(tests[0], a_key)["metrics"]:
+            groups = [(_row(t, a_key)["metrics"][name].get("items"),
+                       _row(t, b_key)["metrics"].get(name, {}).get("items")) for t in tests]
+            if all(a is not None and b is not None and len(a) == len(b) for a, b in groups):
+                metrics[name] = pooled_paired_difference(groups)
+        names = {r["t"]: r["name"] for r in rows}
+        return {"a": a_key, "b": b_key, "a_name": names[a_key], "b_name": names[b_key], "metrics": metrics}
+
+    paired = [p for b in BASELINES if (p := pooled("merged", T if b == "T" else b)) is not None]
+    # Alg. 1's own record: θT against θ0 (did iterating help?) and against θ_{T−1} (did the last step hurt?)
+    iterations = [p for b in (0, T - 1) if b != T and (p := pooled(T, b)) is not None]
     n_test = tests[0]["models"][0]["metrics"].get("accuracy", {}).get("n")
     design = None
     if n_test and n_test >= 2:
@@ -208,6 +224,7 @@ def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
                   minimum_detectable_effect(n_test, baseline=0.5)}
     return {
         "T": T, "seeds": [int(d.parent.name.split("_")[1]) for d in search_dirs], "rows": rows, "paired": paired,
+        "iterations": iterations,
         "choices": [{"lam": c["lam"], "alpha": c["alpha"], "expo_alpha": (c.get("expo") or {}).get("alpha")}
                     for c in choices],
         "design": design,

@@ -109,6 +109,11 @@ class LmEvalConfig:
     limit: int | None = field(default=None, metadata={"help": "documents per task (None: all)"})
     batch_size: int = 8
     fewshot_as_multiturn: bool = False
+    split_documents: bool = field(
+        default=True, metadata={"help": "dev and test get disjoint halves of each benchmark's documents (a hash of "
+                                        "the task and document index), so a choice made on dev is tested on unseen "
+                                        "documents; false: every document for both"}
+    )
 
 
 @dataclass(frozen=True)

@@ -49,12 +49,15 @@ def run_lm_eval(
     batch_size: int = 8,
     fewshot_as_multiturn: bool = False,
     device: str | None = None,
+    split: str | None = None,
 ) -> dict[str, Metric]:
     """``{"lm_eval/<task>": Metric, ..., "lm_eval/average": Metric}`` for ``model`` (a path or a loaded HF model).
 
     Each task runs in its own ``simple_evaluate`` call because few-shot count and chat template are
     per task. The average is the unweighted mean over tasks (Table 2's "Avg"), its standard error
-    √(Σ se²) / k treating the tasks as independent.
+    √(Σ se²) / k treating the tasks as independent. ``split`` "dev" or "test": only that half of each
+    benchmark's documents (``document_split``), the first ``limit`` of them; None: every document.
+    Each task's Metric keeps its per-document values (``items``, in document order) for paired comparisons.
     """
     lm_eval = require_lm_eval()
     from lm_eval.models.huggingface import HFLM
@@ -76,16 +79,21 @@ def run_lm_eval(
 
     out: dict[str, Metric] = {}
     for task in tasks:
+        samples = None
+        if split is not None:
+            samples = {name: ids[:limit] if limit is not None else ids
+                       for name, ids in document_split(task.name, manager, split).items()}
         with _quiet():
             results = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=[task.name],
                 num_fewshot=task.num_fewshot,
-                limit=limit,
+                limit=limit if samples is None else None,
+                samples=samples,
                 task_manager=manager,
                 apply_chat_template=task.chat_template,
                 fewshot_as_multiturn=fewshot_as_multiturn and task.chat_template,
-                log_samples=False,
+                log_samples=True,
                 bootstrap_iters=1000,
             )
         out[f"lm_eval/{task.name}"] = task_metric(results, task)
@@ -112,7 +120,41 @@ def task_metric(results: dict[str, Any], task: LmEvalTask) -> Metric:
     # A group (mmlu) has no n-samples entry of its own; this call ran only its subtasks, so sum them.
     counts = results.get("n-samples", {})
     n = counts[task.name]["effective"] if task.name in counts else sum(c["effective"] for c in counts.values())
-    return Metric(float(row[key]), stderr, int(n))
+    return Metric(float(row[key]), stderr, int(n), _items(results, task, int(n)))
+
+
+def _items(results: dict[str, Any], task: LmEvalTask, n: int) -> tuple[float, ...] | None:
+    """Each document's value of the task's metric (leaf tasks by name, documents by id), or None if not logged."""
+    values = []
+    for name in sorted(results.get("samples") or {}):
+        for sample in sorted(results["samples"][name], key=lambda s: s.get("doc_id", 0)):
+            if sample.get("filter", task.filter) == task.filter and isinstance(sample.get(task.metric), (int, float)):
+                values.append(float(sample[task.metric]))
+    return tuple(values) if len(values) == n else None
+
+
+def document_split(name: str, manager: Any, split: str) -> dict[str, list[int]]:
+    """{leaf task: its document indices in ``split``} for a task or group: each document of a benchmark's
+    evaluation split goes to dev or test by a hash of (task name, index), about half each, the same on every
+    machine and for every model; the two halves never share a document."""
+    import hashlib
+
+    from lm_eval.tasks import get_task_dict
+
+    if split not in ("dev", "test"):
+        raise ItermergeError(f"lm-eval document split {split!r}: use dev or test")
+
+    def leaves(tree: Any) -> list[Any]:
+        return [t for v in tree.values() for t in (leaves(v) if isinstance(v, dict) else [v])]
+
+    out = {}
+    for task in leaves(get_task_dict([name], manager)):
+        task_name = task.config.task
+        ids = range(len(task.eval_docs))
+        out[task_name] = [i for i in ids
+                          if ("dev" if hashlib.sha256(f"{task_name}:{i}".encode()).digest()[0] < 128 else "test")
+                          == split]
+    return out
 
 
 @functools.lru_cache(maxsize=4)

@@ -137,6 +137,7 @@ class Evaluator:
                     limit=lm.limit,
                     batch_size=lm.batch_size,
                     fewshot_as_multiturn=lm.fewshot_as_multiturn,
+                    split=self.split if lm.split_documents else None,
                 )
             )
             timings["lm_eval_s"] = time.perf_counter() - start
