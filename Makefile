@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick test lint bench clean
+.PHONY: demo demo-quick study results test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,15 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	$(VENV)/bin/itermerge demo --quick
+
+# Does the merge beat θT? 5 seeds × 2 learning rates, T = 6 and T = 3, 400 test prompts (~2-3 hours on 2 cores).
+study: $(STAMP)
+	$(VENV)/bin/itermerge replicate study --out runs/study --prune-caches
+	$(MAKE) results
+
+# docs/results.md from runs/study (and runs/demo's studies when it exists).
+results: $(STAMP)
+	$(VENV)/bin/itermerge results --study runs/study $(if $(wildcard runs/demo/manifest.json),--demo runs/demo)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -3,6 +3,7 @@
 
     python bench/gpu_check.py --tokenizer DIR --out DIR [--skip-zero3]
     python bench/gpu_check.py --tokenizer DIR --out DIR --graphs-only   # the CUDA-graph sampling table alone
+    python bench/gpu_check.py --tokenizer DIR --out DIR --run-only      # `itermerge run` on one GPU, per stage
 
 θ0 has SmolLM2-135M's architecture with seeded random weights (no weights are downloaded): the point is
 the GPU code path and its throughput, not what the model learns. ``--tokenizer`` is a directory with
@@ -274,6 +275,45 @@ def iterate_zero3(config: Path, work: Path, theta0: Path) -> dict:
     return out
 
 
+RUN_EXTRA = """\
+evaluation: {{max_new_tokens: 32, batch_size: 256, accuracy: {{sampling: greedy}},
+             reward: {{sampling: greedy, samples: 1}}, kl: {{samples: 1}}}}
+search: {{lams: [0.0, 0.5], alphas: [0.0, 0.5], at: []}}
+studies: {{alpha_study: true, alphas: [0.0, 0.5, 1.0], accuracy_matrix: true, ensemble: true,
+          lambda_study: true, prompts: 8, n: 2}}
+"""
+
+
+@step("run_one_gpu")
+def run_one_gpu(config: Path, work: Path, theta0: Path) -> dict:
+    """`itermerge run` end to end on one GPU (T = 2, a 2×2 search, the test, every study, the report): each
+    stage's wall time and the peak device memory torch held during it (0 or absent would mean CPU work)."""
+    run_config = work / "gpu_run.yaml"
+    run_config.write_text(config.read_text() + RUN_EXTRA.format())
+    run_dir = work / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+               PYTHONUNBUFFERED="1")
+    log = work / "run.log"
+    start = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.run([sys.executable, "-m", "itermerge.cli", "run", str(run_config), "--run-dir",
+                               str(run_dir)], env=env, stdout=f, stderr=subprocess.STDOUT, timeout=540)
+    if proc.returncode:
+        raise RuntimeError(f"exit {proc.returncode}: {log.read_text()[-3000:]}")
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    table = {}
+    for name, record in stages.items():
+        shares = record.get("shards") or [record]
+        peaks = [s.get("device_peak_gib") for s in shares if s.get("device_peak_gib") is not None]
+        table[name] = {"seconds": round(sum(s.get("seconds", 0.0) for s in shares), 2),
+                       "device_peak_gib": max(peaks) if peaks else None}
+    no_gpu = [n for n, r in table.items() if not r["device_peak_gib"] and not n.endswith(("/pairs", "/metrics"))]
+    test = json.loads((run_dir / "search" / "test.json").read_text())
+    return {"wall_s": round(time.perf_counter() - start, 1), "stages": table,
+            "stages_without_device_memory": no_gpu, "report": (run_dir / "report.md").exists(),
+            "test_models": [m["name"] for m in test["models"]]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokenizer", type=Path, required=True)
@@ -289,6 +329,9 @@ def main() -> None:
     ap.add_argument("--graph-rows", type=int, nargs="+", default=[8, 64, 256])
     ap.add_argument("--graph-max-new-tokens", type=int, default=64)
     ap.add_argument("--graph-repeats", type=int, default=2)
+    ap.add_argument("--run-only", action="store_true",
+                    help="only `itermerge run` on one GPU (T = 2, 2×2 search, test, studies, report), per-stage "
+                         "wall time and peak device memory (~3-5 min)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(args.work, ignore_errors=True)
@@ -302,6 +345,9 @@ def main() -> None:
         if args.graphs_only:
             sampling_cuda_graphs(theta0, args.device, args.graph_rows, args.graph_max_new_tokens, args.graph_repeats)
             return
+        if args.run_only:
+            run_one_gpu(config, args.work, theta0)
+            return
         if not args.skip_sampling:
             sampling(theta0, args.batches, args.max_new_tokens, args.device)
             sampling_cuda_graphs(theta0, args.device, args.graph_rows, args.graph_max_new_tokens, args.graph_repeats)
@@ -310,7 +356,7 @@ def main() -> None:
             iterate_zero3(config, args.work, theta0)
     finally:
         (args.out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=2, default=str))
-        for log in ("plain.log", "zero3.log"):
+        for log in ("plain.log", "zero3.log", "run.log"):
             if (args.work / log).exists():
                 shutil.copy(args.work / log, args.out / log)
 
