@@ -94,8 +94,8 @@ def search_and_test(runner: StageRunner, cfg: RunConfig, run_dir: Path, *, test:
     """Algorithm 2: θ̄ cached, the (λ, α) grid on dev (each point merged in memory, the points shared out among the
     processes), the paper's rule; then the chosen merge written and tested once beside the baselines (the models
     shared out likewise). ``at`` = T' < T: the same for θ1..θ_T' alone, in search_T{T'}/, the merge kept in memory."""
+    from itermerge.search import budget, points
     from itermerge.search import finalize as fin
-    from itermerge.search import points
 
     theta0, checkpoints = fin.run_paths(run_dir, reference)
     tag = "" if at is None else f"_T{at}"
@@ -106,17 +106,34 @@ def search_and_test(runner: StageRunner, cfg: RunConfig, run_dir: Path, *, test:
         runner(f"mean{tag}", partial(mean_of, checkpoints[:-1], cache), outputs=[cache])
     fingerprint = cfg.evaluation.fingerprint()
 
-    def search(shard: Shard) -> int:
+    halving = cfg.search.method == "halving"
+    n_dev = budget.dev_size(cfg.evaluation, cfg.search.split) if halving else 0
+
+    def search(shard: Shard, round_: int | None = None) -> int:
         with evaluation_sampler(cfg, where, checkpoints[-1]) as make_sampler:
+            if round_ is not None:  # one round of successive halving, its points shared out
+                return budget.evaluate_round(out, theta0, checkpoints, cfg.evaluation, cfg.search, round_, n_dev,
+                                             mean_cache=cache, where=where, make_sampler=make_sampler, shard=shard)
             return points.evaluate_points(out, theta0, checkpoints, cfg.evaluation, cfg.search, mean_cache=cache,
-                                          where=where, make_sampler=make_sampler, shard=shard)
+                                          where=where, make_sampler=make_sampler, shard=shard,
+                                          among=() if halving else None)  # halving: θ0..θ_{T−1} only
 
     def choose(parts: list[int]) -> dict[str, Any]:
+        if halving:
+            choice = budget.choose(out, checkpoints, cfg.evaluation, cfg.search, n_dev)
+            return {"lam": choice["lam"], "alpha": choice["alpha"], "points_evaluated": sum(parts),
+                    "prompt_evaluations": choice["budget"]["prompt_evaluations"]}
         choice = points.choose(out, checkpoints, cfg.evaluation, cfg.search)
         return {"lam": choice["lam"], "alpha": choice["alpha"], "points_evaluated": sum(parts)}
 
-    search_key = {k: v for k, v in dataclasses.asdict(cfg.search).items() if k != "at"}
-    choice = runner.sharded(f"search{tag}", search, choose, key={"search": search_key, "evaluation": fingerprint},
+    unkeyed = {"at"} if halving else {"at", "method", "halving"}  # the grid's key is as before halving existed
+    search_key = {k: v for k, v in dataclasses.asdict(cfg.search).items() if k not in unkeyed}
+    key = {"search": search_key, "evaluation": fingerprint}
+    for r in range(len(budget.plan(len(checkpoints), cfg.search, n_dev)) if halving else 0):  # a barrier each
+        runner.sharded(f"search{tag}/round_{r}", partial(search, round_=r),
+                       partial(budget.round_record, out, checkpoints, cfg.evaluation, cfg.search, r, n_dev),
+                       key=key, outputs=[budget.round_path(out, r)])
+    choice = runner.sharded(f"search{tag}", search, choose, key=key,
                             outputs=[out / n for n in ("points.jsonl", "checkpoints.jsonl", "choice.json",
                                                        "eval_config.json")])
     if not test:

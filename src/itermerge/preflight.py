@@ -57,6 +57,10 @@ def preflight(cfg: RunConfig) -> None:
                 check(f"evaluation.accuracy.{name}", lambda spec=spec: _check_predicate(spec, sample))
     if ev.lm_eval is not None:
         check("evaluation.lm_eval", _check_lm_eval)
+        if cfg.search.method == "halving":
+            problems.append("search.method = halving evaluates points on subsets of the dev prompts, but "
+                            "evaluation.lm_eval scores benchmark documents, which cannot be cut the same way; use "
+                            "search.method: grid, or drop lm_eval from the evaluation")
     produced = ev.metrics()
     rule = cfg.search.rule
     for metric in rule.metrics:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from typing import Any
@@ -75,6 +76,21 @@ class Evaluator:
         if acc.format is not None:
             return is_correct, load_callable(acc.format)
         return is_correct, format_check(self.task) if self.task is not None else None
+
+    def subset(self, start: int, stop: int) -> Evaluator:
+        """The same evaluators on the prompts [start, stop) of the split alone (the budgeted search's rounds).
+
+        A prompt's samples are seeded by its content, so its items are those of a whole-split evaluation (a prompt
+        repeated in the split is seeded by its repeat number, which a subset counts from ``start``)."""
+        if not 0 <= start < stop <= len(self.prompts):
+            raise ItermergeError(f"prompts [{start}, {stop}) of split {self.split!r}: it has {len(self.prompts)}; give "
+                                 f"0 <= start < stop <= {len(self.prompts)}")
+        if self.config.lm_eval is not None:
+            raise ItermergeError("evaluation.lm_eval measures benchmark documents, not the split's prompts, so it "
+                                 "cannot be evaluated on a prompt subset; use search.method: grid with lm_eval")
+        part = copy.copy(self)
+        part.prompts, part.prompt_ids = self.prompts[start:stop], self.prompt_ids[start:stop]
+        return part
 
     def sampling_params(self, mode: str, n: int) -> SamplingParams:
         """greedy; eval = appendix A's evaluation column; exact = temperature 1 with nothing cut (for KL)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +77,13 @@ def evaluate_points(
     where: Placement = CPU,
     make_sampler: Callable[..., Any] | None = None,
     shard: Shard | None = None,
+    among: Collection[tuple[float, float]] | None = None,
 ) -> int:
     """This process's share (``shard``) of the grid points and θ0..θ_{T−1} not yet recorded, evaluated on the dev
     split; returns how many. Each point is Algorithm 2 applied in memory to one loaded model (``MergeBasis``),
     then evaluated; its record is appended to ``points.jsonl`` as it finishes (``checkpoints.jsonl`` for θ_t), so
-    a rerun evaluates only what is missing. Models load on ``where`` (device and dtype)."""
+    a rerun evaluates only what is missing. Models load on ``where`` (device and dtype). ``among``: only these
+    points of the grid (``point_key``s; the budgeted search passes none: it measured its points itself)."""
     config, shard = config or SearchConfig(), shard or Shard()
     check_split(config.split)
     search_dir, checkpoints = Path(search_dir), [Path(c) for c in checkpoints]
@@ -99,7 +101,8 @@ def evaluate_points(
         for t, record in _measured_elsewhere(search_dir, stamp, paths[:T], done_ckpts).items():
             append_record(ckpt_path, {**record, "t": t, "name": model_name(t)})
     done_ckpts |= set(_measured_elsewhere(search_dir, stamp, paths[:T], done_ckpts))
-    jobs = [("point", p) for p in _grid(T, config) if point_key(*p) not in done]
+    jobs = [("point", p) for p in _grid(T, config)
+            if point_key(*p) not in done and (among is None or point_key(*p) in among)]
     jobs += [("checkpoint", t) for t in range(T) if t not in done_ckpts]  # θT's record is the (0, 0) point
     mine = shard.take(jobs)
     if not mine:
@@ -149,8 +152,9 @@ def _measured_elsewhere(search_dir: Path, stamp: dict[str, str], paths: Sequence
 
 
 def choose(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], eval_config: EvalConfig,
-           config: SearchConfig | None = None) -> dict[str, Any]:
-    """The paper's rule applied to the recorded points of the grid: writes choice.json and returns it."""
+           config: SearchConfig | None = None, among: Collection[tuple[float, float]] | None = None) -> dict[str, Any]:
+    """The paper's rule applied to the recorded points of the grid (``among`` them only, when given: the budgeted
+    search's finalists): writes choice.json and returns it."""
     config, search_dir = config or SearchConfig(), Path(search_dir)
     T, stamp = len(checkpoints), _stamp(config, eval_config)
     points_path, ckpt_path = search_dir / "points.jsonl", search_dir / "checkpoints.jsonl"
@@ -163,6 +167,8 @@ def choose(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLik
         append_record(ckpt_path, {"t": T, "name": model_name(T), "path": str(checkpoints[-1]), **stamp,
                                   "metrics": base["metrics"], "seconds": base["seconds"], "same_as": "λ=0, α=0"})
     grid_keys = {point_key(*p) for p in _grid(T, config)}
+    if among is not None:
+        grid_keys &= {point_key(*p) for p in among}
     in_grid = [p for p in points if point_key(p["lam"], p["alpha"]) in grid_keys]
     choice = {**select_point(in_grid, base, config.rule), **stamp,
               "grid": {"lams": config.lams, "alphas": config.alphas}}
