@@ -156,7 +156,8 @@ def _fake_search(root: Path, seed: int, items: dict) -> Path:
     d.mkdir(parents=True)
     models = []
     for t, xs in items.items():
-        name = {"merged": "Merged (λ=0.3, α=0.4)", "expo": "ExPO (λ=0, α=0.4)", "uniform": "Uniform"}.get(t, f"Iter {t}")
+        names = {"merged": "Merged (λ=0.3, α=0.4)", "expo": "ExPO (λ=0, α=0.4)", "uniform": "Uniform"}
+        name = names.get(t, f"Iter {t}")
         m = float(np.mean(xs))
         models.append({"t": t, "name": name, "metrics": {"accuracy": {"value": m, "stderr": 0.1, "n": len(xs),
                                                                       "items": xs}}})

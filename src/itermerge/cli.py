@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emit-mergekit-config", metavar="FILE", help="also write the equivalent mergekit YAML")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--full", action="store_true",
+        help="with LoRA adapters as --checkpoints (a dpo.peft run's iter_XX/adapter): write full weights, θ0 plus the "
+        "merged adapter, instead of the merge as one adapter",
+    )
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("mean", help="write θ̄ = mean(θ1..θ_(T−1)) once (float32), for later merges")

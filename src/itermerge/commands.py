@@ -11,7 +11,8 @@ from itermerge.errors import ItermergeError
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from itermerge.checkpoint.dtypes import parse_dtype
-    from itermerge.merging import merge_checkpoints, mergekit_config_for
+    from itermerge.merging import merge_adapters, merge_checkpoints, mergekit_config_for
+    from itermerge.merging.lora import is_adapter
     from itermerge.merging.operators import read_groups
 
     if args.method == "paper" and args.weights is None and args.lam is None and args.alpha is None:
@@ -19,6 +20,17 @@ def cmd_merge(args: argparse.Namespace) -> None:
     dtype = parse_dtype(args.dtype)
     params = dict(lam=args.lam, alpha=args.alpha, weights=args.weights, gamma=args.gamma, t=args.t,
                   density=args.density, seed=args.seed, groups=read_groups(args.groups) if args.groups else None)
+    if any(map(is_adapter, args.checkpoints)):  # a LoRA run's adapters: the merge is one adapter (merging/lora.py)
+        for flag, value in (("--emit-mergekit-config", args.emit_mergekit_config), ("--mean-cache", args.mean_cache)):
+            if value:
+                raise ItermergeError(f"{flag} applies to full checkpoints, not LoRA adapters")
+        out = merge_adapters(args.reference, args.checkpoints, args.out, method=args.method, **params, full=args.full,
+                             dtype=dtype, force=args.force, max_shard_size=args.max_shard_size, progress=not args.quiet)
+        print(f"merged {'checkpoint' if args.full else 'adapter'}: {out}")
+        return
+    if args.full:
+        raise ItermergeError("--full applies to LoRA adapters (--checkpoints DIR/iter_XX/adapter ...); a merge of full "
+                             "checkpoints is full weights already")
     if args.emit_mergekit_config:
         text = mergekit_config_for(args.method, args.reference, args.checkpoints, dtype, mean_cache=args.mean_cache,
                                    **params)

@@ -189,12 +189,22 @@ def dpo_config(cfg: RunConfig, t: int) -> DPOConfig:
 
 
 def train(cfg: RunConfig, t: int, policy_path: Path, out: Path, accelerator=None) -> dict[str, Any]:
-    """θ_t ← argmin_θ L(θ; D_t) starting from θ_{t−1}, on D_t only; saved as iter_XX/model."""
+    """θ_t ← argmin_θ L(θ; D_t) starting from θ_{t−1}, on D_t only; saved as iter_XX/model (with dpo.peft: the
+    adapter as iter_XX/adapter, and iter_XX/model as θ0 plus adapters 1..t)."""
     pairs = pairs_with_reference(out)
     torch.manual_seed(stage_seed(cfg.seed, "train", t))
     where = placement(cfg.model)
     device, dtype = where.device, where.torch_dtype
     deepspeed = _launcher_flag("ACCELERATE_USE_DEEPSPEED")
+    if cfg.dpo.peft is not None:  # θ_t = θ_{t−1} + B_t A_t: only a LoRA adapter trains (training/peft.py)
+        from itermerge.training.peft import train_adapter
+
+        if deepspeed:
+            raise ItermergeError("dpo.peft: LoRA iterations run on one process or under DDP, not under DeepSpeed "
+                                 "(an adapter is small enough to need no ZeRO); launch without a DeepSpeed config")
+        return train_adapter(policy_path, pairs, dpo_config(cfg, t), out, device=device, compute_dtype=dtype,
+                             accelerator=accelerator, trust_remote_code=cfg.model.trust_remote_code,
+                             label=f"iteration {t}: ")
     # Weights train in float32 (read as such, so a float32 θ_{t−1} is not first rounded to 16 bits) and the
     # forward runs in the configured dtype; DeepSpeed keeps its own float32 master copy of a 16-bit model.
     model = load_placed(policy_path, Placement(device, where.dtype if deepspeed else "float32"),

@@ -74,7 +74,8 @@ def algorithm_1(runner: StageRunner, cfg: RunConfig, root: Path, prefix: str = "
                                         partial(it.write_reference, out, theta0),
                                         outputs=[out / "reference_logprobs.jsonl"]),
             "train": runner(f"{name}/train", partial(it.train, cfg, t, prev, out, runner.accelerator),
-                            outputs=[out / "model"], everyone=True),
+                            outputs=[out / "model", *([out / "adapter"] if cfg.dpo.peft is not None else [])],
+                            everyone=True),
         }
         runner(f"{name}/metrics", partial(it.write_metrics, out, t, records), outputs=[out / "metrics.json"])
         thetas.append(out / "model")

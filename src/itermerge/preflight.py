@@ -61,6 +61,13 @@ def preflight(cfg: RunConfig) -> None:
             problems.append("search.method = halving evaluates points on subsets of the dev prompts, but "
                             "evaluation.lm_eval scores benchmark documents, which cannot be cut the same way; use "
                             "search.method: grid, or drop lm_eval from the evaluation")
+    if cfg.dpo.peft is not None and cfg.sampling.backend == "vllm":
+        problems.append("dpo.peft with sampling.backend = vllm: vLLM loads θ_t from a checkpoint directory, and a LoRA "
+                        "run keeps θ_t as θ0 plus adapters; use sampling.backend: hf, or full training")
+    if cfg.dpo.peft is not None:
+        from itermerge.checkpoint import resolve_model
+
+        check("dpo.peft.target_modules", lambda: _check_targets(resolve_model(cfg.model.path), cfg.dpo.peft))
     produced = ev.metrics()
     rule = cfg.search.rule
     for metric in rule.metrics:
@@ -116,3 +123,16 @@ def _check_lm_eval() -> None:
 def _plausible_reply(prompt: Prompt) -> str:
     """A reply to try a scorer on: the prompt's answer when it has one (a verifier should accept it)."""
     return str(prompt.answer) if prompt.answer is not None else "OK"
+
+
+def _check_targets(theta0: Any, peft: Any) -> None:
+    """Every LoRA target module names linear layers of θ0: its architecture built on the meta device from its
+    config (no weights read, so this costs the same for 135M and 8B)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from itermerge.training.peft import check_target_modules
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(theta0))
+    check_target_modules(model, peft.target_modules)

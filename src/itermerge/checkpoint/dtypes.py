@@ -11,8 +11,9 @@ from itermerge.errors import ItermergeError
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Files a merge writes itself, or that describe another merge: never copied from θT.
-OWN_FILES = {INDEX_NAME, "merge.json", "mean.json"}
+# Files a merge writes itself, or that describe another merge: never copied from θT. A LoRA run's θ_t names its
+# adapters (checkpoint/chain.py): a copy of those files would make full weights read as θ0 plus the adapters.
+OWN_FILES = {INDEX_NAME, "merge.json", "mean.json", "adapter_chain.json", "adapter_config.json"}
 # Output dtypes a user may ask for, by their torch names, and their safetensors names.
 DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 # Safetensors dtype → numpy storage dtype. BF16 and FP8 have no numpy type: stored as raw bits.

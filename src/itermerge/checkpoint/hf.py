@@ -8,7 +8,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from itermerge.checkpoint.chain import chain_spec
 from itermerge.checkpoint.demo import DEMO_MODEL, demo_checkpoint
+from itermerge.checkpoint.reader import CheckpointReader
 from itermerge.errors import ItermergeError
 
 if TYPE_CHECKING:
@@ -49,17 +51,51 @@ def load_model(
 
     The weights are whole even where a DeepSpeed ZeRO-3 accelerator exists in this process, unless
     ``partitioned`` (training, when the launcher's ``zero3_init_flag`` asks for zero.Init).
+
+    A LoRA run's θ_t (θ0 plus adapters, checkpoint/chain.py) loads as θ0 with the adapted weights read through
+    `CheckpointReader`, in float32, then cast: the same θ_t every other reader of the directory gets.
     """
     from transformers import AutoModelForCausalLM
 
+    spec = chain_spec(path) if Path(path).is_dir() else None
+    if spec is not None and partitioned:
+        raise ItermergeError(f"model {path}: θ0 plus LoRA adapters cannot load partitioned (ZeRO-3); dpo.peft trains "
+                             "on one process or under DDP")
     try:
         with contextlib.nullcontext() if partitioned else _whole_weights():
             model = AutoModelForCausalLM.from_pretrained(
-                resolve_model(path), dtype=dtype, trust_remote_code=trust_remote_code
+                resolve_model(path) if spec is None else spec.base, dtype=dtype if spec is None else "float32",
+                trust_remote_code=trust_remote_code,
             )
     except (OSError, ValueError) as e:
         raise ItermergeError(f"model {path}: cannot be loaded ({e})") from e
+    if spec is not None:
+        _apply_chain(model, path)
+        model = model.to(_torch_dtype(dtype))
     return model.to(device).eval()
+
+
+def _apply_chain(model, path: str | os.PathLike) -> None:
+    """θ0's adapted weights replaced by θ_t's (the tensors the adapters change; the rest is θ0 already)."""
+    import torch
+
+    reader = CheckpointReader(path)
+    params = dict(model.named_parameters())
+    try:
+        with torch.no_grad():
+            for name in reader.chain.targets():
+                if name not in params:
+                    raise ItermergeError(f"model {path}: an adapter changes {name!r}, which θ0's model has no "
+                                         "parameter for (a tied weight?); adapt layers whose weights are their own")
+                params[name].copy_(reader.get(name))
+    finally:
+        reader.close()
+
+
+def _torch_dtype(dtype):
+    import torch
+
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32 if dtype == "auto" else getattr(torch, dtype)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import numpy as np
 import xxhash
 
 from itermerge.checkpoint import dtypes
+from itermerge.checkpoint.chain import AdapterChain, chain_spec, read_adapter
 from itermerge.checkpoint.dtypes import (
     INDEX_NAME,
     OWN_FILES,
@@ -52,14 +53,20 @@ class CheckpointReader:
     numpy buffers with ``preadv`` (thread-safe); ``get`` returns a torch tensor for in-memory use.
     Every block read through ``read_chunk`` is digested on the way, so a streamed merge gets the
     inputs' content hashes without reading them twice.
+
+    A LoRA run's θ_t (a directory with adapter_chain.json) reads as θ0 plus its adapters, computed in float32 as
+    blocks are asked for (checkpoint/chain.py); ``chain=False`` reads such a directory's own safetensors instead.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, chain: bool = True):
         self.path = Path(path)
         if not self.path.is_dir():
             hint = " (pass the checkpoint directory, not a file)" if self.path.is_file() else ""
             raise ItermergeError(f"{self.path}: no such checkpoint directory{hint}")
-        self.files = self._weight_files()
+        spec = chain_spec(self.path) if chain else None
+        self.chain = None if spec is None else AdapterChain(spec, CheckpointReader(spec.base), [
+            read_adapter(a, CheckpointReader(a, chain=False)) for a in spec.adapters])
+        self.files = self._weight_files() if self.chain is None else []
         self._tensors: dict[str, _Tensor] = {}
         self._fds: dict[Path, int] = {}
         self._header_bytes: dict[Path, bytes] = {}
@@ -72,6 +79,8 @@ class CheckpointReader:
                         f"{self.path}: tensor {t.name!r} appears in both {self._tensors[t.name].file.name} and {f.name}"
                     )
                 self._tensors[t.name] = t
+        for name, st, shape, numel in self.chain.layout() if self.chain is not None else ():
+            self._tensors[name] = _Tensor(name, self.path, 0, st, shape, numel)
         if not self._tensors:
             raise ItermergeError(f"{self.path}: the safetensors files hold no tensors")
         self.config = self._read_config()
@@ -193,6 +202,8 @@ class CheckpointReader:
         if out is None:
             out = np.empty(stop - start, dtype=ST_STORAGE[t.dtype])
         out = out[: stop - start]
+        if self.chain is not None:
+            return self.chain.read(name, start, stop, out)
         size = itemsize(t.dtype)
         view, offset, fd = memoryview(out).cast("B"), t.offset + start * size, self._fds[t.file]
         while view.nbytes:
@@ -236,6 +247,8 @@ class CheckpointReader:
         return (tensor.view(torch.bfloat16) if t.dtype == "BF16" else tensor).view(t.shape)
 
     def close(self) -> None:
+        if self.chain is not None:
+            self.chain.close()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -246,6 +259,8 @@ class CheckpointReader:
 
     def file_stats(self) -> list[list[Any]]:
         """(name, size, mtime_ns) of each weight file: a cheap fingerprint that vouches for a recorded hash."""
+        if self.chain is not None:
+            return self.chain.file_stats()
         return [[f.name, (s := f.stat()).st_size, s.st_mtime_ns] for f in self.files]
 
     def content_hash(self) -> str:
@@ -254,6 +269,8 @@ class CheckpointReader:
         A tree hash over the same bytes as a flat one, so the blocks a merge has already read are not
         read again; blocks not yet read are read here.
         """
+        if self.chain is not None:
+            return self.chain.content_hash()
         buf = None
         h = xxhash.xxh3_128()
         for f in self.files:

@@ -7,6 +7,36 @@ from dataclasses import dataclass, field
 from itermerge.errors import ItermergeError
 
 _SCHEDULES = ("cosine", "linear", "constant")
+_LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """dpo.peft: iteration t trains a fresh LoRA adapter on θ_{t−1} (the `peft` library): θ_t = θ_{t−1} + (α/r) B_t A_t.
+
+    The reference stays θ0; the run keeps each iteration's adapter (iter_XX/adapter) and θ_t as θ0 plus adapters
+    1..t (iter_XX/model, checkpoint/chain.py), never full weights; the merge of θ0..θT is one adapter (merging/lora.py).
+    """
+
+    r: int = field(default=8, metadata={"help": "Rank of each iteration's adapter."})
+    alpha: float = field(default=16.0, metadata={"help": "lora_alpha: the update is (alpha / r) · B A."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input while training."})
+    target_modules: tuple[str, ...] = field(
+        default=_LLAMA_LINEARS,
+        metadata={"help": "Linear layers that get an adapter, by name or name suffix (peft's target_modules); "
+                          "each must match a layer of θ0. The default is every linear layer of a Llama block."},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ItermergeError(f"dpo.peft.r = {self.r!r}: the adapter rank must be a positive integer, e.g. 8")
+        if not self.alpha > 0:
+            raise ItermergeError(f"dpo.peft.alpha = {self.alpha!r}: must be > 0 (the update is alpha / r · B A)")
+        if not 0 <= self.dropout < 1:
+            raise ItermergeError(f"dpo.peft.dropout = {self.dropout!r}: must be in [0, 1)")
+        if not self.target_modules or not all(isinstance(m, str) and m.strip() for m in self.target_modules):
+            raise ItermergeError(f"dpo.peft.target_modules = {list(self.target_modules)}: name at least one linear "
+                                 f"layer, e.g. {list(_LLAMA_LINEARS)}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +92,12 @@ class DPOConfig:
     )
     fused_adamw: bool = field(
         default=True, metadata={"help": "torch's fused AdamW kernel where it exists (one pass over the parameters)."}
+    )
+    peft: LoraConfig | None = field(
+        default=None,
+        metadata={"help": "LoRA iterations, e.g. {r: 8, alpha: 16}: each θ_t is θ_{t−1} plus a trained adapter, and "
+                          "the run keeps adapters, not full weights (extra itermerge[peft]; dpo.learning_rate then "
+                          "applies to the adapter, which usually wants ~1e-4). Unset: every weight trains."},
     )
 
     def __post_init__(self) -> None:

@@ -19,7 +19,8 @@ from itermerge.devices import CPU, Placement, load_placed, release
 from itermerge.errors import ItermergeError
 from itermerge.evaluation import Evaluator, metrics_to_dict
 from itermerge.maths.merge import merge_weights
-from itermerge.merging import MergeBasis, merge_checkpoints
+from itermerge.merging import MergeBasis, merge_adapters, merge_checkpoints
+from itermerge.merging.lora import chain_adapters
 from itermerge.rundir import Manifest, atomic_write_json
 from itermerge.runner import Shard
 from itermerge.search.grid import model_name
@@ -62,7 +63,8 @@ def chosen(search_dir: str | os.PathLike) -> tuple[float, float]:
 def write_merge(search_dir: str | os.PathLike, reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
                 merged_dir: str | os.PathLike, *, mean_cache: str | os.PathLike | None = None,
                 progress: bool = True) -> dict[str, Any]:
-    """The chosen (λ, α) merged to ``merged_dir`` (streamed), unless it already holds this merge of these inputs."""
+    """The chosen (λ, α) merged to ``merged_dir`` (streamed), unless it already holds this merge of these inputs; for a
+    LoRA run's θ_t (θ0 plus adapters), as one adapter on θ0 that ``merged_dir`` also reads as."""
     lam, alpha = chosen(search_dir)
     merged_dir, checkpoints = Path(merged_dir), [Path(c) for c in checkpoints]
     meta = merged_dir / "merge.json"
@@ -70,8 +72,12 @@ def write_merge(search_dir: str | os.PathLike, reference: str | os.PathLike, che
         old = json.loads(meta.read_text())
         if old.get("lam") == lam and old.get("alpha") == alpha and len(old.get("checkpoints", [])) == len(checkpoints):
             return {"lam": lam, "alpha": alpha}
-    merge_checkpoints(reference, checkpoints, merged_dir, lam=lam, alpha=alpha, mean_cache=mean_cache,
-                      force=meta.exists(), progress=progress)
+    adapters = chain_adapters(checkpoints)
+    if adapters is not None:  # a LoRA run (dpo.peft): the merge is one adapter on θ0, no full weights (merging/lora.py)
+        merge_adapters(reference, adapters, merged_dir, lam=lam, alpha=alpha, force=meta.exists(), progress=progress)
+    else:
+        merge_checkpoints(reference, checkpoints, merged_dir, lam=lam, alpha=alpha, mean_cache=mean_cache,
+                          force=meta.exists(), progress=progress)
     return {"lam": lam, "alpha": alpha}
 
 
