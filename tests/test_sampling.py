@@ -375,7 +375,7 @@ def test_greedy_matches_generate_on_smollm2():
 
 def test_every_sampler_speed_setting_off_gives_the_same_samples(sharp_model, tiny_tok, prompts):
     """sampling.blocked_output_layer, growing_kv_cache and grouped_query_sdpa off (``--plain``): the same samples."""
-    plain = dict(blocked_output_layer=False, growing_kv_cache=False, grouped_query_sdpa=False)
+    plain = dict(blocked_output_layer=False, growing_kv_cache=False, grouped_query_sdpa=False, shared_prefix=False)
     for params in (
         SamplingParams(n=1, temperature=0, max_new_tokens=16),
         SamplingParams(n=3, max_new_tokens=16, seed=5),

@@ -10,7 +10,7 @@ from itermerge.config.search import SearchConfig, SelectionRule
 PLAIN = (
     "dpo.lean_activations=false", "dpo.grads_into_weights=false", "dpo.flat_buffers=false", "dpo.fused_adamw=false",
     "sampling.blocked_output_layer=false", "sampling.growing_kv_cache=false", "sampling.grouped_query_sdpa=false",
-    "sampling.cuda_graphs=false",
+    "sampling.cuda_graphs=false", "sampling.shared_prefix=false",
 )
 
 __all__ = [

@@ -114,6 +114,9 @@ class SamplingConfig:
         default=True, metadata={"help": "hf on CPU: grouped K/V heads passed to torch's SDPA as they are"})
     cuda_graphs: bool = field(
         default=True, metadata={"help": "hf on GPU: static KV cache of slots, each decoding step one CUDA graph"})
+    shared_prefix: bool = field(
+        default=True, metadata={"help": "hf: the prompt prefix a batch shares (the chat template's system turn) "
+                                        "prefilled once, its KV cache expanded to the rows"})
 
     def __post_init__(self) -> None:
         if self.backend not in ("hf", "vllm"):

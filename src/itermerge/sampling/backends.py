@@ -20,7 +20,7 @@ def hf_options(cfg: RunConfig) -> dict[str, Any]:
     s = cfg.sampling
     return {"batch_size": s.batch_size, "blocked_output_layer": s.blocked_output_layer,
             "growing_kv_cache": s.growing_kv_cache, "grouped_query_sdpa": s.grouped_query_sdpa,
-            "cuda_graphs": s.cuda_graphs}
+            "cuda_graphs": s.cuda_graphs, "shared_prefix": s.shared_prefix}
 
 
 @contextlib.contextmanager

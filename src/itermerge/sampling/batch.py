@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from itermerge.sampling.kv_cache import append_rows, can_append_rows
+from itermerge.sampling.kv_cache import append_rows, can_append_rows, can_expand_rows, expand_rows
 from itermerge.sampling.logits import apply_penalties, sample_categorical, warp_logits
 from itermerge.sampling.params import SamplingParams
 
@@ -67,14 +67,15 @@ class DecodeBatch:
 
     Rows are left-padded to a common width so that every row's next token sits in the same column;
     each row keeps its own position ids. Ended rows stay (their outputs ignored) until ``admit``
-    or ``drop_ended`` removes them: copying the cache at every finish would cost more.
+    or ``drop_ended`` removes them: copying the cache at every finish would cost more. With ``shared_prefix``
+    the prompts admitted together run their common prefix once (``prefill(shared=...)``).
     """
 
     def __init__(
         self, forward: Forward, new_cache: NewCache, params: SamplingParams, eos_ids: list[int], pad_id: int,
-        device: torch.device,
+        device: torch.device, *, shared_prefix: bool = False,
     ) -> None:
-        self.forward_fn, self.new_cache, self.params = forward, new_cache, params
+        self.forward_fn, self.new_cache, self.params, self.shared_prefix = forward, new_cache, params, shared_prefix
         self.eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
         self.pad_id, self.device = pad_id, device
         self.rows: list[Row] = []
@@ -100,12 +101,14 @@ class DecodeBatch:
         KV cache copied to its rows."""
         dev, max_new = self.device, self.params.max_new_tokens
         distinct = list(dict.fromkeys(p for p, _ in rows))
+        prompts = [prompt_ids[p] for p in distinct]
         cache, logits, mask, lengths = prefill(
-            self.forward_fn, self.new_cache, [prompt_ids[p] for p in distinct], self.pad_id, dev,
-            room=min(max_new, INITIAL_ROOM),
+            self.forward_fn, self.new_cache, prompts, self.pad_id, dev, room=min(max_new, INITIAL_ROOM),
+            shared=shared_prefix_length(prompts) if self.shared_prefix else 0,
         )
         of_prompt = torch.tensor([distinct.index(p) for p, _ in rows], device=dev)  # (B_new,)
-        cache.batch_select_indices(of_prompt)
+        if len(rows) != len(distinct):  # one row per prompt (greedy) is already in order: no copy
+            cache.batch_select_indices(of_prompt)
         new = dict(
             mask=mask[of_prompt], next_pos=lengths[of_prompt], logits=logits[of_prompt],
             tokens=torch.full((len(rows),), self.pad_id, dtype=torch.long, device=dev),
@@ -177,22 +180,52 @@ class DecodeBatch:
 
 
 def prefill(
-    forward: Forward, new_cache: NewCache, prompts: list[list[int]], pad_id: int, device: torch.device, *, room: int
+    forward: Forward, new_cache: NewCache, prompts: list[list[int]], pad_id: int, device: torch.device, *, room: int,
+    shared: int = 0,
 ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``prompts`` left-padded to a common width W through ``forward`` in a fresh cache with ``room`` spare
     slots: (cache, last-position logits (U, V), attention mask (U, W), prompt lengths (U,)). Position ids are
-    HF ``generate``'s: a prompt's first token is at position 0 whatever its padding."""
+    HF ``generate``'s: a prompt's first token is at position 0 whatever its padding.
+
+    ``shared`` > 0 (``sampling.shared_prefix``): the first ``shared`` tokens, the same in every prompt (a chat
+    template's system prompt), run once with batch 1 and their keys/values are expanded to the U rows
+    (``kv_cache.expand_rows``); then only the rest of each prompt runs, left-padded after them. A row's columns
+    are then [shared prefix | padding | the rest], masked accordingly, with position ids running on from
+    ``shared``: the same attention as the left-padded prompt's, at about (W − shared)/W of the compute. Caches
+    that ``kv_cache.can_expand_rows`` refuses prefill every prompt whole."""
     lengths = torch.tensor([len(p) for p in prompts])  # (U,)
-    width = int(lengths.max())
+    cache = new_cache(int(lengths.max()) + room)
+    shared = shared if shared and can_expand_rows(cache) else 0
+    width = int(lengths.max()) - shared  # of the unshared part
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     for i, p in enumerate(prompts):
-        input_ids[i, width - len(p) :] = torch.tensor(p)
-    mask = (torch.arange(width) >= (width - lengths)[:, None]).long()  # (U, W)
-    positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # as HF generate
+        input_ids[i, width - (len(p) - shared) :] = torch.tensor(p[shared:])
+    mask = (torch.arange(width) >= (width - (lengths - shared))[:, None]).long()  # (U, W − shared)
+    positions = (shared + mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # as HF generate
+    mask = torch.cat([mask.new_ones(len(prompts), shared), mask], dim=1)  # (U, W)
     input_ids, mask, positions, lengths = (t.to(device) for t in (input_ids, mask, positions, lengths))
-    cache = new_cache(width + room)
+    if shared:
+        forward(cache, input_ids=input_ids.new_tensor([prompts[0][:shared]]),
+                attention_mask=mask.new_ones(1, shared), position_ids=torch.arange(shared, device=device)[None])
+        expand_rows(cache, len(prompts))
     logits = forward(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions)
     return cache, logits, mask, lengths
+
+
+MIN_SHARED_PREFIX = 4  # tokens: a shorter common prefix is not worth its own forward pass
+
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Tokens at the start of every prompt that ``prefill(shared=...)`` can run once: the longest common prefix,
+    less one so that every prompt keeps a token of its own (whose logits start its reply); 0 when that is under
+    ``MIN_SHARED_PREFIX`` or there is a single prompt."""
+    if len(prompts) < 2:
+        return 0
+    first, shortest = prompts[0], min(map(len, prompts))
+    n = 0
+    while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n if n >= MIN_SHARED_PREFIX else 0
 
 
 def choose_tokens(

@@ -13,6 +13,7 @@ import torch
 
 from itermerge.errors import ItermergeError
 from itermerge.logprobs import plain_output_path
+from itermerge.sampling.batch import DecodeBatch
 from itermerge.sampling.decode import decode
 from itermerge.sampling.kv_cache import growing_cache, plain_cache
 from itermerge.sampling.params import Sample, SamplingParams
@@ -33,6 +34,10 @@ class HFSampler:
     ``cuda_graphs`` (``sampling.cuda_graphs``, on GPUs only): rows decode in the fixed slots of a static KV
     cache and each decoding step is one CUDA graph replay (``sampling/static.py``, ``sampling/slots.py``);
     the same draws up to float rounding. Models it cannot serve (``static_unsupported``) decode as on CPUs.
+
+    ``shared_prefix`` (``sampling.shared_prefix``, off the static path): the prompts prefilled together run the
+    prefix they share (the chat template's system prompt) once, its KV cache expanded to every row
+    (``batch.prefill``); the same logits up to float rounding, and half the prefill on the demo's prompts.
     """
 
     def __init__(
@@ -48,6 +53,7 @@ class HFSampler:
         growing_kv_cache: bool = True,
         grouped_query_sdpa: bool = True,
         cuda_graphs: bool = True,
+        shared_prefix: bool = True,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ItermergeError(f"HFSampler batch_size = {batch_size!r}: must be an integer >= 1")
@@ -70,6 +76,7 @@ class HFSampler:
         # exactly head(body(x)): a plain bias-free output layer, no soft-capping or logit scale.
         self._split = plain_output_path(model) if blocked_output_layer and self.device.type == "cpu" else None
         self.growing_kv_cache, self.grouped_query_sdpa = growing_kv_cache, grouped_query_sdpa
+        self.shared_prefix = shared_prefix
         # On a GPU, decoding steps over a static cache of slots, each step one CUDA graph (sampling/static.py);
         # the reason it is off for a model that cannot (None when it can), and the cache, kept between calls.
         self.static_unsupported = static_unsupported(model) if cuda_graphs and self.device.type == "cuda" else None
@@ -84,6 +91,9 @@ class HFSampler:
         try:
             with _grouped_query_sdpa(self.device, self.grouped_query_sdpa):
                 batch = self._slot_batch(prompt_ids, params) if self.static_decoding and prompt_ids else None
+                if batch is None:
+                    batch = DecodeBatch(self._forward, self._new_cache, params, self.eos_ids, self.pad_id,
+                                        self.device, shared_prefix=self.shared_prefix)
                 rows = decode(self._forward, self._new_cache, prompt_ids, params, self.eos_ids, self.pad_id,
                               self.device, batch_size=self.batch_size, progress=self.progress, batch=batch)
         finally:

@@ -93,8 +93,19 @@ def _growing_layer_class() -> type:
             self._keys, self._values, self.capacity, self.length = merged[0], merged[1], capacity, length
             self._publish()
 
-    return GrowingLayer
+        def expand_rows(self, rows: int) -> None:
+            """The one row of this layer (a prefix shared by every row) written into ``rows`` rows: each row
+            appends its own tokens in place after it, so the buffer holds one copy per row."""
+            assert self._keys is not None and self._values is not None and self._keys.shape[0] == 1
+            expanded = []
+            for buf in (self._keys, self._values):
+                grown = buf.new_empty(rows, buf.shape[1], self.capacity, buf.shape[3])
+                grown[:, :, : self.length] = buf[:, :, : self.length]  # broadcast over the rows
+                expanded.append(grown)
+            self._keys, self._values = expanded
+            self._publish()
 
+    return GrowingLayer
 
 
 def can_append_rows(cache: Any) -> bool:
@@ -111,6 +122,29 @@ def append_rows(cache: Any, keep: torch.Tensor, trim: int, new: Any) -> int:
     for mine, theirs in zip(cache.layers, new.layers):
         mine.append_rows(keep, trim, theirs, length)
     return length
+
+
+def can_expand_rows(cache: Any) -> bool:
+    """Whether ``expand_rows`` can serve ``cache``: every layer a growing or a plain full-attention one."""
+    from transformers.cache_utils import DynamicLayer
+
+    kinds = (DynamicLayer, _growing_layer_class())
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) in kinds for layer in layers)
+
+
+def expand_rows(cache: Any, rows: int) -> None:
+    """A one-row ``cache`` (that passes ``can_expand_rows``) seen as ``rows`` rows holding the same tokens: a plain
+    layer's keys/values become a view (``expand``; the next ``update`` concatenates into a new tensor anyway), a
+    growing layer copies them once into its ``rows``-row buffer."""
+    for layer in cache.layers:
+        if not layer.is_initialized:
+            continue
+        if type(layer) is _growing_layer_class():
+            layer.expand_rows(rows)
+        else:
+            layer.keys = layer.keys.expand(rows, -1, -1, -1)
+            layer.values = layer.values.expand(rows, -1, -1, -1)
 
 
 def growing_cache(config: Any, capacity: int) -> Any:
