@@ -94,7 +94,9 @@ def search_and_test(runner: StageRunner, cfg: RunConfig, run_dir: Path, *, test:
                     reference: str | os.PathLike | None = None, at: int | None = None) -> dict[str, Any]:
     """Algorithm 2: θ̄ cached, the (λ, α) grid on dev (each point merged in memory, the points shared out among the
     processes), the paper's rule; then the chosen merge written and tested once beside the baselines (the models
-    shared out likewise). ``at`` = T' < T: the same for θ1..θ_T' alone, in search_T{T'}/, the merge kept in memory."""
+    shared out likewise); with ``search.operators``, each other operator chosen on dev by the same rule and tested once
+    beside it (search/operators.json). ``at`` = T' < T: the same for θ1..θ_T' alone, in search_T{T'}/, the merge kept
+    in memory, no other operators."""
     from itermerge.search import budget, points
     from itermerge.search import finalize as fin
 
@@ -127,7 +129,7 @@ def search_and_test(runner: StageRunner, cfg: RunConfig, run_dir: Path, *, test:
         choice = points.choose(out, checkpoints, cfg.evaluation, cfg.search)
         return {"lam": choice["lam"], "alpha": choice["alpha"], "points_evaluated": sum(parts)}
 
-    unkeyed = {"at"} if halving else {"at", "method", "halving"}  # the grid's key is as before halving existed
+    unkeyed = {"at", "operators"} | (set() if halving else {"method", "halving"})  # as before these existed
     search_key = {k: v for k, v in dataclasses.asdict(cfg.search).items() if k not in unkeyed}
     key = {"search": search_key, "evaluation": fingerprint}
     for r in range(len(budget.plan(len(checkpoints), cfg.search, n_dev)) if halving else 0):  # a barrier each
@@ -155,6 +157,23 @@ def search_and_test(runner: StageRunner, cfg: RunConfig, run_dir: Path, *, test:
 
     runner.sharded(f"test_eval{tag}", test_eval, write_test,
                    key={**key, "evaluation": fingerprint, "table": "baselines"}, outputs=[out / "test.json"])
+    if cfg.search.operators and at is None:  # other operators: each chosen on dev by the same rule, tested once
+        from itermerge.search import operators as ops
+
+        args = (checkpoints, cfg.evaluation, cfg.search)
+
+        def operators_work(shard: Shard, evaluate: Any) -> Any:
+            with evaluation_sampler(cfg, where, checkpoints[-1]) as make_sampler:
+                return evaluate(out, theta0, *args, mean_cache=cache, where=where, make_sampler=make_sampler,
+                                shard=shard)
+
+        op_key = {**key, "operators": cfg.search.operators, "rule": cfg.search.rule.to_dict(),
+                  "evaluation": fingerprint}
+        dev = runner.sharded("operators", partial(operators_work, evaluate=ops.evaluate_dev),
+                             partial(ops.choice_record, out, *args), key=op_key, outputs=[out / ops.DEV_RECORDS])
+        runner.sharded("operators_test", partial(operators_work, evaluate=ops.evaluate_test),
+                       partial(ops.write_test, out, *args), key={**op_key, "chosen": dev["chosen"]},
+                       outputs=[out / ops.RESULT])
     return choice
 
 

@@ -13,7 +13,7 @@ from itermerge.plots import pyplot, save_figure
 from itermerge.records import read_records
 from itermerge.rundir import atomic_write_text
 from itermerge.search.selection import LOWER_IS_BETTER, pareto_frontier
-from itermerge.tables import fmt_ci, fmt_metric, metrics_table, paired_table
+from itermerge.tables import fmt_ci, fmt_metric, metrics_table, operators_table, paired_table
 
 
 def write_report(run_dir: str | os.PathLike) -> Path:
@@ -41,6 +41,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         test = _json(search / "test.json")
         if test is not None:
             parts.append(_test_table(test))
+        parts.append(_operators_section(_json(search / "operators.json"), choice))
         pareto = search / "pareto.png"
         plot_pareto(points, checkpoints, choice, pareto)
         parts.append(f"## Reward against capability (Fig. 5)\n\n![pareto]({pareto.relative_to(run_dir)})\n\n"
@@ -98,6 +99,21 @@ def _test_table(test: dict[str, Any]) -> str:
         "McNemar / Newcombe for 0/1 scores, paired bootstrap otherwise):\n\n" + paired)
     return (f"## Table 2 style, {test['split']} split (measured once, after the choice)\n\n"
             + metrics_table(rows, base) + paired)
+
+
+def _operators_section(record: dict[str, Any] | None, choice: dict[str, Any]) -> str:
+    """search/operators.json: each other operator's value chosen on dev by the rule, tested once beside the merge
+    (when it was compared with this choice, by these evaluators)."""
+    if record is None or [record[k] for k in ("lam", "alpha", "eval_fingerprint")] != [
+            choice[k] for k in ("lam", "alpha", "eval_fingerprint")]:
+        return ""
+    why = "\n".join(f"- {o['title']}: {o['dev']['reason']}." for o in record["operators"])
+    return ("## Other merge operators (dev-chosen, tested once)\n\n"
+            "Each operator's value chosen on dev by the same rule against θT, then measured once on "
+            f"{record['split']}; the last columns are the operator minus the chosen paper merge, paired prompt by "
+            "prompt (95% interval, p). TIES and DARE sparsify each θ_t − θ0, then weight it with the search's "
+            f"λ = {record['lam']:g}, α = {record['alpha']:g}.\n\n" + operators_table(record) + "\nOn dev:\n\n"
+            + why + "\n")
 
 
 def _timing_section(points: list[dict[str, Any]], checkpoints: list[dict[str, Any]]) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 from itermerge.errors import ItermergeError
 from itermerge.rundir import atomic_write_text
-from itermerge.tables import fmt_ci, metric_names
+from itermerge.tables import fmt_ci, metric_names, operators_table
 
 HEADLINE = ("accuracy", "reward")
 
@@ -53,6 +53,7 @@ def write_results(out: str | os.PathLike, *, study: str | os.PathLike | None = N
                 body.append(_search_section(regime, name, search))
     if demo is not None:
         claims += _demo_claims(Path(demo))
+        body.append(_operators_section(Path(demo)))
     parts.append(_claims_table(claims))
     parts += body
     out = Path(out)
@@ -115,6 +116,21 @@ def _demo_claims(demo: Path) -> list[tuple[str, str, dict[str, Any] | None, int,
                        where, {"difference": ens["theta_T"] - ens["merged"], "ci_low": None, "ci_high": None},
                        1, "nats/token"))
     return claims
+
+
+def _operators_section(demo: Path) -> str:
+    """The demo run's other merge operators (search/operators.json), each chosen on dev and tested once, against the
+    paper's merge; empty when the run compared none."""
+    path = demo / "search" / "operators.json"
+    if not path.exists():
+        return ""
+    record = json.loads(path.read_text())
+    return (f"## Merge operators on the demo model (`{path.relative_to(demo.parent)}`)\n\n"
+            f"Each operator's value chosen on dev by the paper's rule against θT, then measured once on the "
+            f"{record['split']} split beside the paper's merge (λ = {record['lam']:g}, α = {record['alpha']:g}; "
+            "TIES and DARE sparsify the task vectors, then weight them with that λ, α). The last columns are the "
+            "operator minus the paper's merge, paired prompt by prompt (95% interval, p; one seed).\n\n"
+            + operators_table(record, metrics=HEADLINE))
 
 
 def _claims_table(claims: Sequence[tuple[str, str, dict[str, Any] | None, int, str]]) -> str:

@@ -72,3 +72,25 @@ def paired_table(paired: Sequence[dict[str, Any]]) -> str:
     for row in paired:
         lines.append(f"| {row['b_name']} | " + " | ".join(fmt_difference(row["metrics"].get(n)) for n in names) + " |")
     return "\n".join(lines) + "\n"
+
+
+def operators_table(record: dict[str, Any], metrics: Sequence[str] | None = None) -> str:
+    """search/operators.json as a table: θT and the chosen paper merge, then one row per other operator with its value
+    chosen on dev, its test metrics (value ± stderr) and its paired difference from the paper's merge (``metrics``:
+    only these columns)."""
+    measured = [*record["baselines"], *(o for o in record["operators"] if o["metrics"] is not None)]
+    names = [n for n in metric_names(measured) if metrics is None or n in metrics]
+    head = ["model", "value chosen on dev", *names, *(f"{n}: − merge (95% CI, p)" for n in names)]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for row in record["baselines"]:
+        cells = ["", *(fmt_metric(row["metrics"].get(n)) for n in names), *([""] * len(names))]
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    for o in record["operators"]:
+        if o["metrics"] is None:  # no choice (no value kept θT's capability on dev: the rule keeps θT)
+            lines.append(f"| {o['title']} | none: {o['none']} | " + " | ".join([""] * 2 * len(names)) + " |")
+            continue
+        against = next((p["metrics"] for p in o["paired"] if p["b"] == "merged"), {})
+        cells = [o["label"], *(fmt_metric(o["metrics"].get(n)) for n in names),
+                 *(fmt_difference(against.get(n)) for n in names)]
+        lines.append(f"| {o['title']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
