@@ -193,3 +193,21 @@ def test_aggregation_by_hand(tmp_path):
     # merge and θ2 disagree on 2 of 8 prompts: ψ = 0.25, MDE on 4 prompts = 2.8016 · √0.25 / √4
     assert got["design"]["discordant_merge_vs_T"] == 0.25
     assert got["design"]["mde_one_seed"] == pytest.approx(2.80158 * 0.5 / 2, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "direction", "expected"),
+    [
+        (0.01, 0.05, 1, "held"),
+        (-0.05, -0.01, 1, "contradicted"),
+        (-0.01, 0.05, 1, "not shown"),
+        (-0.05, -0.01, -1, "held"),  # a claim that the difference is < 0
+        (0.01, 0.05, -1, "contradicted"),
+        (-0.0775, 0.023, -1, "not shown"),  # the interval holds 0 whichever side is claimed
+    ],
+)
+def test_verdict_reads_the_interval_on_the_claimed_side(low, high, direction, expected):
+    from itermerge.results import verdict
+
+    assert verdict({"difference": (low + high) / 2, "ci_low": low, "ci_high": high}, direction) == expected
+    assert verdict({"difference": 0.1, "ci_low": None, "ci_high": None}, direction) == "not measured"

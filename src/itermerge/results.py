@@ -28,7 +28,7 @@ def verdict(d: dict[str, Any] | None, direction: int = 1) -> str:
     """held / contradicted / not shown for a difference whose claimed sign is ``direction``."""
     if not d or d.get("ci_low") is None or d.get("ci_high") is None:
         return "not measured"
-    low, high = d["ci_low"] * direction, d["ci_high"] * direction
+    low, high = sorted((d["ci_low"] * direction, d["ci_high"] * direction))  # a claim of "< 0" flips the interval
     return "held" if low > 0 else "contradicted" if high < 0 else "not shown"
 
 
