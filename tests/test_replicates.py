@@ -142,8 +142,11 @@ def test_the_results_page_carries_the_aggregate_numbers(study_dir, tmp_path):
                if line.startswith("| The merge beats θT (Table 2): merge − θT, reward | lr-a, T = 3, 2 seeds"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == f"{d['difference']:+.3g}" and cells[3] == f"[{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]"
-    low, high = d["ci_low"], d["ci_high"]
-    assert cells[5] == ("held" if low > 0 else "contradicted" if high < 0 else "not shown")
+    t = d["across_seeds"]
+    assert cells[5] == f"[{t['ci_low']:+.3g}, {t['ci_high']:+.3g}]"
+    sides = {"held" if lo > 0 else "contradicted" if hi < 0 else "not shown"
+             for lo, hi in ((d["ci_low"], d["ci_high"]), (t["ci_low"], t["ci_high"]))}
+    assert cells[6] == (sides.pop() if len(sides) == 1 else "not shown")
     assert "## lr-a, T = 2 (`search_T2/`)" in page and "seed 1: (λ" in page
     for r in search["rows"]:  # every row of the T = 3 table, mean over seeds
         assert f"| {r['name']} | {r['metrics']['accuracy']['mean']:.4g}" in page
@@ -211,3 +214,13 @@ def test_verdict_reads_the_interval_on_the_claimed_side(low, high, direction, ex
 
     assert verdict({"difference": (low + high) / 2, "ci_low": low, "ci_high": high}, direction) == expected
     assert verdict({"difference": 0.1, "ci_low": None, "ci_high": None}, direction) == "not measured"
+
+
+def test_verdict_over_seeds_needs_the_t_interval_too():
+    from itermerge.results import verdict
+
+    narrow = {"difference": 0.05, "ci_low": 0.03, "ci_high": 0.07}  # the bootstrap over 2 seeds
+    assert verdict({**narrow, "across_seeds": {"ci_low": -0.2, "ci_high": 0.3}}) == "not shown"
+    assert verdict({**narrow, "across_seeds": {"ci_low": 0.01, "ci_high": 0.09}}) == "held"
+    assert verdict({**narrow, "across_seeds": {"ci_low": None, "ci_high": None}}) == "held"  # one seed: no t interval
+    assert verdict({**narrow, "across_seeds": {"ci_low": 0.01, "ci_high": 0.09}}, direction=-1) == "contradicted"

@@ -157,10 +157,11 @@ def pooled_paired_difference(groups: Sequence[tuple[Sequence[float], Sequence[fl
     Estimand: every seed weighs the same, Δ = (1/S) Σ_s mean(a_s − b_s) — the seed is the unit of replication,
     and a seed scored on more items should not outvote the others. Interval: a two-stage (hierarchical)
     bootstrap — draw S seeds with replacement, then the items of each drawn seed with replacement, take Δ*.
-    It carries both the seed-to-seed spread of training and the item noise of the test set; it errs wide, as
-    the seed stage already holds some item noise (Davison & Hinkley 1997, §3.8), which is the safe side for
-    claiming the merge wins. `across_seeds` is the simple summary: mean of the S per-seed differences with a
-    t interval on S − 1 degrees of freedom (needs S ≥ 2; no random-effects model).
+    It carries both the seed-to-seed spread of training and the item noise of the test set. With many seeds it
+    errs wide (the seed stage already holds some item noise; Davison & Hinkley 1997, §3.8); with few it errs
+    narrow, as resampling S values shrinks their variance by (S − 1)/S and a percentile has no t quantile.
+    `across_seeds` is the simple summary: mean of the S per-seed differences with a t interval on S − 1 degrees
+    of freedom (needs S ≥ 2; no random-effects model); `results.verdict` asks both to agree.
     """
     where = "pooled_paired_difference"
     _check(confidence, resamples, where)
