@@ -131,6 +131,7 @@ def test_bad_studies_are_refused_by_name(tmp_path):
 
 def test_the_results_page_carries_the_aggregate_numbers(study_dir, tmp_path):
     from itermerge.cli import main
+    from itermerge.results import verdict
 
     out = tmp_path / "results.md"
     assert main(["results", "--study", str(study_dir), "--out", str(out)]) == 0
@@ -148,6 +149,10 @@ def test_the_results_page_carries_the_aggregate_numbers(study_dir, tmp_path):
              for lo, hi in ((d["ci_low"], d["ci_high"]), (t["ci_low"], t["ci_high"]))}
     assert cells[6] == (sides.pop() if len(sides) == 1 else "not shown")
     assert "## lr-a, T = 2 (`search_T2/`)" in page and "seed 1: (λ" in page
+    answer = next(line for line in page.splitlines() if line.startswith("| lr-a, T = 3, 2 seeds |"))
+    accuracy = next(p for p in search["paired"] if p["b"] == 3)["metrics"]["accuracy"]
+    assert answer.split("|")[2].strip() == f"{accuracy['difference']:+.3f} / {d['difference']:+.3f}: " \
+        f"{verdict(accuracy)} / {cells[6]}"
     for r in search["rows"]:  # every row of the T = 3 table, mean over seeds
         assert f"| {r['name']} | {r['metrics']['accuracy']['mean']:.4g}" in page
     assert main(["results", "--out", str(out)]) == 2  # nothing to read: a named error

@@ -62,6 +62,7 @@ def write_results(out: str | os.PathLike, *, study: str | os.PathLike | None = N
     body: list[str] = []
     if study is not None:
         agg, meta = _study_files(Path(study))
+        parts.append(_answer_section(agg))
         claims += _study_claims(agg)
         body.append(_design_section(Path(study), agg, meta))
         for regime, data in agg["regimes"].items():
@@ -110,6 +111,23 @@ def _study_claims(agg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any] | 
                     claims.append((f"The merge beats {label}: merge − {label}, {metric}", where,
                                    _paired(s, b, metric), 1, "points" if metric == "accuracy" else "reward"))
     return claims
+
+
+def _answer_section(agg: dict[str, Any]) -> str:
+    """Does the chosen merge beat θT, ExPO and the uniform average? One row per (regime, T), accuracy and reward."""
+    lines = ["## The answer\n",
+             "The chosen merge minus each baseline on the test prompts, pooled over seeds (accuracy / reward), with "
+             "the verdict of the claims table below.\n",
+             "| regime, T, seeds | merge − θT | merge − ExPO | merge − uniform average |", "|---|---|---|---|"]
+    for regime, data in agg["regimes"].items():
+        for s in data["searches"].values():
+            cells = []
+            for b in (s["T"], "expo", "uniform"):
+                ds = [_paired(s, b, metric) for metric in HEADLINE]
+                values = " / ".join("n/a" if d is None else f"{d['difference']:+.3f}" for d in ds)
+                cells.append(f"{values}: {' / '.join(verdict(d) for d in ds)}")
+            lines.append(f"| {regime}, T = {s['T']}, {len(s['seeds'])} seeds | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _demo_claims(demo: Path) -> list[tuple[str, str, dict[str, Any] | None, int, str]]:
