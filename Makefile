@@ -22,7 +22,7 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(VENV)/bin/itermerge demo --quick
 
-# Does the merge beat θT? 5 seeds × 2 learning rates, T = 6 and T = 3, 400 test prompts (~2-3 hours on 2 cores).
+# Does the merge beat θT? 5 seeds × 2 learning rates, T = 6 and T = 3, 400 test prompts (87 min of runs on 2 cores).
 study: $(STAMP)
 	$(VENV)/bin/itermerge replicate study --out runs/study --prune-caches
 	$(MAKE) results
