@@ -229,3 +229,23 @@ def test_verdict_over_seeds_needs_the_t_interval_too():
     assert verdict({**narrow, "across_seeds": {"ci_low": 0.01, "ci_high": 0.09}}) == "held"
     assert verdict({**narrow, "across_seeds": {"ci_low": None, "ci_high": None}}) == "held"  # one seed: no t interval
     assert verdict({**narrow, "across_seeds": {"ci_low": 0.01, "ci_high": 0.09}}, direction=-1) == "contradicted"
+
+
+def test_the_demo_claims_read_the_studies_and_a_test_without_an_interval(tmp_path):
+    from itermerge.results import write_results
+
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    stages = {"studies/alpha": {"correlations": {"r_theta_T": {"pearson_r": -0.315, "p_value": 0.61}}},
+              "studies/lambda": {"reward_correlation": -0.953},
+              "studies/ensemble": {"kl_ensemble_to_model_per_token": {"merged": 0.010, "theta_T": 0.0268}}}
+    (demo / "manifest.json").write_text(json.dumps({"stages": stages}))
+    page = write_results(tmp_path / "results.md", demo=demo).read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in page.splitlines() if "| demo, one seed |" in line}
+    alpha = next(v for k, v in rows.items() if k.startswith("α extrapolation"))
+    assert alpha[2] == "-0.315" and alpha[4] == "0.61" and alpha[6] == "not shown"  # p ≥ 0.05: no verdict either way
+    trade = next(v for k, v in rows.items() if k.startswith("Two criteria"))
+    assert trade[6] == "in the claimed direction (one run, no interval)"
+    ensemble = next(v for k, v in rows.items() if k.startswith("The merge approximates"))
+    assert ensemble[2] == "+0.0168" and ensemble[6].startswith("in the claimed direction")

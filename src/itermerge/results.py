@@ -180,7 +180,9 @@ def _claims_table(claims: Sequence[tuple[str, str, dict[str, Any] | None, int, s
         p = "" if not d or d.get("p_value") is None else f"{d['p_value']:.2g}"
         seeds = fmt_ci((d or {}).get("across_seeds") or {})
         v = verdict(d, direction)
-        if v == "not measured" and d is not None:
+        if v == "not measured" and d is not None and d.get("p_value") is not None:  # a test, not an interval
+            v = "not shown" if d["p_value"] >= 0.05 else "held" if d["difference"] * direction > 0 else "contradicted"
+        elif v == "not measured" and d is not None:
             v = ("in the claimed direction" if d["difference"] * direction > 0 else "against the claim") + \
                 " (one run, no interval)"
         lines.append(f"| {claim} | {where} | {value} | {fmt_ci(d or {})} | {p} | {seeds} | {v} |")
