@@ -97,6 +97,74 @@ def test_held_out_dev_and_test_never_meet_an_iterations_prompts(theta0, in_repo)
     assert [p.id for p in split_prompts(other.evaluation.prompts, "dev")] != [p.id for p in dev]
 
 
+def _repeated_file(path: Path, rows: int = 200, texts: int = 8) -> list[str]:
+    """``rows`` rows cycling through ``texts`` distinct prompts of the example (copies differ in id and whitespace,
+    as real prompt sets do); returns the distinct texts."""
+    base = read_prompts(EXAMPLE / "prompts.jsonl")[:texts]
+    out = []
+    for i in range(rows):
+        p = base[i % texts]
+        text = p.messages[0]["content"] if i < texts else "  " + p.messages[0]["content"].replace(" ", "  ") + "\n"
+        out.append(json.dumps({"id": f"row-{i}", "prompt": text, "answer": p.answer}))
+    path.write_text("\n".join(out) + "\n")
+    return [p.messages[0]["content"] for p in base]
+
+
+def test_a_split_of_repeated_prompts_holds_each_text_out_with_all_its_copies(tmp_path):
+    from itermerge.prompts import duplicate_note, heldout
+
+    texts = _repeated_file(tmp_path / "p.jsonl")
+    pool = read_prompts(tmp_path / "p.jsonl")
+    train, held = heldout(pool, ["dev", "test"], 2, seed=0)
+    keys = {name: [content_key(p) for p in ps] for name, ps in (("train", train), *held.items())}
+    assert len(set(keys["dev"])) == len(keys["dev"]) == 2 and len(set(keys["test"])) == 2  # distinct texts
+    assert not set(keys["train"]) & (set(keys["dev"]) | set(keys["test"]))  # no copy of a held-out text trains
+    assert len(train) == 200 - 4 * 25 and len(set(keys["train"])) == 4  # 4 texts × 25 copies each stay in training
+    assert all(p.id in {f"row-{i}" for i in range(8)} for p in held["dev"] + held["test"])  # each text's first copy
+    assert duplicate_note(pool) == ("200 prompts, 8 distinct texts: 8 texts appear more than once (192 repeats); "
+                                    "dev and test hold distinct texts out, each with every copy of it")
+    assert duplicate_note(pool[:8]) is None and len({content_key(p) for p in pool}) == len(texts)
+    with pytest.raises(ItermergeError, match=r"8 distinct prompts \(200 rows with repeats\) cannot give 4 dev"):
+        heldout(pool, ["dev", "test"], 4, seed=0)
+
+
+def test_a_file_without_repeats_splits_as_before(tmp_path):
+    """Grouping changes nothing for distinct texts: the held-out rows are the permutation of the rows."""
+    import numpy as np
+
+    from itermerge.prompts import heldout
+    from itermerge.seeds import stage_seed
+
+    pool = read_prompts(EXAMPLE / "prompts.jsonl")
+    order = np.random.default_rng(stage_seed(3, "prompts/heldout")).permutation(len(pool))
+    train, held = heldout(pool, ["dev", "test"], 5, seed=3, test_n=7)
+    assert [p.id for p in held["dev"]] == [pool[i].id for i in order[:5]]
+    assert [p.id for p in held["test"]] == [pool[i].id for i in order[5:12]]
+    assert [p.id for p in train] == [p.id for i, p in enumerate(pool) if i not in set(order[:12].tolist())]
+
+
+def test_itermerge_run_on_a_file_of_200_rows_and_8_texts_splits_it_itself(theta0, tmp_path, in_repo, capsys):
+    """A user's prompt file with repeats and no dev/test files: ``itermerge run`` makes its own split, says how many
+    repeats it found, and no held-out text is ever trained on."""
+    from itermerge.cli import main
+
+    _repeated_file(tmp_path / "prompts.jsonl")
+    cfg = example(theta0, prompts={"path": str(tmp_path / "prompts.jsonl"), "dev_path": None, "test_path": None,
+                                   "dev": 2}, studies={"alpha_study": False, "accuracy_matrix": False})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "run"
+    assert main(["run", str(tmp_path / "config.yaml"), "--run-dir", str(run_dir)]) == 0
+    assert "prompts: 200 prompts, 8 distinct texts" in capsys.readouterr().out
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert "192 repeats" in manifest["prompts_note"]
+    trained = {content_key(p) for t in (1, 2) for p in read_prompts(run_dir / f"iter_0{t}" / "prompts.jsonl")}
+    test = json.loads((run_dir / "search" / "test.json").read_text())
+    cfg_run = load_config(run_dir / "config.yaml")
+    held = {content_key(p) for s in ("dev", "test") for p in split_prompts(cfg_run.evaluation.prompts, s)}
+    assert len(trained) == 4 and len(held) == 4 and not trained & held
+    assert all(m["metrics"]["accuracy"]["n"] == 2 for m in test["models"])
+
+
 def test_a_larger_test_set_than_dev(theta0, in_repo):
     """prompts.test sizes the test split alone: held out of the file after dev (dev unchanged), or the task's."""
     held = {"dev_path": None, "test_path": None, "per_iteration": 20, "dev": 16}

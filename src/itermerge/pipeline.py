@@ -18,7 +18,7 @@ from itermerge.devices import placement
 from itermerge.errors import ItermergeError
 from itermerge.integrity import LOCK_NAME, RunLock
 from itermerge.preflight import preflight
-from itermerge.prompts import training_prompts
+from itermerge.prompts import repeated_prompts_note, training_prompts
 from itermerge.rundir import Manifest, atomic_write_text
 from itermerge.runner import Shard, StageRunner
 from itermerge.sampling.backends import evaluation_sampler
@@ -252,6 +252,10 @@ def open_run(cfg: RunConfig, run_dir: str | os.PathLike, force: bool = False, ac
             manifest = Manifest(run_dir)
             manifest.set_meta("config", to_dict(cfg))
             manifest.set_meta("reference", str(resolve_model(cfg.model.path)))
+            note = repeated_prompts_note(cfg)
+            if note is not None:  # repeats are common in real prompt sets: say so once, and keep it with the run
+                print(f"prompts: {note}", flush=True)
+                manifest.set_meta("prompts_note", note)
         except BaseException:
             lock.release()
             raise

@@ -115,41 +115,65 @@ def read_prompts(path: str | os.PathLike, source: str = "jsonl") -> list[Prompt]
     return read_prompts_jsonl(path) if source == "jsonl" else read_prompt_dataset(path)
 
 
+def content_key(prompt: Prompt) -> str:
+    """What makes two prompts the same prompt, whatever their ids: the conversation itself, each message's whitespace
+    collapsed ("What is 2+2?" and "What is  2+2? " are one prompt)."""
+    messages = [{**m, "content": " ".join(str(m.get("content", "")).split())} for m in prompt.messages]
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False)
+
+
+def text_groups(pool: Sequence[Prompt]) -> list[list[int]]:
+    """The indices of ``pool`` grouped by ``content_key``, groups in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(pool):
+        groups.setdefault(content_key(p), []).append(i)
+    return list(groups.values())
+
+
+def duplicate_note(pool: Sequence[Prompt]) -> str | None:
+    """One line for the user when ``pool`` repeats texts: how many, and what the held-out split does with them."""
+    groups = text_groups(pool)
+    if len(groups) == len(pool):
+        return None
+    repeated = sum(len(g) > 1 for g in groups)
+    return (f"{len(pool)} prompts, {len(groups)} distinct texts: {repeated} texts appear more than once "
+            f"({len(pool) - len(groups)} repeats); dev and test hold distinct texts out, each with every copy of it")
+
+
 def heldout(
     pool: Sequence[Prompt], splits: Sequence[str], n: int, seed: int, test_n: int | None = None
 ) -> tuple[list[Prompt], dict[str, list[Prompt]]]:
     """(the training pool in file order, {split: its held-out prompts}) for each of ``splits`` (dev, test): n dev
     prompts and ``test_n`` (default n) test prompts.
 
-    The held-out prompts are chosen by a permutation seeded with ``stage_seed(seed, "prompts/heldout")``: dev takes
-    its first n, test the next test_n; a split always gets the same prompts for the same file, sizes and seed,
-    whichever other splits are held out.
+    Identical texts (``content_key``) are one unit: a held-out text leaves the training pool with every copy of it,
+    so no dev or test text is ever trained on, and a held-out split holds distinct texts (each its first copy in the
+    file). The texts are chosen by a permutation seeded with ``stage_seed(seed, "prompts/heldout")``: dev takes its
+    first n, test the next test_n; a split always gets the same prompts for the same file, sizes and seed, whichever
+    other splits are held out (for a file without repeats, the permutation of its rows).
     """
     import numpy as np
 
     if not splits:
         return list(pool), {}
+    groups = text_groups(pool)
     sizes = {"dev": n, "test": n if test_n is None else test_n}
     need = sum(sizes[s] for s in HELDOUT_SPLITS)
-    if len(pool) <= need:
+    if len(groups) <= need:
+        repeats = f" ({len(pool)} rows with repeats)" if len(groups) < len(pool) else ""
         raise ItermergeError(
-            f"{len(pool)} prompts cannot give {sizes['dev']} dev and {sizes['test']} test prompts held out of them and "
-            "leave any to train on; add prompts, lower prompts.dev (or prompts.test), or give prompts.dev_path and "
-            "prompts.test_path"
+            f"{len(groups)} distinct prompts{repeats} cannot give {sizes['dev']} dev and {sizes['test']} test prompts "
+            "held out of them and leave any to train on; add prompts, lower prompts.dev (or prompts.test), or give "
+            "prompts.dev_path and prompts.test_path"
         )
-    order = np.random.default_rng(stage_seed(seed, "prompts/heldout")).permutation(len(pool))
+    order = np.random.default_rng(stage_seed(seed, "prompts/heldout")).permutation(len(groups))
     picked, start = {}, 0
     for split in HELDOUT_SPLITS:
-        picked[split] = [int(i) for i in order[start : start + sizes[split]]]
+        picked[split] = [groups[int(g)] for g in order[start : start + sizes[split]]]
         start += sizes[split]
-    out = {split: [pool[i] for i in picked[split]] for split in splits}
-    removed = {i for split in splits for i in picked[split]}
+    out = {split: [pool[group[0]] for group in picked[split]] for split in splits}
+    removed = {i for split in splits for group in picked[split] for i in group}
     return [p for i, p in enumerate(pool) if i not in removed], out
-
-
-def content_key(prompt: Prompt) -> str:
-    """What makes two prompts the same prompt, whatever their ids: the conversation itself."""
-    return json.dumps(prompt.messages, sort_keys=True, ensure_ascii=False)
 
 
 def training_pool(cfg: RunConfig) -> list[Prompt]:
@@ -161,6 +185,11 @@ def training_pool(cfg: RunConfig) -> list[Prompt]:
         return pool
     held = [split for split in HELDOUT_SPLITS if split not in source.files]
     return heldout(pool, held, source.n, source.seed, test_n=source.test_n)[0]
+
+
+def repeated_prompts_note(cfg: RunConfig) -> str | None:
+    """``duplicate_note`` of the run's prompt file (None for a built-in task or a file without repeats)."""
+    return None if cfg.prompts.source == "task" else duplicate_note(read_prompts(cfg.prompts.path, cfg.prompts.source))
 
 
 def training_prompts(cfg: RunConfig, t: int) -> list[Prompt]:
