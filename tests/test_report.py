@@ -137,3 +137,38 @@ def test_report_without_a_search(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "No search results" in text and "x: 1" in text
     assert not re.search(r"Table 2", text)
+
+
+def test_pareto_labels_never_overlap_where_points_crowd(tmp_path, monkeypatch):
+    """A 7×7 grid whose points pile up (a discrete metric: many share one spot, as the demo's top right does): every
+    label drawn sits clear of every other label and inside its panel; the frontier is labelled first."""
+    from itermerge import plots
+    from itermerge.report import plot_pareto
+
+    lams, alphas = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    points = [{"lam": lam, "alpha": a, "metrics": {
+        "accuracy": {"value": round(0.5 + 0.02 * min(i, 3) - 0.01 * j, 2), "stderr": 0.01, "n": 80},
+        "reward": {"value": round(0.1 + 0.01 * min(j, 2), 2), "stderr": 0.01, "n": 80}}}
+        for i, lam in enumerate(lams) for j, a in enumerate(alphas)]
+    choice = {"rule": {"reward": "reward", "capability": ["accuracy"]}, "split": "dev", "lam": 0.3, "alpha": 0.2,
+              "chosen": {"metrics": points[3 * 7 + 2]["metrics"]}}
+    drawn = []
+    real = plots.annotate_apart
+
+    def spy(ax, labels, **kw):
+        left_out = real(ax, labels, **kw)
+        renderer = ax.figure.canvas.get_renderer()
+        drawn.append(([t.get_window_extent(renderer) for t in ax.texts], ax.get_window_extent(renderer),
+                      [t.get_text() for t in ax.texts], left_out, labels))
+        return left_out
+
+    monkeypatch.setattr("itermerge.report.annotate_apart", spy)
+    plot_pareto(points, [], choice, tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    (boxes, panel, texts, left_out, labels), = drawn
+    assert len(texts) + left_out == len(labels) == 49 and len(texts) >= 10  # crowded, yet many labels fit
+    for i, a in enumerate(boxes):
+        assert panel.x0 <= a.x0 and a.x1 <= panel.x1 and panel.y0 <= a.y0 and a.y1 <= panel.y1, texts[i]
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (texts[i], texts)
+    assert texts[0].startswith("λ=")  # a frontier point, named in full

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from itermerge.errors import ItermergeError
-from itermerge.plots import pyplot, save_figure
+from itermerge.plots import annotate_apart, pyplot, save_figure
 from itermerge.records import read_records
 from itermerge.rundir import atomic_write_text
 from itermerge.search.selection import LOWER_IS_BETTER, pareto_frontier
@@ -153,7 +153,10 @@ def plot_pareto(
     # Categorical colours (tab10) stay distinguishable on white, unlike the light end of viridis.
     cmap = plt.get_cmap("tab10" if len(lams) <= 10 else "viridis")
     colour = {lam: cmap(i if len(lams) <= 10 else i / (len(lams) - 1)) for i, lam in enumerate(lams)}
+    alphas = sorted({p["alpha"] for p in points})
+    size = {a: 4 + 5 * i / max(1, len(alphas) - 1) for i, a in enumerate(alphas)}  # α read off a line without text
     fig, axes = plt.subplots(1, len(axes_names), figsize=(5.2 * len(axes_names), 4.4), squeeze=False)
+    placed: list[tuple[Any, list[tuple[float, float, str, Any]]]] = []
     for ax, cap in zip(axes[0], axes_names):
         def xy(p: dict[str, Any], cap: str = cap) -> tuple[float, float]:
             x = p["alpha"] if cap == ALPHA_AXIS else p["metrics"][cap]["value"]
@@ -163,19 +166,18 @@ def plot_pareto(
             ex = 0.0 if cap == ALPHA_AXIS else p["metrics"][cap]["stderr"] or 0.0
             return ex, p["metrics"][reward]["stderr"] or 0.0
 
-        for row, lam in enumerate(lams):
+        labels: list[tuple[float, float, str, Any]] = []  # placed apart at the end: frontier first, then the rest
+        for lam in lams:
             line = sorted((p for p in points if p["lam"] == lam), key=lambda p: p["alpha"])
             ax.plot([xy(p)[0] for p in line], [xy(p)[1] for p in line], "-", color=colour[lam], alpha=0.5, lw=1)
             for p in line:
                 (x, y), (ex, ey) = xy(p), err(p)
-                ax.errorbar(
-                    x, y, xerr=ex, yerr=ey, fmt="o", color=colour[lam], ecolor="0.85", elinewidth=0.8, ms=6, zorder=3
-                )
-                # Each λ labels at its own height: points of a discrete metric often coincide.
-                ax.annotate(f"α={p['alpha']:g}", (x, y), textcoords="offset points", xytext=(4, 4 + 8 * row),
-                            fontsize=7, color=colour[lam])
+                ax.errorbar(x, y, xerr=ex, yerr=ey, fmt="o", color=colour[lam], ecolor="0.85", elinewidth=0.8,
+                            ms=size[p["alpha"]], zorder=3)
+        on_frontier: list[int] = []
         if cap != ALPHA_AXIS:
-            frontier = [points[i] for i in pareto_frontier(points, reward, cap)]
+            on_frontier = pareto_frontier(points, reward, cap)
+            frontier = [points[i] for i in on_frontier]
             ax.plot([xy(p)[0] for p in frontier], [xy(p)[1] for p in frontier], "k--", lw=1.5,
                     label="Pareto frontier", zorder=2)
             for c in checkpoints:
@@ -183,8 +185,12 @@ def plot_pareto(
                     continue  # θT is the λ = 0, α = 0 point
                 if cap in c["metrics"] and reward in c["metrics"]:
                     ax.plot(*xy(c), "s", color="0.55", ms=6, zorder=3)
-                    ax.annotate(c["name"], xy(c), textcoords="offset points", xytext=(4, -10), fontsize=7, color="0.4")
+                    labels.append((*xy(c), c["name"], "0.4"))
             ax.plot([], [], "s", color="0.55", label="θ0..θT−1")
+        rest = [i for i in range(len(points)) if i not in on_frontier]
+        labels[:0] = [(*xy(points[i]), f"λ={points[i]['lam']:g} α={points[i]['alpha']:g}", colour[points[i]["lam"]])
+                      for i in on_frontier]
+        labels += [(*xy(points[i]), f"α={points[i]['alpha']:g}", colour[points[i]["lam"]]) for i in rest]
         chosen = {"alpha": choice["alpha"], "metrics": choice["chosen"]["metrics"]}
         ax.plot(*xy(chosen), "*", color="crimson", ms=18, mec="k", zorder=4,
                 label=f"chosen λ={choice['lam']:g}, α={choice['alpha']:g}")
@@ -193,10 +199,13 @@ def plot_pareto(
         ax.set_xlabel(f"{cap} ({choice['split']})" + (" — lower is better" if cap in LOWER_IS_BETTER else ""))
         ax.set_ylabel(f"{reward} ({choice['split']})")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="best", title="marker size grows with α", title_fontsize=7)
+        placed.append((ax, labels))
     against = "α (no capability metric)" if axes_names == [ALPHA_AXIS] else "capability"
     fig.suptitle(f"Merges of θ0..θT: {reward} against {against} (θT = λ 0, α 0)", fontsize=10)
     fig.tight_layout()
+    for ax, labels in placed:  # after the layout: label boxes are measured where they will be drawn
+        annotate_apart(ax, labels)
     save_figure(fig, out)
 
 
