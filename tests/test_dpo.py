@@ -187,19 +187,33 @@ def test_training_changes_parameters_and_learns_the_preferences():
 
 
 def test_gradient_accumulation_equals_one_big_micro_batch():
-    """Global batch 4 (of 6 pairs: 4 + a short batch of 2) as 1×4 or as 4 micro-batches of 1."""
+    """Global batch 4 (of 6 pairs: 4 + a short batch of 2) as 1×4 or as 4 micro-batches of 1, in float64.
+
+    The two differ only in the order of the gradient's sums, so they agree to rounding; in float32 that rounding is
+    the CPU's kernels' (AVX2, AVX-512 and AMX sum in different orders), and Adam turns it into an O(lr) step wherever
+    an element's gradient is near 0 (one element in 2,048 moved 2e-5 apart on one CPU). In float64 the bound is
+    derived, not tuned: a sum of n terms moves by at most n·ε64·max|g| (max|g| ≤ the clip norm, 1), Adam divides a
+    gradient difference by at most its ε, and the steps add up: atol = lr · steps · n · ε64 / adam_eps, with n the
+    tokens of all pairs (at least a step's, whose sum is the longest of a weight gradient); a wrong accumulation
+    moves weights by ~lr.
+    """
     results = []
     for micro in (4, 1):
         cfg = DPOConfig(global_batch_size=4, micro_batch_size=micro, epochs=2, **FAST)
-        pairs = add_reference_logprobs(tiny_model(0), make_pairs(6), cfg, progress=False)
-        model = tiny_model(0)
+        pairs = add_reference_logprobs(tiny_model(0).double(), make_pairs(6), cfg, progress=False)
+        model = tiny_model(0).double()
         metrics = train_dpo(model, pairs, cfg, progress=False)
+        assert {p.dtype for p in model.parameters()} == {torch.float64}
         results.append((model.state_dict(), metrics))
     (a, ma), (b, mb) = results
+    tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) + 2 for p in pairs)
+    steps = len(ma["history"])
+    atol = cfg.learning_rate * steps * tokens * torch.finfo(torch.float64).eps / cfg.adam_eps
+    assert atol < 1e-3 * cfg.learning_rate  # far below what a wrong accumulation moves
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
     for key in ("loss", "grad_norm"):  # Adam hides a gradient scale error; the norm does not
-        assert [h[key] for h in ma["history"]] == pytest.approx([h[key] for h in mb["history"]], rel=1e-4, abs=1e-6)
+        assert [h[key] for h in ma["history"]] == pytest.approx([h[key] for h in mb["history"]], rel=tokens * 1e-15)
     assert [h["pairs"] for h in ma["history"]] == [4, 2, 4, 2]
 
 

@@ -52,6 +52,12 @@ def checkpointing(model: nn.Module) -> bool:
 SCORE_ROWS = 512  # scored positions per output-layer block when no gradient is needed
 
 
+def at_least_float32(t: Tensor) -> Tensor:
+    """``t`` in float32 when it is 16-bit (sums and logsumexps stay exact), unchanged in float32 or float64 (a float64
+    model, e.g. a reference computation in a test, is never rounded down)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def head_logprobs(head: nn.Module, hidden: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     """``completion_logprobs(head(hidden), …)``; without gradients, ``SCORE_ROWS`` rows at a time.
 
@@ -62,7 +68,7 @@ def head_logprobs(head: nn.Module, hidden: Tensor, targets: Tensor, mask: Tensor
     if torch.is_grad_enabled() or len(targets) <= SCORE_ROWS:
         return completion_logprobs(head(hidden), targets, mask)
     token_logps = torch.cat([
-        -F.cross_entropy(head(h).float(), t, reduction="none")
+        -F.cross_entropy(at_least_float32(head(h)), t, reduction="none")
         for h, t in zip(hidden.split(SCORE_ROWS), targets.split(SCORE_ROWS))
     ])  # fmt: skip
     return token_logps.new_zeros(mask.shape).masked_scatter(mask, token_logps)
@@ -74,7 +80,7 @@ def completion_logprobs(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor
     logits (N, V), targets (N,), mask (B, L) bool with N True entries → (B, L).
     """
     # cross_entropy fuses log-softmax and the gather; float32 keeps the logsumexp exact under bf16.
-    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+    token_logps = -F.cross_entropy(at_least_float32(logits), targets, reduction="none")  # (N,)
     return token_logps.new_zeros(mask.shape).masked_scatter(mask, token_logps)
 
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from itermerge.logprobs.structure import at_least_float32
+
 
 class EmbeddingIntoGrad(torch.autograd.Function):
     """``F.embedding(ids, weight)`` whose backward adds the looked-up rows' gradients into ``weight.grad``."""
@@ -96,16 +98,16 @@ class RMSNormLean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        rstd = torch.rsqrt(at_least_float32(x).pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x.float() * rstd).to(x.dtype)
+        return weight * (at_least_float32(x) * rstd).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
         x, weight, rstd = ctx.saved_tensors
-        normed = x.float() * rstd
+        normed = at_least_float32(x) * rstd
         grad_weight = (grad_out * normed.to(grad_out.dtype)).reshape(-1, x.shape[-1]).sum(0)
-        grad_normed = (grad_out * weight).float()
+        grad_normed = at_least_float32(grad_out * weight)
         # n = x·r, r = (mean(x²) + ε)^(−1/2): dx = r · (dn − n · mean(dn · n))
         grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
         return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None

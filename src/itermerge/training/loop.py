@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from itermerge.config.dpo import DPOConfig
 from itermerge.errors import ItermergeError
 from itermerge.logprobs import CompletionLogprobs, collate_grouped
+from itermerge.logprobs.structure import at_least_float32
 from itermerge.maths.dpo import dpo_loss
 from itermerge.training.distributed import (
     gather_full_weights,
@@ -71,8 +72,8 @@ def _pair_losses(
     inputs = collate_grouped(
         [p.prompt for p in pairs], [[p.chosen, p.rejected] for p in pairs], pad_id, eos_ids=eos_ids
     ).to(device)
-    logps = scorer(inputs).sum(dim=1).float()  # (2m,): chosen, rejected of pair 0, then of pair 1, …
-    ref = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in pairs], device=logps.device)  # (m, 2)
+    logps = at_least_float32(scorer(inputs).sum(dim=1))  # (2m,): chosen, rejected of pair 0, then of pair 1, …
+    ref = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in pairs], dtype=logps.dtype, device=logps.device)
     return dpo_loss(logps[0::2], logps[1::2], ref[:, 0], ref[:, 1], beta)
 
 
