@@ -38,8 +38,11 @@ def make_pairs(n: int, seed: int = 0) -> list:
     return pairs
 
 
-def train_in_process_group(rank: int, world_size: int, port: int, cfg_kwargs: dict, out_dir: str) -> None:
-    """One rank of `torch.multiprocessing.spawn`: train the tiny θ0 with an Accelerator(cpu=True) over gloo.
+def train_in_process_group(
+    rank: int, world_size: int, port: int, cfg_kwargs: dict, out_dir: str, dtype: str = "float32"
+) -> None:
+    """One rank of `torch.multiprocessing.spawn`: train the tiny θ0 (in ``dtype``) with an Accelerator(cpu=True)
+    over gloo.
 
     Rank 0 writes the trained weights (state.pt) and the metrics (metrics.json) to ``out_dir``.
     """
@@ -50,7 +53,7 @@ def train_in_process_group(rank: int, world_size: int, port: int, cfg_kwargs: di
     )  # fmt: skip
     torch.set_num_threads(1)
     from accelerate import Accelerator
-    from conftest import tiny_model
+    from conftest import rmsnorm_float64_forward, tiny_model
 
     from itermerge.config import DPOConfig
     from itermerge.training.loop import train_dpo
@@ -59,8 +62,12 @@ def train_in_process_group(rank: int, world_size: int, port: int, cfg_kwargs: di
     cfg = DPOConfig(**cfg_kwargs)
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == world_size, accelerator.num_processes
-    model = tiny_model(0)
-    pairs = add_reference_logprobs(tiny_model(0), make_pairs(10), cfg, progress=False)
+    if dtype == "float64":  # as the float64_rmsnorm fixture does in the parent process
+        from transformers.models.llama import modeling_llama
+
+        modeling_llama.LlamaRMSNorm.forward = rmsnorm_float64_forward
+    model = tiny_model(0).to(getattr(torch, dtype))
+    pairs = add_reference_logprobs(tiny_model(0).to(getattr(torch, dtype)), make_pairs(10), cfg, progress=False)
     metrics = train_dpo(model, pairs, cfg, accelerator=accelerator, progress=False)
     if rank == 0:
         torch.save(model.state_dict(), Path(out_dir) / "state.pt")

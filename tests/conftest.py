@@ -37,6 +37,37 @@ def tiny_model(seed: int = 0, **overrides):
     return model
 
 
+def adam_rounding_atol(cfg, steps: int, pairs, dtype=None) -> float:
+    """How far apart, element by element, two trainings may end that differ only in the order of their float sums.
+
+    A sum of n terms moves by at most n·ε·max|g| when its order changes (max|g| ≤ the clip norm, cfg.max_grad_norm),
+    AdamW divides a gradient difference by at most its ε (cfg.adam_eps), and the steps add up:
+    lr · steps · n · ε · clip / adam_eps, with n the tokens of ``pairs`` (at least a step's: the longest sum of a
+    weight gradient). Derived, not tuned to a CPU: it holds for any kernel set. In float64 it is ~1e-7 at lr 1e-2
+    where a wrong update moves weights by ~lr; in float32 it would exceed AdamW's step itself, so the trainings
+    compared against it run in float64 (an element with a near-zero gradient gets an O(lr) float32 step).
+    """
+    n = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) + 2 for p in pairs)
+    eps = torch.finfo(dtype or torch.float64).eps
+    return cfg.learning_rate * steps * n * eps * cfg.max_grad_norm / cfg.adam_eps
+
+
+def rmsnorm_float64_forward(self, hidden):
+    """transformers' Llama RMSNorm rounds to float32 inside whatever the model's dtype; for a float64 reference
+    computation this one stays in float64 (as the lean RMSNorm does), so no float32 rounding is left in the model."""
+    wide = hidden if hidden.dtype == torch.float64 else hidden.to(torch.float32)
+    normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    return self.weight * normed.to(hidden.dtype)
+
+
+@pytest.fixture()
+def float64_rmsnorm(monkeypatch):
+    """``rmsnorm_float64_forward`` as Llama's RMSNorm for the test."""
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rmsnorm_float64_forward)
+
+
 def tiny_tokenizer():
     """A character-level fast tokenizer with a ChatML template, built offline (ids < 128)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -17,6 +17,8 @@ from itermerge.labeling import RewardModelScorer
 from itermerge.labeling.armorm import ArmoRM, GatingNetwork, armorm_scores, preference_score
 from itermerge.records import Prompt
 
+pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
+
 
 def chars(text: str) -> list[int]:
     """Ids of the tiny character-level tokenizer: a printable character c has id ord(c) - 27."""

@@ -35,6 +35,8 @@ from itermerge.studies.approximation import (
     uniform_average,
 )
 
+pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
+
 EOS, PAD = 2, 0
 PROMPTS = [[1, 5, 6, 7], [1, 8], [1, 9, 10, 11, 12, 13], [1, 40, 41]]
 COMPLETIONS = [[20, 21, EOS], [22, 23, 24, 25, 26, EOS], [30], [50, 51, 52, 53]]

@@ -15,6 +15,8 @@ from itermerge.sampling.batch import DecodeBatch, prefill, shared_prefix_length
 from itermerge.sampling.hf import HFSampler
 from itermerge.sampling.kv_cache import can_expand_rows, expand_rows, growing_cache, plain_cache
 
+pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
+
 EOS = (2, 73)  # 73: an extra stop id that the sharp model's greedy text hits early for some prompts only
 SYSTEM = {"role": "system", "content": "You are a terse calculator. Reply with a number."}
 MAX_NEW = 20

@@ -12,6 +12,8 @@ from itermerge.labeling import RewardModelScorer, VerifierScorer, make_scorer, s
 from itermerge.records import Completion, Prompt
 from itermerge.tasks.arithmetic import brevity, score
 
+pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
+
 P42 = Prompt("arith-17+25", [{"role": "user", "content": "What is 17 + 25?"}], answer=42)
 A, B = Prompt("a", [{"role": "user", "content": "hi"}]), Prompt("b", [{"role": "user", "content": "ok"}])
 

@@ -28,6 +28,8 @@ from itermerge.rundir import atomic_dir
 from itermerge.training.peft import check_target_modules, train_adapter
 from itermerge.training.reference import add_reference_logprobs
 
+pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
+
 peft = pytest.importorskip("peft")
 
 # Three adapters of different ranks and targets (the second leaves the MLP alone; the third is rank-stabilised).

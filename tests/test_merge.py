@@ -24,6 +24,8 @@ from itermerge.merging import (
     task_arithmetic,
 )
 
+pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
+
 
 def test_merge_weights_by_hand():
     # T=3, λ=0.3, α=0.4: k1 = k2 = 1.4·0.3/2 = 0.21, k3 = 1.4·0.7 = 0.98, Σk = 1.4 = 1+α.

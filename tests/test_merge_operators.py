@@ -19,6 +19,8 @@ from itermerge.maths import operators as ops
 from itermerge.maths.merge import merge_weights
 from itermerge.merging import MergeBasis, merge_checkpoints, mergekit_config_for
 
+pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
+
 
 def arrays(path: Path) -> dict[str, np.ndarray]:
     r = CheckpointReader(path)

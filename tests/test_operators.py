@@ -24,6 +24,8 @@ from itermerge.maths.operators import (
     ties_trim,
 )
 
+pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
+
 
 def f32(*values: float) -> np.ndarray:
     return np.array(values, dtype=np.float32)

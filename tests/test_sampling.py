@@ -15,6 +15,8 @@ from itermerge.sampling.logits import apply_penalties, sample_categorical, top_k
 from itermerge.sampling.vllm import import_vllm, to_sample, vllm_sampling_kwargs
 from itermerge.tokenization import stop_token_ids
 
+pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
+
 INF = float("inf")
 EXTRA_EOS = 73  # with initializer_range=0.5 the tiny model's greedy text hits 73 early for some prompts only
 

@@ -19,6 +19,8 @@ from itermerge.search.grid import grid
 from itermerge.search.points import run_search
 from itermerge.search.selection import pareto_frontier, select_point
 
+pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
+
 # --- pure parts -------------------------------------------------------------------------------------
 
 

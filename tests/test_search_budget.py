@@ -28,6 +28,8 @@ from itermerge.records import read_records
 from itermerge.search.budget import Round, covered, dev_size, run_halving, schedule
 from itermerge.search.points import run_search
 
+pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
+
 R_TENSOR, A_TENSOR = "model.norm.weight", "model.layers.0.mlp.down_proj.weight"
 
 

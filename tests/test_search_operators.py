@@ -26,6 +26,8 @@ from itermerge.search.points import run_search
 from itermerge.search.selection import regressions
 from itermerge.tables import fmt_difference, fmt_metric
 
+pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
+
 # Each metric is the mean of 4 per-prompt items, item i the sum of every 4th entry (from i) of one tensor: linear in
 # θ, so a merge's items are eq. (9)'s k_t applied to the checkpoints' items. Dev and test read different tensors.
 DEV = {"reward": "model.norm.weight", "accuracy": "model.layers.0.mlp.down_proj.weight"}

@@ -16,6 +16,8 @@ from itermerge.sampling.hf import HFSampler
 from itermerge.sampling.slots import SlotBatch
 from itermerge.sampling.static import StaticKV, cache_bytes, capacity_for, row_buckets, static_unsupported
 
+pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
+
 EOS = (2, 73)  # as test_sampling.sharp_model: 73 ends some greedy rows early, not others
 
 

@@ -94,7 +94,7 @@ class SwiGLUDown(torch.autograd.Function):
 
 
 class RMSNormLean(torch.autograd.Function):
-    """Llama's RMSNorm, ``weight · (x / rms(x))`` (float32 inside), keeping x and 1/rms only."""
+    """Llama's RMSNorm, ``weight · (x / rms(x))`` (float32 inside; float64 stays float64), keeping x and 1/rms only."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
