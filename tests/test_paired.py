@@ -8,6 +8,7 @@ from scipy import stats
 
 from itermerge.errors import ItermergeError
 from itermerge.maths.paired import (
+    holm_adjust,
     mean_and_ci,
     minimum_detectable_effect,
     newcombe_phi,
@@ -296,3 +297,31 @@ def test_minimum_detectable_effect_has_the_power_it_claims():
 def test_minimum_detectable_effect_bad_inputs(kwargs, message):
     with pytest.raises(ItermergeError, match=message):
         minimum_detectable_effect(**kwargs)
+
+
+def test_holm_adjust_by_hand():
+    """m = 4, p = (0.01, 0.04, 0.03, 0.005): sorted 0.005, 0.01, 0.03, 0.04 times m − j + 1 = 4, 3, 2, 1 gives
+    0.02, 0.03, 0.06, 0.04; the running max makes it monotone, 0.02, 0.03, 0.06, 0.06; back in the given order
+    (0.03, 0.06, 0.06, 0.02). At α = 0.05 Holm rejects the first and last; Bonferroni (4p) would give
+    (0.04, 0.16, 0.12, 0.02) and reject the same two, uncorrected all four."""
+    assert holm_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+
+
+def test_holm_adjust_caps_at_one_keeps_ties_and_edges():
+    """(0.6, 0.7): 2 · 0.6 = 1.2 → 1, then max(1, 0.7) = 1. Equal p-values get one adjusted value:
+    (0.02, 0.02, 0.5) → 3 · 0.02 = 0.06, max(0.06, 2 · 0.02) = 0.06, max(0.06, 0.5) = 0.5. One test is left alone."""
+    assert holm_adjust([0.6, 0.7]) == [1.0, 1.0]
+    assert holm_adjust([0.02, 0.02, 0.5]) == pytest.approx([0.06, 0.06, 0.5])
+    assert holm_adjust([0.012]) == [0.012]
+    assert holm_adjust([]) == []
+    rng = np.random.default_rng(6)
+    p = rng.uniform(size=30)
+    adjusted = np.array(holm_adjust(p))
+    assert np.all(adjusted >= p) and np.all(adjusted <= 1)
+    assert np.all(np.diff(adjusted[np.argsort(p)]) >= 0)  # monotone in the raw p
+
+
+@pytest.mark.parametrize(("p", "message"), [([0.1, 1.5], r"p_values\[1\] = 1.5"), ([0.1, float("nan")], "nan")])
+def test_holm_adjust_bad_inputs(p, message):
+    with pytest.raises(ItermergeError, match=message):
+        holm_adjust(p)
