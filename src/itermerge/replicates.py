@@ -3,8 +3,8 @@
 A study file names a run config, the seeds, and optionally regimes (named overrides of the run config, e.g. two
 learning rates). ``replicate`` runs every (regime, seed) as an ordinary, resumable run directory
 ``OUT/REGIME/seed_S``; ``aggregate`` reads their test tables back and pools them: each row's mean across seeds with
-a t interval, the merge − baseline difference pooled over seeds prompt by prompt (``maths.paired``), and each
-seed's (λ, α). Nothing is re-evaluated by the aggregation.
+a t interval, the merge − baseline difference pooled over seeds prompt by prompt (``maths.crossed``: the seeds share
+their test prompts), and each seed's (λ, α). Nothing is re-evaluated by the aggregation.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def _merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, 
 def aggregate(out: str | os.PathLike) -> dict[str, Any]:
     """out/aggregate.json from every out/REGIME/seed_S/search*/test.json: for each regime and each search (T, and
     every T' of search.at), each row's mean and 95% t interval across seeds per metric, the merge − baseline
-    paired differences pooled over seeds (hierarchical bootstrap), and each seed's choice."""
+    paired differences pooled over seeds (crossed bootstrap over seeds × the shared prompts), and each seed's choice."""
     out = Path(out)
     regimes = sorted(p for p in out.iterdir() if p.is_dir() and any(p.glob("seed_*/search/test.json")))
     if not regimes:
@@ -186,7 +186,12 @@ def _wall(run_dir: Path) -> float | None:
 
 
 def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
-    """One search (``search`` or ``search_T3``) across seeds: rows, pooled paired differences, choices."""
+    """One search (``search`` or ``search_T3``) across seeds: rows, pooled paired differences, choices.
+
+    A pooled difference is ``crossed_paired_difference`` when every seed holds the same number of test prompts (the
+    study's seeds share them): its interval speaks about new seeds and new prompts, with the nested (hierarchical)
+    bootstrap and the t interval over seeds beside it; else the hierarchical ``pooled_paired_difference``."""
+    from itermerge.maths.crossed import crossed_paired_difference
     from itermerge.maths.paired import mean_and_ci, minimum_detectable_effect, pooled_paired_difference
 
     tests = [json.loads((d / "test.json").read_text()) for d in search_dirs]
@@ -208,7 +213,8 @@ def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
             groups = [(_row(t, a_key)["metrics"][name].get("items"),
                        _row(t, b_key)["metrics"].get(name, {}).get("items")) for t in tests]
             if all(a is not None and b is not None and len(a) == len(b) for a, b in groups):
-                metrics[name] = pooled_paired_difference(groups)
+                shared = len({len(a) for a, _ in groups}) == 1
+                metrics[name] = (crossed_paired_difference if shared else pooled_paired_difference)(groups)
         names = {r["t"]: r["name"] for r in rows}
         return {"a": a_key, "b": b_key, "a_name": names[a_key], "b_name": names[b_key], "metrics": metrics}
 
