@@ -179,6 +179,7 @@ def test_aggregation_by_hand(tmp_path):
     each seed weighing the same. Rows: θ2's accuracy 0.25 and 0.5 → mean 0.375, t interval ± t_{1,0.975}·0.125."""
     from scipy import stats
 
+    from itermerge.maths.crossed import pooled_minimum_detectable_effect
     from itermerge.replicates import aggregate_search
 
     base = {0: [0, 0, 0, 0], 1: [0, 1, 0, 0], "expo": [1, 0, 1, 0], "uniform": [0, 1, 1, 0]}
@@ -205,6 +206,12 @@ def test_aggregation_by_hand(tmp_path):
     # merge and θ2 disagree on 2 of 8 prompts: ψ = 0.25, MDE on 4 prompts = 2.8016 · √0.25 / √4
     assert got["design"]["discordant_merge_vs_T"] == 0.25
     assert got["design"]["mde_one_seed"] == pytest.approx(2.80158 * 0.5 / 2, rel=1e-4)
+    # the rule's MDE reads the observed spread of merge − θ2 over seeds: sd(0.5, 0) = 0.353553, and its crossed stderr
+    rule = got["design"]["mde_rule"]
+    assert rule["seed_sd"] == pytest.approx(0.353553, abs=1e-6)
+    assert rule == {"seed_sd": rule["seed_sd"],
+                    **pooled_minimum_detectable_effect(rule["seed_sd"], 2, crossed_stderr=vs_T["stderr"])}
+    assert rule["rule"] == max(rule["t_over_seeds"], rule["crossed"])
 
 
 def test_the_results_page_prints_the_crossed_interval_and_the_t_test_p(tmp_path):
@@ -223,6 +230,8 @@ def test_the_results_page_prints_the_crossed_interval_and_the_t_test_p(tmp_path)
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[3] == f"[{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]" and cells[4] == f"{d['p_value']:.2g} / 0.5"
     assert f"+0.25 [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}] p={d['p_value']:.2g}, t p=0.5" in page
+    rule = aggregate(tmp_path)["regimes"]["lr"]["searches"]["search"]["design"]["mde_rule"]
+    assert f"the smallest accuracy difference held with power 0.8 is {rule['rule']:.3f}" in page
 
 
 @pytest.mark.parametrize(

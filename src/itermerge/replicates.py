@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -227,7 +228,8 @@ def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
         discordant = _discordant(tests, T)
         design = {"test_prompts": n_test, "seeds": len(tests), "discordant_merge_vs_T": discordant,
                   "mde_one_seed": minimum_detectable_effect(n_test, discordant=discordant) if discordant else
-                  minimum_detectable_effect(n_test, baseline=0.5)}
+                  minimum_detectable_effect(n_test, baseline=0.5),
+                  "mde_rule": _mde_rule(next((p for p in paired if p["b"] == T), None))}
     return {
         "T": T, "seeds": [int(d.parent.name.split("_")[1]) for d in search_dirs], "rows": rows, "paired": paired,
         "iterations": iterations,
@@ -235,6 +237,21 @@ def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
                     for c in choices],
         "design": design,
     }
+
+
+def _mde_rule(merge_vs_T: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The accuracy difference the verdict rule finds with power 0.8, from the observed spread of merge − θT over
+    seeds and its crossed standard error (``maths.crossed.pooled_minimum_detectable_effect``); None with one seed or
+    no spread."""
+    from itermerge.maths.crossed import pooled_minimum_detectable_effect
+
+    d = (merge_vs_T or {}).get("metrics", {}).get("accuracy") or {}
+    per_seed = d.get("per_seed") or []
+    sd = statistics.stdev(per_seed) if len(per_seed) >= 2 else 0.0
+    if sd <= 0:
+        return None
+    mde = pooled_minimum_detectable_effect(sd, len(per_seed), crossed_stderr=d.get("stderr") or None)
+    return {"seed_sd": sd, **mde}
 
 
 def _row(test: dict[str, Any], key: Any) -> dict[str, Any] | None:

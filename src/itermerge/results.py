@@ -220,6 +220,13 @@ def _design_section(study: Path, agg: dict[str, Any], meta: dict[str, Any]) -> s
         lines.append(f"\nPower: {design['test_prompts']} test prompts per seed; {basis}. A paired test at level 0.05 "
                      f"finds an accuracy difference of {mde:.3f} ({100 * mde:.1f} points) with power 0.8 on one seed, "
                      f"about {mde / S ** 0.5:.3f} pooled over {S} seeds if the seeds agree (their spread widens it).")
+        rule = design.get("mde_rule")
+        if rule:
+            crossed = "" if rule["crossed"] is None else f", the crossed interval {rule['crossed']:.3f}"
+            lines.append(f" Under the rule used here (both intervals exclude 0), with the observed spread of "
+                         f"merge − θT over the {S} seeds (sd {rule['seed_sd']:.3f}), the smallest accuracy "
+                         f"difference held with power 0.8 is {rule['rule']:.3f} ({100 * rule['rule']:.1f} points; "
+                         f"the t interval over seeds alone needs {rule['t_over_seeds']:.3f}{crossed}).")
     return lines[0] + "\n" + "".join(lines[1:]) + "\n"
 
 
