@@ -138,9 +138,13 @@ def pooled_minimum_detectable_effect(seed_sd: float, seeds: int, *, crossed_stde
 
 
 def _t_test_power(nc: float, df: int, crit: float) -> float:
-    """P(|T| > crit) for T = (Z + nc) / √(V/df), V ~ χ²_df: E_V[Φ(nc − crit √(V/df)) + Φ(−nc − crit √(V/df))],
-    integrated over V's quantile u ∈ (0, 1) (a bounded integrand). Equals scipy.stats.nct's tails where those are
-    finite; they return NaN for 1 degree of freedom and a large nc."""
+    """P(|T| > crit) for T ~ noncentral t(df, nc), from scipy.stats.nct; where that returns NaN (1 degree of freedom,
+    a large nc) from its definition T = (Z + nc) / √(V/df), V ~ χ²_df:
+    E_V[Φ(nc − crit √(V/df)) + Φ(−nc − crit √(V/df))], integrated over V's quantile u ∈ (0, 1)."""
+    direct = float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+    if math.isfinite(direct):
+        return direct
+
     def tails(u: float) -> float:
         s = math.sqrt(stats.chi2.ppf(u, df) / df)
         return float(stats.norm.cdf(nc - crit * s) + stats.norm.cdf(-nc - crit * s))
