@@ -7,7 +7,14 @@ import pytest
 from scipy import stats
 
 from itermerge.errors import ItermergeError
-from itermerge.maths.paired import mean_and_ci, minimum_detectable_effect, paired_difference, pooled_paired_difference
+from itermerge.maths.paired import (
+    holm_adjust,
+    mean_and_ci,
+    minimum_detectable_effect,
+    newcombe_phi,
+    paired_difference,
+    pooled_paired_difference,
+)
 
 T_3 = 3.1824463  # t_{3, 0.975}
 T_2 = 4.3026527  # t_{2, 0.975}
@@ -42,19 +49,52 @@ def test_exact_method_by_hand():
     Newcombe method 10, z = 1.959964, z²/n = 0.192073:
       Wilson(14/20) = ((0.7 + 0.096036) ∓ 0.222617) / 1.192073 = (0.481027, 0.854523)
       Wilson(8/20)  = ((0.4 + 0.096036) ∓ 0.235203) / 1.192073 = (0.218807, 0.613418)
-      φ = (6·4 − 8·2) / √(14·6·8·12) = 8 / 89.799777 = 0.089087
-      low  = 0.3 − √(0.218973² − 2φ·0.218973·0.213418 + 0.213418²)
-           = 0.3 − √(0.047949 − 0.008327 + 0.045547) = 0.3 − √0.085170 = 0.3 − 0.291839 = 0.008161
-      high = 0.3 + √(0.154523² − 2φ·0.154523·0.181193 + 0.181193²)
-           = 0.3 + √(0.023877 − 0.004989 + 0.032831) = 0.3 + √0.051720 = 0.3 + 0.227420 = 0.527420"""
+      AD − BC = 6·4 − 8·2 = 8 ≤ N/2 = 10, so the corrected φ = 0 (the plain φ would be 8/√(14·6·8·12) = 0.089)
+      low  = 0.3 − √(0.218973² + 0.213418²) = 0.3 − √0.093496 = 0.3 − 0.305772 = −0.005772
+      high = 0.3 + √(0.154523² + 0.181193²) = 0.3 + √0.056708 = 0.3 + 0.238135 = 0.538135
+    The interval holds 0, as McNemar's p = 0.109 says it should; the plain φ gave [0.008, 0.527], which did not."""
     r = paired_difference(BINARY_A, BINARY_B)  # auto → exact for 0/1 data
     assert r["method"] == "exact"
     assert (r["a_only"], r["b_only"], r["n"]) == (8, 2, 20)
     assert r["difference"] == pytest.approx(0.3)
     assert r["p_value"] == pytest.approx(112 / 1024)
     assert r["p_value"] == pytest.approx(stats.binomtest(8, 10, 0.5).pvalue)
-    assert r["ci_low"] == pytest.approx(0.008161, abs=2e-6)
-    assert r["ci_high"] == pytest.approx(0.527420, abs=2e-6)
+    assert r["ci_low"] == pytest.approx(-0.005772, abs=2e-6)
+    assert r["ci_high"] == pytest.approx(0.538135, abs=2e-6)
+    assert newcombe_phi(6, 8, 2, 4) == 0.0
+
+
+def _table(n11: int, n10: int, n01: int, n00: int) -> tuple[list[int], list[int]]:
+    """0/1 items of a and b from Newcombe's cells A = both right, B = a only, C = b only, D = both wrong."""
+    return [1] * (n11 + n10) + [0] * (n01 + n00), [1] * n11 + [0] * n10 + [1] * n01 + [0] * n00
+
+
+@pytest.mark.parametrize(("cells", "published"), [
+    ((6, 8, 2, 4), (-0.006, 0.538)),  # issue 26: the published method, agreeing with McNemar's p = 0.109
+    ((20, 12, 2, 16), (0.0562, 0.3292)),  # Newcombe (1998) worked example, method 10 (ratesci's test of it)
+    ((1, 1, 7, 12), (-0.507, -0.026)),  # Fagerland, Lydersen & Laake (2014, Stat. Med.) Bentur et al. example
+    ((8, 3, 1, 2), (-0.1574, 0.4136)),  # Tang et al. (2010) example, MOVER-Wilson with Newcombe's φ
+])
+def test_newcombe_method_10_matches_published_examples(cells, published):
+    """Each published interval to the digits it was printed with (half a unit of its last digit)."""
+    a, b = _table(*cells)
+    r = paired_difference(a, b, method="exact")
+    assert r["difference"] == pytest.approx((cells[1] - cells[2]) / sum(cells))
+    digits = len(str(published[0]).split(".")[1])
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx(published, abs=0.5 * 10 ** -digits)
+
+
+def test_newcombe_phi_correction_by_hand():
+    """(20, 12, 2, 16), N = 50: AD − BC = 320 − 24 = 296 > N/2, EFGH = 32·18·22·28 = 354816, √ = 595.6643;
+    φ = (296 − 25)/595.6643 = 0.454954, where the plain φ = 296/595.6643 = 0.496924 gave [0.0618, 0.3242].
+    (36, 12, 2, 0): AD − BC = −24 < 0 is kept, φ = −24/√(48·2·38·12) = −24/209.2272 = −0.114708, a wider interval
+    than φ = 0 would give: [0.0569, 0.3404] against [0.0645, 0.3372]. An empty margin gives φ = 0."""
+    assert newcombe_phi(20, 12, 2, 16) == pytest.approx(0.454954, abs=1e-6)
+    assert newcombe_phi(36, 12, 2, 0) == pytest.approx(-0.114708, abs=1e-6)
+    assert newcombe_phi(5, 5, 0, 0) == 0.0
+    a, b = _table(36, 12, 2, 0)
+    r = paired_difference(a, b, method="exact")
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((0.0569, 0.3404), abs=5e-5)
 
 
 def test_exact_agrees_with_binomtest_on_random_data_and_stays_in_range():
@@ -257,3 +297,31 @@ def test_minimum_detectable_effect_has_the_power_it_claims():
 def test_minimum_detectable_effect_bad_inputs(kwargs, message):
     with pytest.raises(ItermergeError, match=message):
         minimum_detectable_effect(**kwargs)
+
+
+def test_holm_adjust_by_hand():
+    """m = 4, p = (0.01, 0.04, 0.03, 0.005): sorted 0.005, 0.01, 0.03, 0.04 times m − j + 1 = 4, 3, 2, 1 gives
+    0.02, 0.03, 0.06, 0.04; the running max makes it monotone, 0.02, 0.03, 0.06, 0.06; back in the given order
+    (0.03, 0.06, 0.06, 0.02). At α = 0.05 Holm rejects the first and last; Bonferroni (4p) would give
+    (0.04, 0.16, 0.12, 0.02) and reject the same two, uncorrected all four."""
+    assert holm_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+
+
+def test_holm_adjust_caps_at_one_keeps_ties_and_edges():
+    """(0.6, 0.7): 2 · 0.6 = 1.2 → 1, then max(1, 0.7) = 1. Equal p-values get one adjusted value:
+    (0.02, 0.02, 0.5) → 3 · 0.02 = 0.06, max(0.06, 2 · 0.02) = 0.06, max(0.06, 0.5) = 0.5. One test is left alone."""
+    assert holm_adjust([0.6, 0.7]) == [1.0, 1.0]
+    assert holm_adjust([0.02, 0.02, 0.5]) == pytest.approx([0.06, 0.06, 0.5])
+    assert holm_adjust([0.012]) == [0.012]
+    assert holm_adjust([]) == []
+    rng = np.random.default_rng(6)
+    p = rng.uniform(size=30)
+    adjusted = np.array(holm_adjust(p))
+    assert np.all(adjusted >= p) and np.all(adjusted <= 1)
+    assert np.all(np.diff(adjusted[np.argsort(p)]) >= 0)  # monotone in the raw p
+
+
+@pytest.mark.parametrize(("p", "message"), [([0.1, 1.5], r"p_values\[1\] = 1.5"), ([0.1, float("nan")], "nan")])
+def test_holm_adjust_bad_inputs(p, message):
+    with pytest.raises(ItermergeError, match=message):
+        holm_adjust(p)

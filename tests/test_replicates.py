@@ -179,6 +179,7 @@ def test_aggregation_by_hand(tmp_path):
     each seed weighing the same. Rows: θ2's accuracy 0.25 and 0.5 → mean 0.375, t interval ± t_{1,0.975}·0.125."""
     from scipy import stats
 
+    from itermerge.maths.crossed import pooled_minimum_detectable_effect
     from itermerge.replicates import aggregate_search
 
     base = {0: [0, 0, 0, 0], 1: [0, 1, 0, 0], "expo": [1, 0, 1, 0], "uniform": [0, 1, 1, 0]}
@@ -189,6 +190,10 @@ def test_aggregation_by_hand(tmp_path):
     vs_T = next(p for p in got["paired"] if p["b"] == 2)["metrics"]["accuracy"]
     assert vs_T["difference"] == pytest.approx(0.25) and vs_T["per_seed"] == pytest.approx([0.5, 0.0])
     assert vs_T["ci_low"] <= 0.0 <= 0.5 <= vs_T["ci_high"] + 1e-12  # two seeds that disagree: a wide interval
+    # the seeds share their 4 test prompts: the crossed bootstrap, with the nested one and the t-test beside it;
+    # per-seed (0.5, 0): t = 0.25 / (0.3536/√2) = 1 on 1 df, p = 2 · (1 − 0.75) = 0.5 (the Cauchy cdf at 1 is 3/4)
+    assert vs_T["method"] == "crossed bootstrap" and set(vs_T["nested"]) == {"ci_low", "ci_high", "p_value"}
+    assert vs_T["across_seeds"]["p_value"] == pytest.approx(0.5)
     theta2 = next(r for r in got["rows"] if r["t"] == 2)["metrics"]["accuracy"]
     assert theta2["mean"] == pytest.approx(0.375) and theta2["per_seed"] == [0.25, 0.5]
     half = stats.t.ppf(0.975, 1) * 0.125  # sd of (0.25, 0.5) is 0.1768, / √2 = 0.125
@@ -201,6 +206,32 @@ def test_aggregation_by_hand(tmp_path):
     # merge and θ2 disagree on 2 of 8 prompts: ψ = 0.25, MDE on 4 prompts = 2.8016 · √0.25 / √4
     assert got["design"]["discordant_merge_vs_T"] == 0.25
     assert got["design"]["mde_one_seed"] == pytest.approx(2.80158 * 0.5 / 2, rel=1e-4)
+    # the rule's MDE reads the observed spread of merge − θ2 over seeds: sd(0.5, 0) = 0.353553, and its crossed stderr
+    rule = got["design"]["mde_rule"]
+    assert rule["seed_sd"] == pytest.approx(0.353553, abs=1e-6)
+    assert rule == {"seed_sd": rule["seed_sd"],
+                    **pooled_minimum_detectable_effect(rule["seed_sd"], 2, crossed_stderr=vs_T["stderr"])}
+    assert rule["rule"] == max(rule["t_over_seeds"], rule["crossed"])
+
+
+def test_the_results_page_prints_the_crossed_interval_and_the_t_test_p(tmp_path):
+    """The hand example above, through aggregate and the page: merge − θ2 on accuracy is +0.25 with the crossed
+    interval in the claims table and the t-test's p = 0.5 beside the bootstrap's."""
+    from itermerge.results import write_results
+
+    base = {0: [0, 0, 0, 0], 1: [0, 1, 0, 0], "expo": [1, 0, 1, 0], "uniform": [0, 1, 1, 0]}
+    _fake_search(tmp_path, 0, {**base, 2: [1, 0, 0, 0], "merged": [1, 1, 1, 0]})
+    _fake_search(tmp_path, 1, {**base, 2: [1, 1, 0, 0], "merged": [1, 1, 0, 0]})
+    d = next(p for p in aggregate(tmp_path)["regimes"]["lr"]["searches"]["search"]["paired"]
+             if p["b"] == 2)["metrics"]["accuracy"]
+    page = write_results(tmp_path / "results.md", study=tmp_path).read_text()
+    row = next(line for line in page.splitlines() if line.startswith("| The merge beats θT (Table 2): merge − θT, "
+                                                                       "accuracy | lr, T = 2, 2 seeds"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == f"[{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]" and cells[4] == f"{d['p_value']:.2g} / 0.5"
+    assert f"+0.25 [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}] p={d['p_value']:.2g}, t p=0.5" in page
+    rule = aggregate(tmp_path)["regimes"]["lr"]["searches"]["search"]["design"]["mde_rule"]
+    assert f"the smallest accuracy difference held with power 0.8 is {rule['rule']:.3f}" in page
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from itermerge.records import read_records
 from itermerge.search.finalize import finalize
 from itermerge.search.grid import grid
 from itermerge.search.points import run_search
-from itermerge.search.selection import pareto_frontier, select_point
+from itermerge.search.selection import pareto_frontier, select_checkpoint, select_point
 
 pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
 
@@ -67,6 +67,32 @@ def test_selection_rule_on_hand_made_points():
     # equal rewards: the point nearer θT wins
     tie = [base, _pt(0.2, 0.4, 0.7, 0.6), _pt(0.1, 0.2, 0.7, 0.6)]
     assert (select_point(tie, base, SelectionRule())["lam"]) == 0.1
+
+
+def _ckpt(t, reward, acc):
+    m = lambda v: {"value": v, "stderr": 0.01, "n": 100}  # noqa: E731
+    return {"t": t, "name": f"θ{t}", "metrics": {"reward": m(reward), "accuracy": m(acc)}}
+
+
+def test_best_checkpoint_on_dev_by_the_merge_rule_on_a_hand_made_table():
+    """θ0..θ4 on dev, (reward, accuracy): θ0 (0.9, 0.50) · θ1 (0.2, 0.30) · θ2 (0.6, 0.33) · θ3 (0.8, 0.31) · θ4 (0.5,
+    0.32). θ4 = θT sets the accuracy floor 0.32: θ1 (0.30) and θ3 (0.31) fall below it, θ2 (0.33) and θ4 keep it,
+    so the rule picks θ2, reward 0.6, over θ4's 0.5; θ3's higher reward does not count, and θ0 is no candidate
+    (its reward 0.9 would otherwise win). With tolerance 0.01 θ3 (0.31 = 0.32 − 0.01) is eligible and wins with 0.8;
+    with no capability metric, the highest reward of θ1..θ4 is θ3's. A tie in reward goes to the later θt."""
+    table = [_ckpt(0, 0.9, 0.50), _ckpt(1, 0.2, 0.30), _ckpt(2, 0.6, 0.33), _ckpt(3, 0.8, 0.31), _ckpt(4, 0.5, 0.32)]
+    best = select_checkpoint(table, SelectionRule())
+    assert best["t"] == 2 and best["name"] == "θ2"
+    assert best["eligible"] == [2, 4] and [e["t"] for e in best["excluded"]] == [1, 3]
+    assert "accuracy 0.31 < θT's 0.32" in best["excluded"][1]["why"][0]
+    assert best["chosen"]["metrics"]["reward"]["value"] == 0.6
+    assert select_checkpoint(table, SelectionRule(tolerance=0.01))["t"] == 3
+    assert select_checkpoint(table, SelectionRule(capability=()))["t"] == 3
+    tie = [_ckpt(1, 0.7, 0.4), _ckpt(2, 0.7, 0.4), _ckpt(3, 0.5, 0.4)]
+    assert select_checkpoint(tie, SelectionRule())["t"] == 2
+    assert select_checkpoint([_ckpt(0, 0.9, 0.5), _ckpt(1, 0.1, 0.1)], SelectionRule())["t"] == 1  # θT alone
+    with pytest.raises(ItermergeError, match="no θt"):
+        select_checkpoint([_ckpt(0, 0.9, 0.5)], SelectionRule())
 
 
 def test_reward_gain_is_paired_when_the_points_keep_their_prompts():

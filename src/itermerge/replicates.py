@@ -3,8 +3,8 @@
 A study file names a run config, the seeds, and optionally regimes (named overrides of the run config, e.g. two
 learning rates). ``replicate`` runs every (regime, seed) as an ordinary, resumable run directory
 ``OUT/REGIME/seed_S``; ``aggregate`` reads their test tables back and pools them: each row's mean across seeds with
-a t interval, the merge − baseline difference pooled over seeds prompt by prompt (``maths.paired``), and each
-seed's (λ, α). Nothing is re-evaluated by the aggregation.
+a t interval, the merge − baseline difference pooled over seeds prompt by prompt (``maths.crossed``: the seeds share
+their test prompts), and each seed's (λ, α). Nothing is re-evaluated by the aggregation.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -156,7 +157,7 @@ def _merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, 
 def aggregate(out: str | os.PathLike) -> dict[str, Any]:
     """out/aggregate.json from every out/REGIME/seed_S/search*/test.json: for each regime and each search (T, and
     every T' of search.at), each row's mean and 95% t interval across seeds per metric, the merge − baseline
-    paired differences pooled over seeds (hierarchical bootstrap), and each seed's choice."""
+    paired differences pooled over seeds (crossed bootstrap over seeds × the shared prompts), and each seed's choice."""
     out = Path(out)
     regimes = sorted(p for p in out.iterdir() if p.is_dir() and any(p.glob("seed_*/search/test.json")))
     if not regimes:
@@ -186,7 +187,12 @@ def _wall(run_dir: Path) -> float | None:
 
 
 def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
-    """One search (``search`` or ``search_T3``) across seeds: rows, pooled paired differences, choices."""
+    """One search (``search`` or ``search_T3``) across seeds: rows, pooled paired differences, choices.
+
+    A pooled difference is ``crossed_paired_difference`` when every seed holds the same number of test prompts (the
+    study's seeds share them): its interval speaks about new seeds and new prompts, with the nested (hierarchical)
+    bootstrap and the t interval over seeds beside it; else the hierarchical ``pooled_paired_difference``."""
+    from itermerge.maths.crossed import crossed_paired_difference
     from itermerge.maths.paired import mean_and_ci, minimum_detectable_effect, pooled_paired_difference
 
     tests = [json.loads((d / "test.json").read_text()) for d in search_dirs]
@@ -208,7 +214,8 @@ def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
             groups = [(_row(t, a_key)["metrics"][name].get("items"),
                        _row(t, b_key)["metrics"].get(name, {}).get("items")) for t in tests]
             if all(a is not None and b is not None and len(a) == len(b) for a, b in groups):
-                metrics[name] = pooled_paired_difference(groups)
+                shared = len({len(a) for a, _ in groups}) == 1
+                metrics[name] = (crossed_paired_difference if shared else pooled_paired_difference)(groups)
         names = {r["t"]: r["name"] for r in rows}
         return {"a": a_key, "b": b_key, "a_name": names[a_key], "b_name": names[b_key], "metrics": metrics}
 
@@ -221,7 +228,8 @@ def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
         discordant = _discordant(tests, T)
         design = {"test_prompts": n_test, "seeds": len(tests), "discordant_merge_vs_T": discordant,
                   "mde_one_seed": minimum_detectable_effect(n_test, discordant=discordant) if discordant else
-                  minimum_detectable_effect(n_test, baseline=0.5)}
+                  minimum_detectable_effect(n_test, baseline=0.5),
+                  "mde_rule": _mde_rule(next((p for p in paired if p["b"] == T), None))}
     return {
         "T": T, "seeds": [int(d.parent.name.split("_")[1]) for d in search_dirs], "rows": rows, "paired": paired,
         "iterations": iterations,
@@ -229,6 +237,21 @@ def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
                     for c in choices],
         "design": design,
     }
+
+
+def _mde_rule(merge_vs_T: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The accuracy difference the verdict rule finds with power 0.8, from the observed spread of merge − θT over
+    seeds and its crossed standard error (``maths.crossed.pooled_minimum_detectable_effect``); None with one seed or
+    no spread."""
+    from itermerge.maths.crossed import pooled_minimum_detectable_effect
+
+    d = (merge_vs_T or {}).get("metrics", {}).get("accuracy") or {}
+    per_seed = d.get("per_seed") or []
+    sd = statistics.stdev(per_seed) if len(per_seed) >= 2 else 0.0
+    if sd <= 0:
+        return None
+    mde = pooled_minimum_detectable_effect(sd, len(per_seed), crossed_stderr=d.get("stderr") or None)
+    return {"seed_sd": sd, **mde}
 
 
 def _row(test: dict[str, Any], key: Any) -> dict[str, Any] | None:

@@ -99,6 +99,37 @@ def select_point(points: Sequence[Point], baseline: Point, rule: SelectionRule) 
     }
 
 
+def select_checkpoint(checkpoints: Sequence[Point], rule: SelectionRule) -> dict[str, Any]:
+    """Early stopping by the merge's own rule: the best θt (t ≥ 1) on dev, as ``select_point`` picks (λ, α).
+
+    checkpoints: checkpoints.jsonl records {"t", "name", "metrics"} of θ0..θT (θ0 is not a candidate: it is its own
+    baseline row). A θt is eligible when none of the rule's capability metrics falls below θT's (the record of
+    largest t) by more than the tolerance; the eligible θt of highest reward is chosen, a tie going to the later
+    one (nearer θT, as ``select_point`` breaks ties towards θT). θT itself is always eligible.
+    """
+    iterates = [c for c in checkpoints if isinstance(c.get("t"), int) and c["t"] >= 1]
+    if not iterates:
+        raise ItermergeError("no θt (t ≥ 1) on dev to choose from; run the search, which evaluates θ0..θT")
+    base = max(iterates, key=lambda c: c["t"])
+    eligible, excluded = [], []
+    for c in sorted(iterates, key=lambda c: c["t"]):
+        failed = regressions(c, base, rule)
+        (excluded if failed else eligible).append((c, failed))
+    chosen = min(eligible, key=lambda cf: (-oriented(cf[0], rule.reward), -cf[0]["t"]))[0]
+    r = chosen["metrics"][rule.reward]
+    among = (f"among the {len(eligible)} of θ1..θ{base['t']} whose {', '.join(rule.capability)} did not fall below "
+             f"θT's by more than {rule.tolerance:g}" if rule.capability else f"among θ1..θ{base['t']}")
+    return {
+        "t": chosen["t"],
+        "name": chosen.get("name"),
+        "rule": rule.to_dict(),
+        "reason": f"highest {rule.reward} ({_fmt(r)}) {among}",
+        "chosen": {"metrics": chosen["metrics"]},
+        "eligible": [c["t"] for c, _ in eligible],
+        "excluded": [{"t": c["t"], "why": why} for c, why in excluded],
+    }
+
+
 def _difference(a: Point, b: Point, metric: str) -> dict[str, Any]:
     """a − b on ``metric``: paired over the prompts both were scored on when their records keep per-prompt values
     (``maths.paired``: exact McNemar/Newcombe for 0/1 scores, else a seeded bootstrap), else the unpaired
