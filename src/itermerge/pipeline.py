@@ -14,7 +14,7 @@ from typing import Any
 from itermerge import iteration as it
 from itermerge.checkpoint import load_tokenizer, resolve_model
 from itermerge.config import RunConfig, from_dict, to_dict, to_yaml
-from itermerge.devices import placement
+from itermerge.devices import cpu_precision, placement, settle_precision
 from itermerge.errors import ItermergeError
 from itermerge.integrity import LOCK_NAME, RunLock
 from itermerge.preflight import preflight
@@ -252,6 +252,7 @@ def open_run(cfg: RunConfig, run_dir: str | os.PathLike, force: bool = False, ac
             manifest = Manifest(run_dir)
             manifest.set_meta("config", to_dict(cfg))
             manifest.set_meta("reference", str(resolve_model(cfg.model.path)))
+            _keep_precision(cfg, manifest)
             note = repeated_prompts_note(cfg)
             if note is not None:  # repeats are common in real prompt sets: say so once, and keep it with the run
                 print(f"prompts: {note}", flush=True)
@@ -261,7 +262,25 @@ def open_run(cfg: RunConfig, run_dir: str | os.PathLike, force: bool = False, ac
             raise
     runner = StageRunner(run_dir, accelerator, verify=verify, lock=lock)
     runner.barrier()
+    if not runner.is_main and "precision" in runner.manifest.data:
+        settle_precision(runner.manifest.data["precision"])  # every process computes as the main one measured
     return runner
+
+
+def _keep_precision(cfg: RunConfig, manifest: Manifest) -> None:
+    """``model.dtype: auto`` on a CPU: the precision measured when the run started (``cpu_precision``), kept in the
+    manifest and reused on resume, so a run never mixes precisions between its stages."""
+    if cfg.model.dtype != "auto" or placement(dataclasses.replace(cfg.model, dtype="float32")).is_cuda:
+        return
+    recorded = manifest.data.get("precision")
+    if recorded is not None:
+        settle_precision(recorded)
+        return
+    record = cpu_precision()
+    measured = (f"bf16 {record['bfloat16_gflops']} vs fp32 {record['float32_gflops']} GFLOP/s"
+                if "float32_gflops" in record else f"given by {record['given_by']}")
+    print(f"precision: {record['dtype']} on {record['cpu']} ({measured})", flush=True)
+    manifest.set_meta("precision", record)
 
 
 def _clear(run_dir: Path) -> None:

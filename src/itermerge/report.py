@@ -290,6 +290,12 @@ def _config_section(run_dir: Path) -> str:
     if config.exists():
         out.append("## Configuration\n\n```yaml\n" + config.read_text().rstrip() + "\n```\n")
     manifest = _json(run_dir / "manifest.json")
+    precision = manifest.get("precision") if isinstance(manifest, dict) else None
+    if isinstance(precision, dict):  # model.dtype auto on a CPU: what was measured, and so chosen
+        how = (f"bf16 {precision.get('bfloat16_gflops')} vs fp32 {precision.get('float32_gflops')} GFLOP/s matmul"
+               if "float32_gflops" in precision else f"given by {precision.get('given_by')}")
+        out.append(f"Precision: **{precision.get('dtype')}** on {precision.get('cpu')} ({how}; AMX "
+                   f"{'yes' if precision.get('amx_bf16') else 'no'}), chosen by `model.dtype: auto`.\n")
     if isinstance(manifest, dict) and manifest.get("stages"):
         lines = ["| stage | finished | recorded |", "|---|---|---|"]
         for name, rec in manifest["stages"].items():
