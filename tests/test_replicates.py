@@ -52,7 +52,7 @@ def test_replicas_share_dev_and_test_and_differ_in_training(study_dir):
     assert evaluated[0] == evaluated[1] and evaluated[0]["seed"] == 5 and evaluated[0]["test_n"] == 6
     for r in runs:
         test = json.loads((r / "search" / "test.json").read_text())
-        assert [m["t"] for m in test["models"]] == [0, 1, 2, 3, "expo", "uniform", "merged"]
+        assert [m["t"] for m in test["models"]] == [0, 1, 2, 3, "best", "expo", "uniform", "merged"]
         assert all(m["metrics"]["accuracy"]["n"] == 6 and len(m["metrics"]["accuracy"]["items"]) == 6
                    for m in test["models"])
         assert not (r / "cache").exists()  # pruned: θ̄ is recomputed on demand
@@ -63,7 +63,16 @@ def test_replicas_share_dev_and_test_and_differ_in_training(study_dir):
 def test_a_T_prime_search_reuses_the_checkpoints_measured_for_T(study_dir):
     run = study_dir / "lr-a" / "seed_0"
     full, short = _test(study_dir, "lr-a", 0), _test(study_dir, "lr-a", 0, "search_T2")
-    assert [m["t"] for m in short["models"]] == [0, 1, 2, "expo", "uniform", "merged"]
+    assert [m["t"] for m in short["models"]] == [0, 1, 2, "best", "expo", "uniform", "merged"]
+    # T' = 2's best θt on dev is chosen among θ1, θ2 of search_T2's own dev records, by the same rule
+    from itermerge.config.search import SelectionRule
+    from itermerge.search.selection import select_checkpoint
+
+    choice = json.loads((run / "search_T2" / "choice.json").read_text())
+    dev_ckpts = [json.loads(line) for line in (run / "search_T2" / "checkpoints.jsonl").read_text().splitlines()]
+    again = select_checkpoint(dev_ckpts, SelectionRule(**choice["rule"]))
+    assert [choice["best_checkpoint"][k] for k in ("t", "reason")] == [again["t"], again["reason"]]
+    assert _row(short, "best")["same_as"] == choice["best_checkpoint"]["t"] in (1, 2)
     for t in (0, 1, 2):  # the same model on the same test prompts: measured once
         assert _row(short, t)["metrics"] == _row(full, t)["metrics"] and _row(short, t)["reused_from"] == "search"
     assert _row(short, "uniform")["weights"] == pytest.approx([0.0, 0.5, 0.5])
@@ -88,11 +97,12 @@ def test_the_aggregate_equals_the_run_files(study_dir):
                     by_seed = [np.mean(np.subtract(_row(t, "merged")["metrics"][metric]["items"],
                                                    _row(t, pair["b"])["metrics"][metric]["items"])) for t in tests]
                     assert pair["metrics"][metric]["difference"] == pytest.approx(np.mean(by_seed))
-            assert [pair["b"] for pair in got["paired"]] == [T, "expo", "uniform", 0]
+            assert [pair["b"] for pair in got["paired"]] == ["best", T, "expo", "uniform", 0]
             choices = [json.loads((study_dir / regime / f"seed_{s}" / search / "choice.json").read_text())
                        for s in (0, 1)]
-            assert got["choices"] == [{"lam": c["lam"], "alpha": c["alpha"], "expo_alpha": c["expo"]["alpha"]}
-                                      for c in choices]
+            assert got["choices"] == [{"lam": c["lam"], "alpha": c["alpha"], "expo_alpha": c["expo"]["alpha"],
+                                       "best_t": c["best_checkpoint"]["t"],
+                                       "expo_is_theta_T": c["expo"]["alpha"] == 0.0} for c in choices]
     assert aggregate(study_dir) == agg  # nothing is re-evaluated: the same files give the same numbers
 
 
@@ -151,10 +161,15 @@ def test_the_results_page_carries_the_aggregate_numbers(study_dir, tmp_path):
     assert "## lr-a, T = 2 (`search_T2/`)" in page and "seed 1: (λ" in page
     answer = next(line for line in page.splitlines() if line.startswith("| lr-a, T = 3, 2 seeds |"))
     accuracy = next(p for p in search["paired"] if p["b"] == 3)["metrics"]["accuracy"]
-    assert answer.split("|")[2].strip() == f"{accuracy['difference']:+.3f} / {d['difference']:+.3f}: " \
+    assert answer.split("|")[4].strip() == f"{accuracy['difference']:+.3f} / {d['difference']:+.3f}: " \
         f"{verdict(accuracy)} / {cells[6]}"
-    for r in search["rows"]:  # every row of the T = 3 table, mean over seeds
-        assert f"| {r['name']} | {r['metrics']['accuracy']['mean']:.4g}" in page
+    best = {m: next(p for p in search["paired"] if p["b"] == "best")["metrics"][m] for m in ("accuracy", "reward")}
+    assert answer.split("|")[2].strip().startswith(  # the answer leads with merge − best θt on dev
+        f"{best['accuracy']['difference']:+.3f} / {best['reward']['difference']:+.3f}: ")
+    expo_is_T = all(c["expo_is_theta_T"] for c in search["choices"])
+    for r in search["rows"]:  # every row of the T = 3 table, mean over seeds; ExPO "= θT" where it is θT in each seed
+        cell = "= θT" if r["t"] == "expo" and expo_is_T else f"{r['metrics']['accuracy']['mean']:.4g}"
+        assert f"| {r['name']} | {cell}" in page
     assert main(["results", "--out", str(out)]) == 2  # nothing to read: a named error
 
 
@@ -164,11 +179,14 @@ def _fake_search(root: Path, seed: int, items: dict) -> Path:
     d.mkdir(parents=True)
     models = []
     for t, xs in items.items():
-        names = {"merged": "Merged (λ=0.3, α=0.4)", "expo": "ExPO (λ=0, α=0.4)", "uniform": "Uniform"}
+        names = {"merged": "Merged (λ=0.3, α=0.4)", "expo": "ExPO (λ=0, α=0.4)", "uniform": "Uniform",
+                 "best": "Best θt on dev (Iter 1)"}
         name = names.get(t, f"Iter {t}")
         m = float(np.mean(xs))
         models.append({"t": t, "name": name, "metrics": {"accuracy": {"value": m, "stderr": 0.1, "n": len(xs),
                                                                       "items": xs}}})
+        if t == "best":
+            models[-1]["same_as"] = 1  # θ1's numbers: its row above
     (d / "test.json").write_text(json.dumps({"split": "test", "models": models}))
     (d / "choice.json").write_text(json.dumps({"lam": 0.3, "alpha": 0.4 * seed, "expo": {"alpha": 1.0}}))
     return d
@@ -182,7 +200,7 @@ def test_aggregation_by_hand(tmp_path):
     from itermerge.maths.crossed import pooled_minimum_detectable_effect
     from itermerge.replicates import aggregate_search
 
-    base = {0: [0, 0, 0, 0], 1: [0, 1, 0, 0], "expo": [1, 0, 1, 0], "uniform": [0, 1, 1, 0]}
+    base = {0: [0, 0, 0, 0], 1: [0, 1, 0, 0], "best": [0, 1, 0, 0], "expo": [1, 0, 1, 0], "uniform": [0, 1, 1, 0]}
     dirs = [_fake_search(tmp_path, 0, {**base, 2: [1, 0, 0, 0], "merged": [1, 1, 1, 0]}),
             _fake_search(tmp_path, 1, {**base, 2: [1, 1, 0, 0], "merged": [1, 1, 0, 0]})]
     got = aggregate_search(dirs)
@@ -198,11 +216,16 @@ def test_aggregation_by_hand(tmp_path):
     assert theta2["mean"] == pytest.approx(0.375) and theta2["per_seed"] == [0.25, 0.5]
     half = stats.t.ppf(0.975, 1) * 0.125  # sd of (0.25, 0.5) is 0.1768, / √2 = 0.125
     assert (theta2["ci_low"], theta2["ci_high"]) == pytest.approx((0.375 - half, 0.375 + half))
-    assert [p["b"] for p in got["paired"]] == [2, "expo", "uniform", 0]
+    assert [p["b"] for p in got["paired"]] == ["best", 2, "expo", "uniform", 0]
+    # merge − best θt on dev (θ1 = [0, 1, 0, 0] in both seeds): seed 0 [1,1,1,0] → +0.5, seed 1 [1,1,0,0] → +0.25
+    vs_best = next(p for p in got["paired"] if p["b"] == "best")
+    assert vs_best["b_name"] == "Best θt on dev (t chosen per seed)"
+    assert vs_best["metrics"]["accuracy"]["difference"] == pytest.approx(0.375)
+    assert vs_best["metrics"]["accuracy"]["per_seed"] == pytest.approx([0.5, 0.25])
     last = next(p for p in got["iterations"] if p["b"] == 1)["metrics"]["accuracy"]  # θ2 − θ1: 0, then +0.25
     assert last["difference"] == pytest.approx(0.125) and last["per_seed"] == pytest.approx([0.0, 0.25])
-    assert got["choices"] == [{"lam": 0.3, "alpha": 0.0, "expo_alpha": 1.0}, {"lam": 0.3, "alpha": 0.4,
-                                                                              "expo_alpha": 1.0}]
+    assert got["choices"] == [{"lam": 0.3, "alpha": 0.0, "expo_alpha": 1.0, "best_t": 1, "expo_is_theta_T": False},
+                              {"lam": 0.3, "alpha": 0.4, "expo_alpha": 1.0, "best_t": 1, "expo_is_theta_T": False}]
     # merge and θ2 disagree on 2 of 8 prompts: ψ = 0.25, MDE on 4 prompts = 2.8016 · √0.25 / √4
     assert got["design"]["discordant_merge_vs_T"] == 0.25
     assert got["design"]["mde_one_seed"] == pytest.approx(2.80158 * 0.5 / 2, rel=1e-4)
@@ -219,7 +242,7 @@ def test_the_results_page_prints_the_crossed_interval_and_the_t_test_p(tmp_path)
     interval in the claims table and the t-test's p = 0.5 beside the bootstrap's."""
     from itermerge.results import write_results
 
-    base = {0: [0, 0, 0, 0], 1: [0, 1, 0, 0], "expo": [1, 0, 1, 0], "uniform": [0, 1, 1, 0]}
+    base = {0: [0, 0, 0, 0], 1: [0, 1, 0, 0], "best": [0, 1, 0, 0], "expo": [1, 0, 1, 0], "uniform": [0, 1, 1, 0]}
     _fake_search(tmp_path, 0, {**base, 2: [1, 0, 0, 0], "merged": [1, 1, 1, 0]})
     _fake_search(tmp_path, 1, {**base, 2: [1, 1, 0, 0], "merged": [1, 1, 0, 0]})
     d = next(p for p in aggregate(tmp_path)["regimes"]["lr"]["searches"]["search"]["paired"]

@@ -25,7 +25,8 @@ from itermerge.config.parse import read_yaml
 from itermerge.errors import ItermergeError
 from itermerge.rundir import atomic_write_json
 
-BASELINES = ("T", "expo", "uniform", 0)  # the merge is compared with θT, ExPO, the uniform average, θ0
+# the merge is compared with the best θt on dev (early stopping), θT, ExPO, the uniform average and θ0
+BASELINES = ("best", "T", "expo", "uniform", 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,8 +234,10 @@ def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
     return {
         "T": T, "seeds": [int(d.parent.name.split("_")[1]) for d in search_dirs], "rows": rows, "paired": paired,
         "iterations": iterations,
-        "choices": [{"lam": c["lam"], "alpha": c["alpha"], "expo_alpha": (c.get("expo") or {}).get("alpha")}
-                    for c in choices],
+        "choices": [{"lam": c["lam"], "alpha": c["alpha"], "expo_alpha": (c.get("expo") or {}).get("alpha"),
+                     "best_t": (_row(test, "best") or {}).get("same_as"),
+                     "expo_is_theta_T": (_row(test, "expo") or {}).get("same_as") == T}
+                    for c, test in zip(choices, tests)],
         "design": design,
     }
 
@@ -264,6 +267,8 @@ def _generic_name(m: dict[str, Any], T: int) -> str:
         return "Merged (λ, α chosen per seed)"
     if m["t"] == "expo":
         return "ExPO (λ = 0, α chosen per seed)"
+    if m["t"] == "best":
+        return "Best θt on dev (t chosen per seed)"
     return m["name"]
 
 

@@ -109,23 +109,40 @@ def _study_claims(agg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any] | 
             for metric in HEADLINE:
                 claims.append((f"The merge beats θT (Table 2): merge − θT, {metric}", where,
                                _paired(s, T, metric), 1, "points" if metric == "accuracy" else "reward"))
-            for b, label in (("expo", "ExPO"), ("uniform", "the uniform average")):
+            for b, label in (("best", "the best θt on dev (early stopping)"), ("expo", "ExPO"),
+                             ("uniform", "the uniform average")):
+                if b == "expo" and expo_is_theta_T(s):
+                    continue  # ExPO is θT in every seed: its comparison is the Table 2 row above
                 for metric in HEADLINE:
                     claims.append((f"The merge beats {label}: merge − {label}, {metric}", where,
                                    _paired(s, b, metric), 1, "points" if metric == "accuracy" else "reward"))
     return claims
 
 
+def expo_is_theta_T(search: dict[str, Any]) -> bool:
+    """Whether ExPO's dev choice was α = 0 (ExPO is θT itself) in every seed of an aggregated search."""
+    flags = [c.get("expo_is_theta_T") for c in search.get("choices", [])]
+    return bool(flags) and all(flags)
+
+
 def _answer_section(agg: dict[str, Any]) -> str:
-    """Does the chosen merge beat θT, ExPO and the uniform average? One row per (regime, T), accuracy and reward."""
+    """Does the chosen merge beat early stopping on dev (the best θt by the same rule) and the uniform average, then
+    θT and ExPO? One row per (regime, T), accuracy and reward."""
     lines = ["## The answer\n",
-             "The chosen merge minus each baseline on the test prompts, pooled over seeds (accuracy / reward), with "
-             "the verdict of the claims table below.\n",
-             "| regime, T, seeds | merge − θT | merge − ExPO | merge − uniform average |", "|---|---|---|---|"]
+             "Does the merge beat what a practitioner would ship instead: the best θt on dev, chosen by the merge's "
+             "own rule (early stopping), and the uniform average of θ1..θT? The chosen merge minus each baseline on "
+             "the test prompts, pooled over seeds (accuracy / reward), with the verdict of the claims table below; "
+             "θT (the paper's Table 2 baseline) and ExPO beside them. ExPO reads \"= θT\" where its dev choice was "
+             "α = 0 in every seed.\n",
+             "| regime, T, seeds | merge − best θt on dev | merge − uniform average | merge − θT | merge − ExPO |",
+             "|---|---|---|---|---|"]
     for regime, data in agg["regimes"].items():
         for s in data["searches"].values():
             cells = []
-            for b in (s["T"], "expo", "uniform"):
+            for b in ("best", "uniform", s["T"], "expo"):
+                if b == "expo" and expo_is_theta_T(s):
+                    cells.append("= θT")
+                    continue
                 ds = [_paired(s, b, metric) for metric in HEADLINE]
                 values = " / ".join("n/a" if d is None else f"{d['difference']:+.3f}" for d in ds)
                 cells.append(f"{values}: {' / '.join(verdict(d) for d in ds)}")
@@ -235,19 +252,21 @@ def _search_section(regime: str, name: str, s: dict[str, Any]) -> str:
     head = f"## {regime}, T = {s['T']} (`{name}/`)\n\n"
     lines = ["| model | " + " | ".join(f"{n} (mean over seeds, 95% CI)" for n in names) + " |",
              "|---" * (len(names) + 1) + "|"]
+    same = expo_is_theta_T(s)  # ExPO's rows would repeat θT's
     for row in s["rows"]:
         cells = [f"{row['metrics'][n]['mean']:.4g} {fmt_ci(row['metrics'][n])}" if n in row["metrics"] else ""
                  for n in names]
+        if row["t"] == "expo" and same:
+            cells = ["= θT"] * len(names)
         lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
     paired = ["", "The merge minus each baseline, paired prompt by prompt within each seed and pooled over seeds "
                   "(each seed weighs the same; crossed bootstrap over seeds and the shared prompts, its p, then the "
                   "t-test's p over seeds):", "",
               "| merge − | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for p in s["paired"]:
-        cells = []
-        for n in names:
-            d = p["metrics"].get(n)
-            cells.append(_fmt_pooled(d))
+        cells = [_fmt_pooled(p["metrics"].get(n)) for n in names]
+        if p["b"] == "expo" and same:
+            cells = ["= merge − θT"] * len(names)
         paired.append(f"| {p['b_name']} | " + " | ".join(cells) + " |")
     for p in s.get("iterations", []):
         cells = []
@@ -255,7 +274,8 @@ def _search_section(regime: str, name: str, s: dict[str, Any]) -> str:
             d = p["metrics"].get(n)
             cells.append(_fmt_pooled(d))
         paired.append(f"| *(not the merge)* {p['a_name']} − {p['b_name']} | " + " | ".join(cells) + " |")
-    choices = ", ".join(f"seed {seed}: (λ {c['lam']:g}, α {c['alpha']:g}; ExPO α {c['expo_alpha']:g})"
+    choices = ", ".join(f"seed {seed}: (λ {c['lam']:g}, α {c['alpha']:g}; ExPO α {c['expo_alpha']:g}"
+                        + ("" if c.get("best_t") is None else f"; best θt θ{c['best_t']}") + ")"
                         for seed, c in zip(s["seeds"], s["choices"]))
     return head + "\n".join(lines) + "\n" + "\n".join(paired) + f"\n\nEach seed's choice on dev: {choices}.\n"
 

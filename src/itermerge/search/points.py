@@ -24,7 +24,7 @@ from itermerge.records import append_record, read_records
 from itermerge.rundir import atomic_write_json
 from itermerge.runner import Shard
 from itermerge.search.grid import check_split, grid, model_name, point_key
-from itermerge.search.selection import select_point
+from itermerge.search.selection import select_checkpoint, select_point
 
 EvaluateFn = Callable[[nn.Module, dict[str, float]], dict[str, Metric]]  # (model, timings) -> metrics
 
@@ -175,6 +175,9 @@ def choose(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLik
     # ExPO (Zheng et al. 2024) is the λ = 0 line of the grid: θ0 + (1+α)(θT − θ0), α chosen by the same rule.
     expo = select_point([p for p in in_grid if p["lam"] == 0.0], base, config.rule)
     choice["expo"] = {k: expo[k] for k in ("lam", "alpha", "weights", "reason", "chosen", "reward_gain")}
+    # Early stopping, the practitioner's baseline: the best θt on dev by the same rule (tested as a row of its own).
+    ckpts = {r["t"]: r for r in reversed(read_records(ckpt_path)) if _same(r, stamp) and r["t"] <= T}
+    choice["best_checkpoint"] = select_checkpoint(list(ckpts.values()), config.rule)
     atomic_write_json(search_dir / "choice.json", choice)
     return choice
 
