@@ -29,6 +29,28 @@ def test_grid_starts_at_theta_T_without_duplicates():
     assert grid([0.3], [0.4])[0] == (0.0, 0.0)
 
 
+def test_uniform_in_the_lams_is_the_uniform_average_of_each_T():
+    """λ = uniform is (T−1)/T: T = 3 gives k = ((1+0)·(2/3)/2, ·, (1)(1/3)) = (1/3, 1/3, 1/3), the uniform average;
+    T = 6 gives 5/6 and k_t = 1/6 each; λ = 1 is θ̄ alone, k = (1/2, 1/2, 0) at T = 3; T = 2 makes uniform 0.5,
+    one point with an explicit 0.5. The CLI takes the token too."""
+    from itermerge.cli import build_parser
+    from itermerge.config.search import resolve_lams
+    from itermerge.search.points import _grid
+
+    cfg = SearchConfig(lams=(0.0, "uniform", 1.0), alphas=(0.0, 0.5))
+    assert cfg.lams == (0.0, "uniform", 1.0) and resolve_lams(cfg.lams, 3) == [0.0, 2 / 3, 1.0]
+    assert _grid(3, cfg) == [(0.0, 0.0), (0.0, 0.5), (2 / 3, 0.0), (2 / 3, 0.5), (1.0, 0.0), (1.0, 0.5)]
+    assert _grid(6, cfg)[2] == (5 / 6, 0.0) and _grid(1, cfg) == [(0.0, 0.0), (0.0, 0.5)]
+    assert merge_weights(3, 2 / 3, 0.0) == pytest.approx([1 / 3] * 3)
+    assert merge_weights(6, 5 / 6, 0.0) == pytest.approx([1 / 6] * 6)
+    assert merge_weights(3, 1.0, 0.0) == pytest.approx([0.5, 0.5, 0.0])
+    assert _grid(2, SearchConfig(lams=(0.5, "uniform"), alphas=(0.0,))) == [(0.0, 0.0), (0.5, 0.0)]
+    args = build_parser().parse_args(["search", "run", "--lams", "0,uniform,1"])
+    assert args.lams == [0.0, "uniform", 1.0]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["search", "run", "--lams", "0,half"])
+
+
 def _pt(lam, alpha, reward, acc, kl=0.0):
     m = lambda v: {"value": v, "stderr": 0.01, "n": 100}  # noqa: E731
     return {"lam": lam, "alpha": alpha, "metrics": {"reward": m(reward), "accuracy": m(acc), "kl": m(kl)}}

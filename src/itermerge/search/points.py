@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from itermerge.checkpoint import CheckpointReader, load_tokenizer
 from itermerge.config.evaluation import EvalConfig
-from itermerge.config.search import SearchConfig
+from itermerge.config.search import SearchConfig, resolve_lams
 from itermerge.devices import CPU, Placement, load_placed, release
 from itermerge.errors import ItermergeError
 from itermerge.evaluation import Evaluator, Metric, metrics_to_dict
@@ -171,7 +171,7 @@ def choose(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLik
         grid_keys &= {point_key(*p) for p in among}
     in_grid = [p for p in points if point_key(p["lam"], p["alpha"]) in grid_keys]
     choice = {**select_point(in_grid, base, config.rule), **stamp,
-              "grid": {"lams": config.lams, "alphas": config.alphas}}
+              "grid": {"lams": config.lams, "alphas": config.alphas, "lams_at_T": _lams(T, config)}}
     # ExPO (Zheng et al. 2024) is the λ = 0 line of the grid: θ0 + (1+α)(θT − θ0), α chosen by the same rule.
     expo = select_point([p for p in in_grid if p["lam"] == 0.0], base, config.rule)
     choice["expo"] = {k: expo[k] for k in ("lam", "alpha", "weights", "reason", "chosen", "reward_gain")}
@@ -182,8 +182,13 @@ def choose(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLik
     return choice
 
 
+def _lams(T: int, config: SearchConfig) -> list[float]:
+    """The λ values searched for T checkpoints (``uniform`` resolved to (T−1)/T); θ̄ is undefined for T = 1."""
+    return [0.0] if T == 1 else resolve_lams(config.lams, T)
+
+
 def _grid(T: int, config: SearchConfig) -> list[tuple[float, float]]:
-    return grid([0.0] if T == 1 else config.lams, config.alphas)  # θ̄ is undefined for T = 1
+    return grid(_lams(T, config), config.alphas)
 
 
 def _stamp(config: SearchConfig, eval_config: EvalConfig) -> dict[str, str]:
