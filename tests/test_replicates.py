@@ -108,8 +108,11 @@ def test_the_aggregate_equals_the_run_files(study_dir):
 
 def test_replicate_resumes_without_redoing_anything(study_dir):
     before = {p: p.stat().st_mtime_ns for p in study_dir.glob("*/seed_*/search*/test.json")}
+    noted = {p: p.read_text() for p in study_dir.glob("*/seed_*/provenance.json")}
     replicate(load_study(study_dir.parent / "study.yaml"), study_dir, prune_caches=True)
     assert {p: p.stat().st_mtime_ns for p in study_dir.glob("*/seed_*/search*/test.json")} == before
+    # a run the resumed study only skipped keeps one record of the code that made it
+    assert len(noted) == 2 and {p: p.read_text() for p in study_dir.glob("*/seed_*/provenance.json")} == noted
 
 
 def test_regimes_override_the_run_and_keep_the_shared_prompts(tmp_path):
@@ -154,15 +157,19 @@ def test_the_results_page_carries_the_aggregate_numbers(study_dir, tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == f"{d['difference']:+.3g}" and cells[3] == f"[{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]"
     t = d["across_seeds"]
-    assert cells[5] == f"[{t['ci_low']:+.3g}, {t['ci_high']:+.3g}]"
+    assert cells[6] == f"[{t['ci_low']:+.3g}, {t['ci_high']:+.3g}]"
     sides = {"held" if lo > 0 else "contradicted" if hi < 0 else "not shown"
              for lo, hi in ((d["ci_low"], d["ci_high"]), (t["ci_low"], t["ci_high"]))}
-    assert cells[6] == (sides.pop() if len(sides) == 1 else "not shown")
+    said = sides.pop() if len(sides) == 1 else "not shown"  # no primary declared: Holm may still overrule it
+    assert cells[7] in (said, f"not shown after Holm ({said} unadjusted)")
     assert "## lr-a, T = 2 (`search_T2/`)" in page and "seed 1: (λ" in page
     answer = next(line for line in page.splitlines() if line.startswith("| lr-a, T = 3, 2 seeds |"))
     accuracy = next(p for p in search["paired"] if p["b"] == 3)["metrics"]["accuracy"]
+    acc_row = next(line for line in page.splitlines()
+                   if line.startswith("| The merge beats θT (Table 2): merge − θT, accuracy | lr-a, T = 3, 2 seeds"))
+    assert verdict(accuracy) in acc_row
     assert answer.split("|")[4].strip() == f"{accuracy['difference']:+.3f} / {d['difference']:+.3f}: " \
-        f"{verdict(accuracy)} / {cells[6]}"
+        f"{acc_row.strip('|').split('|')[7].strip()} / {cells[7]}"
     best = {m: next(p for p in search["paired"] if p["b"] == "best")["metrics"][m] for m in ("accuracy", "reward")}
     assert answer.split("|")[2].strip().startswith(  # the answer leads with merge − best θt on dev
         f"{best['accuracy']['difference']:+.3f} / {best['reward']['difference']:+.3f}: ")
@@ -298,8 +305,129 @@ def test_the_demo_claims_read_the_studies_and_a_test_without_an_interval(tmp_pat
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
             for line in page.splitlines() if "| demo, one seed |" in line}
     alpha = next(v for k, v in rows.items() if k.startswith("α extrapolation"))
-    assert alpha[2] == "-0.315" and alpha[4] == "0.61" and alpha[6] == "not shown"  # p ≥ 0.05: no verdict either way
+    assert alpha[2] == "-0.315" and alpha[4] == "0.61" and alpha[7] == "not shown"  # p ≥ 0.05: no verdict either way
     trade = next(v for k, v in rows.items() if k.startswith("Two criteria"))
-    assert trade[6] == "in the claimed direction (one run, no interval)"
+    assert trade[7] == "in the claimed direction (one run, no interval)"
     ensemble = next(v for k, v in rows.items() if k.startswith("The merge approximates"))
-    assert ensemble[2] == "+0.0168" and ensemble[6].startswith("in the claimed direction")
+    assert ensemble[2] == "+0.0168" and ensemble[7].startswith("in the claimed direction")
+
+
+def test_the_primary_endpoint_is_checked_against_the_study(tmp_path):
+    """primary names a comparison, a measured metric, a searched T (iterations 3 or search.at's 2) and a regime."""
+    path = tmp_path / "s.yaml"
+
+    def load(primary, regimes=None):
+        study = {**tiny_study(Path("theta0")), "primary": primary}
+        study["regimes"] = regimes or study["regimes"]
+        path.write_text(yaml.safe_dump(study))
+        return load_study(path)
+
+    got = load({"comparison": "merge - best_theta_on_dev", "metric": "accuracy", "T": 3}).primary
+    assert got.to_dict() == {"comparison": "merge - best_theta_on_dev", "metric": "accuracy", "T": 3,
+                             "regime": "lr-a"} and got.baseline == "best"
+    assert load({"comparison": "merge-theta_T", "metric": "reward", "T": 2}).primary.baseline == 2
+    path.write_text(yaml.safe_dump(tiny_study(Path("theta0"))))
+    assert load_study(path).primary is None  # optional: the page then Holm-adjusts every comparison
+    for primary, message in [
+        ({"comparison": "merge - best", "metric": "accuracy", "T": 3},
+         r"primary.comparison = 'merge - best'; choose one of merge - best_theta_on_dev, merge - theta_T"),
+        ({"comparison": "merge - theta_T", "metric": "kl", "T": 3},
+         r"primary.metric = 'kl' is not measured by the study's evaluators; choose one of accuracy, format, reward"),
+        ({"comparison": "merge - theta_T", "metric": "accuracy", "T": 6},
+         r"primary.T = 6; regime lr-a searches T = 3, 2 \(its iterations and search.at\)"),
+        ({"comparison": "merge - theta_T", "metric": "accuracy", "T": 3, "regime": "lr-b"},
+         r"primary.regime = 'lr-b' is not a regime of the study; choose one of lr-a"),
+        ({"comparison": "merge - theta_T", "metric": "accuracy", "t": 3}, r"primary.t is not a key"),
+        ("merge - theta_T", r"primary = 'merge - theta_T'; give a mapping"),
+    ]:
+        with pytest.raises(ItermergeError, match=message):
+            load(primary)
+    with pytest.raises(ItermergeError, match=r"primary names no regime and the study has 2; add primary.regime"):
+        load({"comparison": "merge - theta_T", "metric": "accuracy", "T": 3}, {"a": {}, "b": {}})
+
+
+def test_study_json_records_the_commit_and_versions_of_every_run(study_dir):
+    """`replicate` wrote, beside each run, the commit and the torch/transformers/accelerate/numpy versions it ran
+    with; study.json gathers them, and a resumed study that only skipped finished runs adds no entry."""
+    from itermerge.provenance import PACKAGES, code_commit, package_versions
+
+    meta = json.loads((study_dir / "study.json").read_text())
+    here = {"commit": code_commit(), "versions": package_versions()}
+    assert set(here["versions"]) == set(PACKAGES) and meta["commit"] == here["commit"] != ""
+    assert meta["runs"] == {"lr-a/seed_0": [here], "lr-a/seed_1": [here]}
+    assert meta["primary"] is None  # the tiny study declares none
+
+
+def test_the_commit_is_unknown_outside_a_git_checkout(tmp_path):
+    from itermerge.provenance import code_commit
+
+    assert code_commit(tmp_path) == "unknown"
+
+
+def test_a_secondary_claim_needs_its_holm_adjusted_p_values_too():
+    """Both intervals above 0 say held; Holm-adjusted p's of 0.03 and 0.08 leave it not shown, 0.03 and 0.04 held."""
+    from itermerge.claims import Claim, claim_verdict
+
+    d = {"difference": 0.03, "ci_low": 0.01, "ci_high": 0.05, "p_value": 0.01,
+         "across_seeds": {"ci_low": 0.01, "ci_high": 0.09, "p_value": 0.02}}
+    assert claim_verdict(Claim("c", "w", d, key=("r", 3, "merged", "best", "accuracy"), primary=True)) == "held"
+    late = Claim("c", "w", d, key=("r", 3, "merged", 3, "accuracy"), holm={"p_value": 0.03, "t_p_value": 0.08})
+    assert claim_verdict(late) == "not shown after Holm (held unadjusted)"
+    late.holm["t_p_value"] = 0.04
+    assert claim_verdict(late) == "held"
+
+
+def test_the_results_page_leads_with_the_primary_endpoint_and_holm_adjusts_the_rest(tmp_path):
+    """The hand example (two seeds, four shared prompts) with ExPO = θ2 in both seeds and a declared primary endpoint
+    merge − best θt on dev (θ1 = [0, 1, 0, 0]), accuracy, T = 2. Per-seed differences and their t-test on 1 df
+    (Cauchy: p = 1 − 2·atan(t)/π): merge − best (0.5, 0.25), t = 0.375/0.125 = 3, p = 0.2048 (primary, unadjusted);
+    θ2 − θ0 (0.25, 0.5), the same 0.2048; θ2 − θ1 (0, 0.25), merge − θ2 (0.5, 0), merge − uniform (0.25, 0): t = 1,
+    p = 0.5. ExPO is θ2 in every seed, so its comparison is left out: Holm runs over 4 t-test p's, and θ2 − θ0's
+    0.2048 becomes 4 × 0.2048 = 0.82 (the others min(1, 3 × 0.5) = 1)."""
+    import math
+
+    from itermerge.results import write_results
+
+    base = {0: [0, 0, 0, 0], 1: [0, 1, 0, 0], "best": [0, 1, 0, 0], "uniform": [0, 1, 1, 0]}
+    for seed, (theta2, merged) in enumerate((([1, 0, 0, 0], [1, 1, 1, 0]), ([1, 1, 0, 0], [1, 1, 0, 0]))):
+        d = _fake_search(tmp_path, seed, {**base, 2: theta2, "expo": theta2, "merged": merged})
+        test = json.loads((d / "test.json").read_text())
+        next(m for m in test["models"] if m["t"] == "expo")["same_as"] = 2
+        (d / "test.json").write_text(json.dumps(test))
+    here = {"commit": "0123abc", "versions": {"torch": "2.13.0", "transformers": "5.25.0", "accelerate": "1.16.0",
+                                              "numpy": "2.4.6"}}
+    run = {"iterations": 2, "model": {"path": "smollm2-135m-instruct"}, "scorer": {"type": "verifier",
+           "function": "itermerge.tasks.arithmetic:score"}, "search": {"rule": {"reward": "reward",
+           "capability": ["accuracy"]}}, "prompts": {"task": "arithmetic", "per_iteration": 32, "dev": 64, "test": 4}}
+    (tmp_path / "study.json").write_text(json.dumps({
+        "run": run, "regimes": {"lr": {}}, "commit": "0123abc", "runs": {"lr/seed_0": [here], "lr/seed_1": [here]},
+        "primary": {"comparison": "merge - best_theta_on_dev", "metric": "accuracy", "T": 2, "regime": "lr"}}))
+    aggregate(tmp_path)
+    page = write_results(tmp_path / "results.md", study=tmp_path).read_text()
+    p = 1 - 2 * math.atan(3) / math.pi
+    assert f"{p:.4f}" == "0.2048"
+    answer = page.split("## The answer\n", 1)[1]
+    assert answer.lstrip().startswith("**Primary endpoint** (declared in the study file before the runs): The merge "
+                                      "beats early stopping: merge − best θt on dev, accuracy, lr, T = 2, 2 seeds: "
+                                      "+0.375")
+    assert f"t-test over seeds p = {p:.2g}, unadjusted" in answer.split("\n\n")[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in page.splitlines() if "| lr, T = 2, 2 seeds |" in line}
+    primary = next(v for k, v in rows.items() if k.startswith("**Primary endpoint:**"))
+    assert primary[4].endswith(f"/ {p:.2g}") and primary[5] == "primary endpoint: unadjusted"
+    alg1 = rows["Iterative DPO improves on θ0 (Alg. 1): θT − θ0, accuracy"]
+    assert alg1[4].endswith(f"/ {p:.2g}") and alg1[5].endswith(f"/ {4 * p:.2g}") and f"{4 * p:.2g}" == "0.82"
+    assert rows["The merge beats θT (Table 2): merge − θT, accuracy"][5].endswith("/ 1")
+    assert not any("ExPO" in k for k in rows)  # = θT in every seed: no claim of its own
+    paper, ours = page.split("### The paper's claims", 1)[1].split("### Ours", 1)
+    assert "Table 2" in paper and "Alg. 1" in paper and "best θt on dev" not in paper.split("|", 1)[1]
+    assert "**Primary endpoint:** The merge beats early stopping" in ours and "the uniform average, accuracy" in ours
+    assert page.index("**Primary endpoint**") < page.index("| regime, T, seeds |") < page.index("## The claims")
+    assert ("| lr, T = 2, 2 seeds | +0.375 / n/a: not shown / not measured | +0.125 / n/a: not shown / not measured "
+            "| +0.250 / n/a: not shown / not measured | = θT |") in page  # merge − best, uniform, θ2; ExPO is θ2
+    assert "Code commit: 0123abc (all 2 runs). Packages: torch 2.13.0, transformers 5.25.0, accelerate 1.16.0, " \
+           "numpy 2.4.6 (all 2 runs)." in page
+    limits = page.split("## Limitations\n", 1)[1].split("\n## ", 1)[0]
+    assert "`smollm2-135m-instruct`" in limits and "one task, `arithmetic`" in limits
+    assert "Prompts per iteration: 32" in limits and "Dev size: 64 dev prompts" in limits
+    assert "Judge = capability" in limits and "`itermerge.tasks.arithmetic:score`" in limits
