@@ -58,3 +58,44 @@ def test_mistakes_are_named(tmp_path):
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+SHIPPED = [files("itermerge") / "configs" / n for n in ("demo.yaml", "demo_quick.yaml")] + [
+    p for p in sorted((ROOT / "examples").glob("*.yaml")) if not p.name.startswith("accelerate")]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_grids_hold_the_uniform_average_and_the_mean_alone(path):
+    """Each shipped grid, resolved at its T, has λ = (T−1)/T and λ = 1 at α = 0: the uniform average of θ1..θT and
+    θ̄ alone. The demo (T = 3): λ 0, 0.3, 0.5, 2/3, 1 × α 0, 0.4, 1 = 15 points; the quick one (T = 2): 0, ½, 1 × 2."""
+    from itermerge.search.points import _grid
+
+    cfg = load_config(Path(str(path)))
+    T = cfg.iterations
+    points = _grid(T, cfg.search)
+    assert ((T - 1) / T, 0.0) in points and (1.0, 0.0) in points
+    expected = {"demo.yaml": 15, "demo_quick.yaml": 6}
+    if path.name in expected:
+        assert len(points) == expected[path.name]
+
+
+def test_the_study_grid_resolves_uniform_for_each_searched_T():
+    """study.yaml searches T = 6 and T' = 3 with one λ list: uniform is 5/6 at T = 6 and 2/3 at T' = 3."""
+    from itermerge.replicates import load_study
+    from itermerge.search.points import _grid
+
+    study = load_study(Path(str(files("itermerge") / "configs" / "study.yaml")))
+    for by_seed in study.configs().values():
+        cfg = next(iter(by_seed.values()))
+        assert cfg.search.lams == (0.0, 0.3, 0.5, "uniform", 1.0) and cfg.search.at == (3,)
+        for T in (cfg.iterations, *cfg.search.at):
+            assert ((T - 1) / T, 0.0) in _grid(T, cfg.search) and (1.0, 0.0) in _grid(T, cfg.search)
+        assert (5 / 6, 0.4) in _grid(6, cfg.search) and (2 / 3, 0.4) in _grid(3, cfg.search)
+
+
+def test_a_lam_that_is_neither_a_number_nor_uniform_is_named():
+    with pytest.raises(ItermergeError, match=r"search.lams: 'unifrom' is neither a number nor 'uniform'"):
+        from_dict({"search": {"lams": [0.0, "unifrom"]}})
+    with pytest.raises(ItermergeError, match=r"search.lams: inf is neither"):
+        from_dict({"search": {"lams": [float("inf")]}})
+    assert from_dict({"search": {"lams": [0, "Uniform", "1e-1"]}}).search.lams == (0.0, "uniform", 0.1)

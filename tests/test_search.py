@@ -29,6 +29,28 @@ def test_grid_starts_at_theta_T_without_duplicates():
     assert grid([0.3], [0.4])[0] == (0.0, 0.0)
 
 
+def test_uniform_in_the_lams_is_the_uniform_average_of_each_T():
+    """λ = uniform is (T−1)/T: T = 3 gives k = ((1+0)·(2/3)/2, ·, (1)(1/3)) = (1/3, 1/3, 1/3), the uniform average;
+    T = 6 gives 5/6 and k_t = 1/6 each; λ = 1 is θ̄ alone, k = (1/2, 1/2, 0) at T = 3; T = 2 makes uniform 0.5,
+    one point with an explicit 0.5. The CLI takes the token too."""
+    from itermerge.cli import build_parser
+    from itermerge.config.search import resolve_lams
+    from itermerge.search.points import _grid
+
+    cfg = SearchConfig(lams=(0.0, "uniform", 1.0), alphas=(0.0, 0.5))
+    assert cfg.lams == (0.0, "uniform", 1.0) and resolve_lams(cfg.lams, 3) == [0.0, 2 / 3, 1.0]
+    assert _grid(3, cfg) == [(0.0, 0.0), (0.0, 0.5), (2 / 3, 0.0), (2 / 3, 0.5), (1.0, 0.0), (1.0, 0.5)]
+    assert _grid(6, cfg)[2] == (5 / 6, 0.0) and _grid(1, cfg) == [(0.0, 0.0), (0.0, 0.5)]
+    assert merge_weights(3, 2 / 3, 0.0) == pytest.approx([1 / 3] * 3)
+    assert merge_weights(6, 5 / 6, 0.0) == pytest.approx([1 / 6] * 6)
+    assert merge_weights(3, 1.0, 0.0) == pytest.approx([0.5, 0.5, 0.0])
+    assert _grid(2, SearchConfig(lams=(0.5, "uniform"), alphas=(0.0,))) == [(0.0, 0.0), (0.5, 0.0)]
+    args = build_parser().parse_args(["search", "run", "--lams", "0,uniform,1"])
+    assert args.lams == [0.0, "uniform", 1.0]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["search", "run", "--lams", "0,half"])
+
+
 def _pt(lam, alpha, reward, acc, kl=0.0):
     m = lambda v: {"value": v, "stderr": 0.01, "n": 100}  # noqa: E731
     return {"lam": lam, "alpha": alpha, "metrics": {"reward": m(reward), "accuracy": m(acc), "kl": m(kl)}}
@@ -206,7 +228,9 @@ def test_finalize_writes_the_chosen_merge_and_tests_it_once_beside_the_baselines
     record = finalize(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), tmp_path / "merged",
                       mean_cache=tmp_path / "mean", evaluate_fn=ev, progress=False)
     rows = {m["t"]: m for m in record["models"]}
-    assert list(rows) == [0, 1, 2, 3, "expo", "uniform", "merged"]
+    assert list(rows) == [0, 1, 2, 3, "best", "expo", "uniform", "merged"]
+    best = choice["best_checkpoint"]["t"]  # the best θt on dev is that θt's weights, its numbers not measured again
+    assert rows["best"]["same_as"] == best and rows["best"]["metrics"] == rows[best]["metrics"]
     # ExPO is the rule's pick on the λ = 0 line: θ0 + (1+α)(θ3 − θ0); the uniform average is (θ1 + θ2 + θ3) / 3
     a = choice["expo"]["alpha"]
     assert choice["expo"]["lam"] == 0.0 and a in cfg.alphas
@@ -227,10 +251,59 @@ def test_finalize_writes_the_chosen_merge_and_tests_it_once_beside_the_baselines
     merge_meta = json.loads((tmp_path / "merged" / "merge.json").read_text())
     assert (merge_meta["lam"], merge_meta["alpha"]) == (choice["lam"], choice["alpha"])
     # the merge against every other row, paired (n = 1 here: no interval)
-    assert [p["b"] for p in record["paired"]] == [0, 1, 2, 3, "expo", "uniform"]
+    assert [p["b"] for p in record["paired"]] == [0, 1, 2, 3, "best", "expo", "uniform"]
     finalize(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), tmp_path / "merged", mean_cache=tmp_path / "mean",
              evaluate_fn=ev, progress=False)
     assert ev.calls == calls + len(distinct)  # test numbers are measured once
+
+
+def _dev(reward, acc):
+    return {"reward": {"value": reward, "stderr": 0.01, "n": 4}, "accuracy": {"value": acc, "stderr": 0.01, "n": 4}}
+
+
+def _acc(items):
+    return {"accuracy": {"value": sum(items) / len(items), "stderr": 0.1, "n": len(items), "items": items}}
+
+
+def test_best_theta_on_dev_is_a_test_row_and_the_merge_is_paired_against_it(tmp_path):
+    """Dev by hand, (reward, accuracy): θ0 (0.9, 0.50), θ1 (0.2, 0.30), θ2 (0.6, 0.33), θT = θ3 = the (0, 0) point
+    (0.5, 0.32); points (0, 0.5) (0.4, 0.35) and (0.5, 0) (0.7, 0.33). The rule keeps accuracy ≥ 0.32: the merge is
+    (0.5, 0) (reward 0.7); ExPO on the λ = 0 line is α = 0 (0.5 > 0.4), i.e. θT; the best θt is θ2 (θ1 falls below
+    0.32, θ0 is no candidate). On 4 test prompts θ2 scores [1, 1, 0, 0] and the merge [1, 1, 1, 0]: merge − best θt
+    on dev = +0.25, one discordant prompt (exact McNemar p = 1), the same as merge − θ2; the row is θ2's, unmeasured."""
+    from itermerge.report import _test_table
+    from itermerge.search.finalize import write_test
+    from itermerge.search.points import choose
+
+    out, ev, cfg = tmp_path / "search", EvalConfig(), SearchConfig(lams=(0.0, 0.5), alphas=(0.0, 0.5))
+    out.mkdir()
+    stamp = {"split": "dev", "eval_fingerprint": ev.fingerprint()}
+    ckpts = [tmp_path / f"theta{t}" for t in (1, 2, 3)]
+    (out / "checkpoints.jsonl").write_text("".join(
+        json.dumps({"t": t, "name": f"Iter {t}", "path": str(tmp_path / f"theta{t}"), **stamp, "metrics": _dev(*m)})
+        + "\n" for t, m in ((0, (0.9, 0.50)), (1, (0.2, 0.30)), (2, (0.6, 0.33)))))
+    (out / "points.jsonl").write_text("".join(
+        json.dumps({"lam": lam, "alpha": a, **stamp, "metrics": _dev(*m), "seconds": {}}) + "\n"
+        for lam, a, m in ((0.0, 0.0, (0.5, 0.32)), (0.0, 0.5, (0.4, 0.35)), (0.5, 0.0, (0.7, 0.33)))))
+    choice = choose(out, ckpts, ev, cfg)
+    assert (choice["lam"], choice["alpha"], choice["expo"]["alpha"]) == (0.5, 0.0, 0.0)
+    best = json.loads((out / "choice.json").read_text())["best_checkpoint"]
+    assert best["t"] == 2 and best["eligible"] == [2, 3] and best["excluded"][0]["t"] == 1
+    assert best["reason"].startswith("highest reward (0.6")
+    measured = {0: [0, 0, 0, 0], 1: [0, 1, 0, 0], 2: [1, 1, 0, 0], 3: [1, 0, 0, 0], "uniform": [0, 1, 1, 0],
+                "merged": [1, 1, 1, 0]}
+    parts = [[{"t": t, "name": str(t), "metrics": _acc(items), "seconds": {}} for t, items in measured.items()]]
+    record = write_test(out, ckpts, ev, parts, reference=tmp_path / "theta0")
+    rows = {m["t"]: m for m in record["models"]}
+    assert list(rows) == [0, 1, 2, 3, "best", "expo", "uniform", "merged"]
+    assert rows["best"]["name"] == "Best θt on dev (Iter 2)" and rows["best"]["same_as"] == 2
+    assert rows["best"]["metrics"] == rows[2]["metrics"] and rows["expo"]["same_as"] == 3
+    vs = {p["b"]: p["metrics"]["accuracy"] for p in record["paired"]}
+    assert vs["best"]["difference"] == 0.25 and (vs["best"]["a_only"], vs["best"]["b_only"]) == (1, 0)
+    assert vs["best"]["p_value"] == pytest.approx(1.0) and vs["best"] == vs[2]
+    table = _test_table(record)  # the report: ExPO is θT here, so its rows say so instead of repeating θT's numbers
+    assert "| ExPO (λ=0, α=0) | = θT |" in table and "| ExPO (λ=0, α=0) | = merge − θT |" in table
+    assert "| Best θt on dev (Iter 2) | 0.5 ± 0.1 |" in table and "| Best θt on dev (Iter 2) | +0.25 [" in table
 
 
 def test_search_with_the_real_evaluators(tiny_ckpts, tmp_path):

@@ -22,6 +22,7 @@ from itermerge.commands import (
     cmd_search,
     cmd_verify,
 )
+from itermerge.config.search import parse_lam
 from itermerge.errors import ItermergeError
 
 
@@ -49,6 +50,17 @@ def _weights(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"--weights {text!r}: give one finite k_t per checkpoint, e.g. --weights 0.1,0.1,0.9"
         )
+    return values
+
+
+def _lams(text: str) -> list[float | str]:
+    """``--lams 0,0.3,uniform,1``: numbers, and ``uniform`` for (T−1)/T (the uniform average of θ1..θT)."""
+    try:
+        values = [parse_lam(x.strip()) for x in text.split(",") if x.strip()]
+    except ItermergeError as e:
+        raise argparse.ArgumentTypeError(f"--lams {text!r}: {e}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"--lams {text!r}: give at least one λ, e.g. --lams 0,0.3,uniform,1")
     return values
 
 
@@ -148,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory made by `itermerge iterate`")
     p.add_argument("--config", help="config (default: the run's config.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--lams", type=_weights, help="λ grid, e.g. 0,0.2,0.3,0.5")
+    p.add_argument("--lams", type=_lams, help="λ grid, e.g. 0,0.3,0.5,uniform,1 (uniform: (T−1)/T)")
     p.add_argument("--alphas", type=_weights, help="α grid, e.g. 0,0.4,1")
     p.add_argument("--tolerance", type=_number("--tolerance"), help="capability may fall this far below θT's")
     p.add_argument("--reference", help="θ0 (default: the run's)")

@@ -155,8 +155,9 @@ def search_and_test(runner: StageRunner, cfg: RunConfig, run_dir: Path, *, test:
         record = fin.write_test(out, checkpoints, cfg.evaluation, parts, reference=theta0, merged_dir=merged)
         return {"lam": record["lam"], "alpha": record["alpha"], "models": [m["name"] for m in record["models"]]}
 
+    table = "baselines, best θt on dev"  # a new baseline row: a finished run rewrites test.json (nothing re-evaluated)
     runner.sharded(f"test_eval{tag}", test_eval, write_test,
-                   key={**key, "evaluation": fingerprint, "table": "baselines"}, outputs=[out / "test.json"])
+                   key={**key, "evaluation": fingerprint, "table": table}, outputs=[out / "test.json"])
     if cfg.search.operators and at is None:  # other operators: each chosen on dev by the same rule, tested once
         from itermerge.search import operators as ops
 

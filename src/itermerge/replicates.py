@@ -22,20 +22,25 @@ from typing import Any
 
 from itermerge.config import RunConfig, from_dict
 from itermerge.config.parse import read_yaml
+from itermerge.config.study import Primary, parse_primary
 from itermerge.errors import ItermergeError
+from itermerge.provenance import provenance
 from itermerge.rundir import atomic_write_json
 
-BASELINES = ("T", "expo", "uniform", 0)  # the merge is compared with θT, ExPO, the uniform average, θ0
+# the merge is compared with the best θt on dev (early stopping), θT, ExPO, the uniform average and θ0
+BASELINES = ("best", "T", "expo", "uniform", 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class Study:
-    """A study file: ``run`` (a run config, inline or a path), ``seeds``, ``regimes`` {name: overrides}."""
+    """A study file: ``run`` (a run config, inline or a path), ``seeds``, ``regimes`` {name: overrides}, and the
+    pre-declared ``primary`` endpoint (``config.study.Primary``; None when the file declares none)."""
 
     name: str
     run: dict[str, Any]
     seeds: tuple[int, ...]
     regimes: dict[str, dict[str, Any]]
+    primary: Primary | None = None
 
     def configs(self) -> dict[str, dict[int, RunConfig]]:
         """{regime: {seed: RunConfig}}: every replica of a regime shares the dev and test prompts of the run's own
@@ -55,9 +60,10 @@ def load_study(path: str | os.PathLike, seeds: Sequence[int] | None = None) -> S
         run = data["run"]
         if isinstance(run, str):
             run = read_yaml((path.parent / run) if not Path(run).is_absolute() else Path(run), None)
-        unknown = sorted(set(data) - {"name", "run", "seeds", "regimes"})
+        unknown = sorted(set(data) - {"name", "run", "seeds", "regimes", "primary"})
         if unknown:
-            raise ItermergeError(f"{path}: unknown study keys {unknown}; a study has name, run, seeds and regimes")
+            raise ItermergeError(f"{path}: unknown study keys {unknown}; a study has name, run, seeds, regimes and "
+                                 "primary")
     else:
         run = data
     if not isinstance(run, dict):
@@ -74,8 +80,12 @@ def load_study(path: str | os.PathLike, seeds: Sequence[int] | None = None) -> S
         raise ItermergeError(f"{path}: seeds = {chosen!r} repeats a seed; replicas must differ")
     study = Study(str(data.get("name") or run.get("name") or path.stem), run, tuple(chosen),
                   {str(k): v for k, v in regimes.items()})
-    study.configs()  # every replica's config is checked before anything runs
-    return study
+    configs = study.configs()  # every replica's config is checked before anything runs
+    first = {regime: next(iter(by_seed.values())) for regime, by_seed in configs.items()}
+    searched = {regime: (c.iterations, *c.search.at) for regime, c in first.items()}
+    metrics = sorted({m for c in first.values() for m in c.evaluation.metrics()})
+    primary = parse_primary(data.get("primary") if "run" in data else None, str(path), searched, metrics)
+    return dataclasses.replace(study, primary=primary)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -99,20 +109,21 @@ def replicate(study: Study, out: str | os.PathLike, *, prune_caches: bool = Fals
 
     out, main = Path(out), int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, one process writes
     out.mkdir(parents=True, exist_ok=True)
+    configs, here = study.configs(), provenance()
     if main:
-        atomic_write_json(out / "study.json", {"name": study.name, "seeds": list(study.seeds), "run": study.run,
-                                               "regimes": study.regimes, "machine": machine()})
-    configs = study.configs()
+        write_study_record(out, study, here)
     total, k = sum(len(v) for v in configs.values()), 0
     for regime, by_seed in configs.items():
         for seed, cfg in by_seed.items():
             k += 1
             run_dir = out / regime / f"seed_{seed}"
             print(f"[{k}/{total}] {regime}, seed {seed} → {run_dir}", flush=True)
-            start = time.time()
+            start, before = time.time(), _manifest_text(run_dir)
             run(cfg, run_dir)
             if main:
                 _note_time(run_dir, time.time() - start)
+                _note_provenance(run_dir, here, changed=_manifest_text(run_dir) != before)
+                write_study_record(out, study, here)
                 if prune_caches and (run_dir / "cache").is_dir():
                     shutil.rmtree(run_dir / "cache")
     if main:
@@ -131,6 +142,33 @@ def machine() -> str:
               else "no GPU")
     return (f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPU cores, {device}; "
             f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
+
+
+def write_study_record(out: Path, study: Study, here: dict[str, Any]) -> None:
+    """study.json: the study as run (its primary endpoint included), this invocation's machine, code commit and
+    package versions, and each run's own record of them (``runs``: {"REGIME/seed_S": [{commit, versions}, …]}, one
+    entry per invocation that changed the run, so a study resumed under other code says which run ran on what)."""
+    runs = {}
+    for path in sorted(out.glob("*/seed_*/provenance.json")):
+        runs[f"{path.parent.parent.name}/{path.parent.name}"] = json.loads(path.read_text())
+    atomic_write_json(out / "study.json", {
+        "name": study.name, "seeds": list(study.seeds), "run": study.run, "regimes": study.regimes,
+        "primary": None if study.primary is None else study.primary.to_dict(), "machine": machine(), **here,
+        "runs": runs})
+
+
+def _manifest_text(run_dir: Path) -> str | None:
+    path = run_dir / "manifest.json"
+    return path.read_text() if path.exists() else None
+
+
+def _note_provenance(run_dir: Path, here: dict[str, Any], *, changed: bool) -> None:
+    """Append this code's commit and versions to run_dir/provenance.json when this invocation changed the run (a
+    finished run that a resumed study only skipped keeps the record of the code that made it)."""
+    path = run_dir / "provenance.json"
+    entries = json.loads(path.read_text()) if path.exists() else []
+    if (changed or not entries) and (not entries or entries[-1] != here):
+        atomic_write_json(path, [*entries, here])
 
 
 def _note_time(run_dir: Path, seconds: float) -> None:
@@ -233,8 +271,10 @@ def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
     return {
         "T": T, "seeds": [int(d.parent.name.split("_")[1]) for d in search_dirs], "rows": rows, "paired": paired,
         "iterations": iterations,
-        "choices": [{"lam": c["lam"], "alpha": c["alpha"], "expo_alpha": (c.get("expo") or {}).get("alpha")}
-                    for c in choices],
+        "choices": [{"lam": c["lam"], "alpha": c["alpha"], "expo_alpha": (c.get("expo") or {}).get("alpha"),
+                     "best_t": (_row(test, "best") or {}).get("same_as"),
+                     "expo_is_theta_T": (_row(test, "expo") or {}).get("same_as") == T}
+                    for c, test in zip(choices, tests)],
         "design": design,
     }
 
@@ -264,6 +304,8 @@ def _generic_name(m: dict[str, Any], T: int) -> str:
         return "Merged (λ, α chosen per seed)"
     if m["t"] == "expo":
         return "ExPO (λ = 0, α chosen per seed)"
+    if m["t"] == "best":
+        return "Best θt on dev (t chosen per seed)"
     return m["name"]
 
 

@@ -72,6 +72,10 @@ def _choice_section(choice: dict[str, Any]) -> str:
         z = "" if gain.get("z") is None else f", {gain['z']:.1f} unpaired standard errors"
     expo = choice.get("expo")
     expo = "" if expo is None else f"ExPO by the same rule (λ = 0): α = {expo['alpha']:g}.\n\n"
+    best = choice.get("best_checkpoint")
+    if best is not None:
+        expo += (f"Best θt on dev by the same rule (early stopping, the test table's \"best θt on dev\"): "
+                 f"θ{best['t']}, {best['reason']}.\n\n")
     kept = ("No merge met the rule with more reward than θT, so the chosen model is θT itself.\n\n"
             if (choice["lam"], choice["alpha"]) == (0.0, 0.0) else "")
     return (
@@ -90,10 +94,13 @@ def _dev_table(checkpoints: list[dict[str, Any]], choice: dict[str, Any]) -> str
 
 
 def _test_table(test: dict[str, Any]) -> str:
-    rows = [(m["name"], m) for m in test["models"]]
+    """Every row of test.json; ExPO reads "= θT" where its dev choice is α = 0 (it is θT then), in both tables."""
     last = [m for m in test["models"] if isinstance(m["t"], int)]
     base = max(last, key=lambda m: m["t"]) if last else None
-    paired = paired_table(test.get("paired") or [])
+    expo_is_T = any(m["t"] == "expo" and base is not None and m.get("same_as") == base["t"] for m in test["models"])
+    rows = [(m["name"], {**m, "equals": "θT"} if m["t"] == "expo" and expo_is_T else m) for m in test["models"]]
+    paired = paired_table([{**p, "equals": "θT"} if p["b"] == "expo" and expo_is_T else p
+                           for p in test.get("paired") or []])
     paired = "" if not paired else (
         "\nThe chosen merge against each row on the same prompts (difference of means; 95% interval and p: exact "
         "McNemar / Newcombe for 0/1 scores, paired bootstrap otherwise):\n\n" + paired)

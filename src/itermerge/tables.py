@@ -26,7 +26,8 @@ def metric_names(rows: Sequence[dict[str, Any]]) -> list[str]:
 def metrics_table(rows: Sequence[tuple[str, dict[str, Any]]], baseline: dict[str, Any] | None = None) -> str:
     """A Markdown table, one row per model, one column per metric; ``n`` in the header when every row agrees.
 
-    Rows named "Merged…" also show the difference to ``baseline`` (θT), as Table 2 does.
+    Rows named "Merged…" also show the difference to ``baseline`` (θT), as Table 2 does. A row whose model holds
+    ``equals`` (e.g. "θT": ExPO at α = 0) reads "= θT" in every cell instead of repeating that row's numbers.
     """
     names = metric_names([m for _, m in rows])
     header = []
@@ -36,6 +37,9 @@ def metrics_table(rows: Sequence[tuple[str, dict[str, Any]]], baseline: dict[str
         header.append(f"{n}{arrow} (n={ns.pop()})" if len(ns) == 1 else f"{n}{arrow}")
     lines = ["| model | " + " | ".join(header) + " |", "|---" * (len(names) + 1) + "|"]
     for name, m in rows:
+        if m.get("equals"):
+            lines.append(f"| {name} | " + " | ".join([f"= {m['equals']}"] * len(names)) + " |")
+            continue
         cells = []
         for n in names:
             cell = fmt_metric(m["metrics"].get(n))
@@ -64,12 +68,16 @@ def fmt_difference(d: dict[str, Any] | None) -> str:
 
 
 def paired_table(paired: Sequence[dict[str, Any]]) -> str:
-    """One row per comparison (the merge − a baseline), one column per metric held per prompt by both."""
+    """One row per comparison (the merge − a baseline), one column per metric held per prompt by both; a row with
+    ``equals`` names the row whose comparison it repeats."""
     names = metric_names([{"metrics": row["metrics"]} for row in paired])
     if not paired or not names:
         return ""
     lines = ["| merge − | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for row in paired:
+        if row.get("equals"):  # the same model as another row: its comparison is that row's
+            lines.append(f"| {row['b_name']} | " + " | ".join([f"= merge − {row['equals']}"] * len(names)) + " |")
+            continue
         lines.append(f"| {row['b_name']} | " + " | ".join(fmt_difference(row["metrics"].get(n)) for n in names) + " |")
     return "\n".join(lines) + "\n"
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from itermerge.errors import ItermergeError
 
-# Around the paper's picks, (λ, α) = (0.3, 0.4) for Llama-3-8B and (0.2, 1.7) for Qwen2-7B.
-DEFAULT_LAMS = (0.0, 0.1, 0.2, 0.3, 0.5)
+# λ = UNIFORM stands for (T−1)/T, resolved for each searched T (search.at's T' too): with α = 0 it is the uniform
+# average of θ1..θT, and λ = 1 is θ̄ alone, so the family holds both baselines the merge is compared with.
+UNIFORM = "uniform"
+# Around the paper's picks, (λ, α) = (0.3, 0.4) for Llama-3-8B and (0.2, 1.7) for Qwen2-7B, then up to θ̄ alone.
+DEFAULT_LAMS = (0.0, 0.1, 0.2, 0.3, 0.5, UNIFORM, 1.0)
 DEFAULT_ALPHAS = (0.0, 0.2, 0.4, 0.7, 1.0)
 # Successive halving affords a finer grid (7 × 7) for less evaluation than the 5 × 5 one on every prompt.
 HALVING_LAMS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7)
@@ -73,8 +77,10 @@ class HalvingConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    lams: tuple[float, ...] | None = field(
-        default=None, metadata={"help": "λ: weight of θ̄ (direction); default 0..0.5 in 5 steps, 7 for halving"})
+    lams: tuple[Any, ...] | None = field(  # numbers, or "uniform": (T−1)/T for each searched T
+        default=None, metadata={"help": "λ: weight of θ̄ (direction), numbers or 'uniform' = (T−1)/T (the uniform "
+                                        "average of θ1..θT at α = 0; 1 is θ̄ alone); default 0, 0.1, 0.2, 0.3, 0.5, "
+                                        "uniform, 1; 0..0.7 in 7 steps for halving"})
     alphas: tuple[float, ...] | None = field(
         default=None, metadata={"help": "α: extrapolation (magnitude); default 0..1 in 5 steps, 0..1.5 in 7 for "
                                         "halving"})
@@ -103,7 +109,7 @@ class SearchConfig:
         halving = self.method == "halving"
         lams = self.lams if self.lams is not None else HALVING_LAMS if halving else DEFAULT_LAMS
         alphas = self.alphas if self.alphas is not None else HALVING_ALPHAS if halving else DEFAULT_ALPHAS
-        object.__setattr__(self, "lams", tuple(float(x) for x in lams))
+        object.__setattr__(self, "lams", tuple(parse_lam(x) for x in lams))
         object.__setattr__(self, "alphas", tuple(float(x) for x in alphas))
         object.__setattr__(self, "at", tuple(self.at))
         bad = [t for t in self.at if isinstance(t, bool) or not isinstance(t, int) or t < 1]
@@ -113,6 +119,25 @@ class SearchConfig:
         if not self.lams or not self.alphas:
             raise ItermergeError("search: lams and alphas must each hold at least one value")
         object.__setattr__(self, "operators", _operator_grids(self.operators))
+
+
+def parse_lam(value: Any) -> float | str:
+    """One λ of the grid: a finite number, or the token ``uniform``."""
+    if isinstance(value, str) and value.strip().lower() == UNIFORM:
+        return UNIFORM
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(value, str):  # YAML 1.1 reads 1e-1 (no dot) as text: accept what float() accepts
+        with contextlib.suppress(ValueError):
+            value, number = float(value), True
+    if not number or not math.isfinite(value):
+        raise ItermergeError(f"search.lams: {value!r} is neither a number nor {UNIFORM!r} ((T−1)/T, the uniform "
+                             "average of θ1..θT); write e.g. lams: [0.0, 0.3, 0.5, uniform, 1.0]")
+    return float(value)
+
+
+def resolve_lams(lams: Any, T: int) -> list[float]:
+    """The grid's λ values for T checkpoints: ``uniform`` becomes (T−1)/T (T = 3: 2/3), numbers stay."""
+    return [(T - 1) / T if lam == UNIFORM else float(lam) for lam in lams]
 
 
 def _operator_grids(operators: Any) -> dict[str, dict[str, tuple[float, ...]]]:

@@ -1,5 +1,5 @@
 """The chosen merge written to disk (streamed) and evaluated once on the test split, beside the baselines:
-θ0, every θt, ExPO, the uniform average; each compared with the merge prompt by prompt."""
+θ0, every θt, the best θt on dev, ExPO, the uniform average; each compared with the merge prompt by prompt."""
 
 from __future__ import annotations
 
@@ -15,16 +15,19 @@ from tqdm.auto import tqdm
 
 from itermerge.checkpoint import load_tokenizer
 from itermerge.config.evaluation import EvalConfig
+from itermerge.config.search import SelectionRule
 from itermerge.devices import CPU, Placement, load_placed, release
 from itermerge.errors import ItermergeError
 from itermerge.evaluation import Evaluator, metrics_to_dict
 from itermerge.maths.merge import merge_weights
 from itermerge.merging import MergeBasis, merge_adapters, merge_checkpoints
 from itermerge.merging.lora import chain_adapters
+from itermerge.records import read_records
 from itermerge.rundir import Manifest, atomic_write_json
 from itermerge.runner import Shard
 from itermerge.search.grid import model_name
 from itermerge.search.points import EvaluateFn, load_weights_into, timed_eval
+from itermerge.search.selection import select_checkpoint
 
 
 def finalize(
@@ -97,7 +100,7 @@ class TestModel:
 
     ``weights``: its coefficients on (θ0, θ1, …, θT), Σ = 1; two rows with the same weights are one model."""
 
-    key: Any  # 0..T, "expo", "uniform", "merged"
+    key: Any  # 0..T, "best", "expo", "uniform", "merged"
     name: str
     weights: tuple[float, ...]
     path: Path | None = None
@@ -112,13 +115,19 @@ def _full(k: Sequence[float]) -> tuple[float, ...]:
 
 def test_models(search_dir: str | os.PathLike, reference: str | os.PathLike, checkpoints: Sequence[Path],
                 merged_dir: Path | None) -> list[TestModel]:
-    """The test table's models, in order: θ0, θ1..θT, ExPO (λ = 0, α chosen on dev by the same rule), the uniform
-    average of θ1..θT (λ = (T−1)/T, α = 0) and the chosen merge (from ``merged_dir``, else built in memory)."""
+    """The test table's models, in order: θ0, θ1..θT, the best θt on dev (early stopping by the merge's own rule,
+    ``select_checkpoint``; the row repeats that θt's numbers), ExPO (λ = 0, α chosen on dev by the same rule), the
+    uniform average of θ1..θT (λ = (T−1)/T, α = 0) and the chosen merge (from ``merged_dir``, else built in memory).
+    """
     T, (lam, alpha) = len(checkpoints), chosen(search_dir)
     choice = json.loads((Path(search_dir) / "choice.json").read_text())
     unit = lambda t: tuple(float(i == t) for i in range(T + 1))  # noqa: E731
     models = [TestModel(0, model_name(0), unit(0), Path(reference)),
               *(TestModel(t, model_name(t), unit(t), Path(checkpoints[t - 1])) for t in range(1, T + 1))]
+    best = best_checkpoint(search_dir, choice)
+    if best is not None:  # early stopping on dev: the same weights as that θt, so its test numbers are θt's
+        t = best["t"]
+        models.append(TestModel("best", f"Best θt on dev ({model_name(t)})", unit(t), Path(checkpoints[t - 1])))
     expo = choice.get("expo")
     if expo is not None:
         a = expo["alpha"]
@@ -132,6 +141,19 @@ def test_models(search_dir: str | os.PathLike, reference: str | os.PathLike, che
     models.append(TestModel("merged", name, weights, merged_dir) if merged_dir is not None
                   else TestModel("merged", name, weights, lam=lam, alpha=alpha))
     return models
+
+
+def best_checkpoint(search_dir: str | os.PathLike, choice: dict[str, Any]) -> dict[str, Any] | None:
+    """choice.json's best θt on dev; for a choice written before it recorded one, the same rule applied to the
+    search's checkpoints.jsonl (None when that holds no θt ≥ 1)."""
+    if "best_checkpoint" in choice:
+        return choice["best_checkpoint"]
+    stamp = {k: choice.get(k) for k in ("split", "eval_fingerprint")}
+    records = {r["t"]: r for r in read_records(Path(search_dir) / "checkpoints.jsonl")
+               if all(r.get(k) == v for k, v in stamp.items())}
+    if not any(t >= 1 for t in records):
+        return None
+    return select_checkpoint(list(records.values()), SelectionRule(**choice["rule"]))
 
 
 def _same_model(a: TestModel, b: TestModel) -> bool:
@@ -200,9 +222,9 @@ def write_test(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.Pat
                parts: Sequence[Sequence[dict[str, Any]]], *, test_split: str = "test",
                reference: str | os.PathLike | None = None, merged_dir: str | os.PathLike | None = None
                ) -> dict[str, Any]:
-    """test.json: what it held and the processes' new evaluations in the table's order (θ0, θ1..θT, ExPO, uniform,
-    merged; a row equal to an earlier one carries its numbers and ``same_as``), then ``paired``: the chosen merge
-    against every other row, prompt by prompt (``maths.paired``), on each metric."""
+    """test.json: what it held and the processes' new evaluations in the table's order (θ0, θ1..θT, best θt on dev,
+    ExPO, uniform, merged; a row equal to an earlier one carries its numbers and ``same_as``), then ``paired``: the
+    chosen merge against every other row, prompt by prompt (``maths.paired``), on each metric."""
     search_dir = Path(search_dir)
     record = _record(search_dir, eval_config, test_split)
     got = {m["t"]: m for m in record["models"]} | {m["t"]: m for part in parts for m in part}

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from itermerge.checkpoint import CheckpointReader, load_tokenizer
 from itermerge.config.evaluation import EvalConfig
-from itermerge.config.search import SearchConfig
+from itermerge.config.search import SearchConfig, resolve_lams
 from itermerge.devices import CPU, Placement, load_placed, release
 from itermerge.errors import ItermergeError
 from itermerge.evaluation import Evaluator, Metric, metrics_to_dict
@@ -24,7 +24,7 @@ from itermerge.records import append_record, read_records
 from itermerge.rundir import atomic_write_json
 from itermerge.runner import Shard
 from itermerge.search.grid import check_split, grid, model_name, point_key
-from itermerge.search.selection import select_point
+from itermerge.search.selection import select_checkpoint, select_point
 
 EvaluateFn = Callable[[nn.Module, dict[str, float]], dict[str, Metric]]  # (model, timings) -> metrics
 
@@ -171,16 +171,24 @@ def choose(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLik
         grid_keys &= {point_key(*p) for p in among}
     in_grid = [p for p in points if point_key(p["lam"], p["alpha"]) in grid_keys]
     choice = {**select_point(in_grid, base, config.rule), **stamp,
-              "grid": {"lams": config.lams, "alphas": config.alphas}}
+              "grid": {"lams": config.lams, "alphas": config.alphas, "lams_at_T": _lams(T, config)}}
     # ExPO (Zheng et al. 2024) is the λ = 0 line of the grid: θ0 + (1+α)(θT − θ0), α chosen by the same rule.
     expo = select_point([p for p in in_grid if p["lam"] == 0.0], base, config.rule)
     choice["expo"] = {k: expo[k] for k in ("lam", "alpha", "weights", "reason", "chosen", "reward_gain")}
+    # Early stopping, the practitioner's baseline: the best θt on dev by the same rule (tested as a row of its own).
+    ckpts = {r["t"]: r for r in reversed(read_records(ckpt_path)) if _same(r, stamp) and r["t"] <= T}
+    choice["best_checkpoint"] = select_checkpoint(list(ckpts.values()), config.rule)
     atomic_write_json(search_dir / "choice.json", choice)
     return choice
 
 
+def _lams(T: int, config: SearchConfig) -> list[float]:
+    """The λ values searched for T checkpoints (``uniform`` resolved to (T−1)/T); θ̄ is undefined for T = 1."""
+    return [0.0] if T == 1 else resolve_lams(config.lams, T)
+
+
 def _grid(T: int, config: SearchConfig) -> list[tuple[float, float]]:
-    return grid([0.0] if T == 1 else config.lams, config.alphas)  # θ̄ is undefined for T = 1
+    return grid(_lams(T, config), config.alphas)
 
 
 def _stamp(config: SearchConfig, eval_config: EvalConfig) -> dict[str, str]:
