@@ -8,8 +8,11 @@ Each side runs in its own child process (so the peak memory is its own): TRL wit
 ref_model = θ0 and its defaults otherwise (gradient checkpointing on, log-probs of the reference
 computed at every step); ours computes θ0's log-probs once with `add_reference_logprobs` (inside the
 timed region) and then trains with only the policy in memory. Tokens = prompt + completion tokens of
-chosen and rejected, as each side tokenizes them. The FLOP floor is 8·N_params·tokens at 168 GFLOP/s
-(forward 2 + backward 4 for the policy, 2 for the reference forward). Memory: peak RSS (VmHWM) and
+chosen and rejected, as each side tokenizes them. The FLOP floor is 8·N_params·tokens (forward 2 + backward 4 for
+the policy, 2 for the reference forward) at the GFLOP/s this CPU's matmul reaches in the precision used, measured
+in each child before its run (``devices.matmul_gflops``). ``--dtype``: float32, bfloat16 (both sides compute under
+bf16 autocast with float32 weights: TRL's ``bf16=True``, our ``compute_dtype``) or auto (what ``model.dtype: auto``
+picks on this CPU). Memory: peak RSS (VmHWM) and
 peak anonymous memory (RssAnon, sampled every 5 ms) of the child; RSS also counts mapped checkpoint pages.
 """
 
@@ -18,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -27,7 +29,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "dpo"
-PEAK_FLOPS = 168e9  # fp32 FLOP/s of this 2-core CPU (measured on a large matmul)
 
 
 def worked_answer(a: int, op: str, b: int, slip: bool) -> str:
@@ -82,7 +83,7 @@ class MemorySampler:
         self.peak_rss = self._status()["VmHWM"]
 
 
-def run_trl(model_path: str, texts: list[dict], steps: int, batch: int) -> dict:
+def run_trl(model_path: str, texts: list[dict], steps: int, batch: int, dtype: str) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -95,7 +96,7 @@ def run_trl(model_path: str, texts: list[dict], steps: int, batch: int) -> dict:
     )  # fmt: skip
     args = DPOConfig(
         output_dir=str(OUT / "trl"), beta=0.1, learning_rate=5e-7, per_device_train_batch_size=batch,
-        max_steps=steps, bf16=False, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+        max_steps=steps, bf16=dtype == "bfloat16", use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
         dataloader_num_workers=0,
     )  # fmt: skip
     policy, reference = load_model(model_path), load_model(model_path)
@@ -112,10 +113,13 @@ def run_trl(model_path: str, texts: list[dict], steps: int, batch: int) -> dict:
     )
     tokens = tokens * steps * batch // len(rows)
     return {"wall_s": wall, "cpu_s": cpu, "tokens": tokens, "params": policy.num_parameters(),
-            "config": "TRL defaults (gradient checkpointing on), ref_model=θ0, fp32"}  # fmt: skip
+            "config": f"TRL defaults (gradient checkpointing on), ref_model=θ0, {dtype}"}  # fmt: skip
 
 
-def run_ours(model_path: str, texts: list[dict], steps: int, batch: int, micro: int, reference_batch: int) -> dict:
+def run_ours(model_path: str, texts: list[dict], steps: int, batch: int, micro: int, reference_batch: int,
+             dtype: str) -> dict:
+    import torch
+
     from itermerge.checkpoint import load_model, load_tokenizer
     from itermerge.config import DPOConfig
     from itermerge.records import PreferencePair
@@ -137,33 +141,38 @@ def run_ours(model_path: str, texts: list[dict], steps: int, batch: int, micro: 
     # Iteration 1 of Alg. 1: θ0 is both the reference and the starting policy, loaded once.
     model = load_model(model_path)
     start, cpu = time.perf_counter(), time.process_time()
-    pairs = add_reference_logprobs(model, pairs, cfg, batch_size=reference_batch, progress=False)
+    low = torch.bfloat16 if dtype == "bfloat16" else None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low is not None):
+        pairs = add_reference_logprobs(model, pairs, cfg, batch_size=reference_batch, progress=False)
     ref_s = time.perf_counter() - start
-    metrics = train_dpo(model, pairs, cfg, progress=False)
+    metrics = train_dpo(model, pairs, cfg, progress=False, compute_dtype=low)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {
         "wall_s": wall, "cpu_s": cpu, "reference_s": ref_s, "train_s": metrics["wall_s"], "tokens": metrics["tokens"],
         "params": model.num_parameters(), "loss": metrics["loss"],
-        "config": f"micro_batch_size={micro}, θ0 log-probs {reference_batch} pairs per forward, fp32",
+        "config": f"micro_batch_size={micro}, θ0 log-probs {reference_batch} pairs per forward, {dtype}",
     }  # fmt: skip
 
 
 def child(args: argparse.Namespace) -> None:
     import torch
 
+    from itermerge.devices import matmul_gflops
+
     torch.set_num_threads(args.threads)
+    floor = matmul_gflops(getattr(torch, args.dtype), n=1024, seconds=1.0) * 1e9  # this CPU, these threads
     texts = make_texts(args.steps * args.batch)
     load = os.getloadavg()[0]  # the CPU is shared: other jobs' load skews wall time, less so CPU time
     with MemorySampler() as mem:
         if args.only == "trl":
-            result = run_trl(args.model, texts, args.steps, args.batch)
+            result = run_trl(args.model, texts, args.steps, args.batch, args.dtype)
         else:
-            result = run_ours(args.model, texts, args.steps, args.batch, args.micro_batch, args.reference_batch)
+            result = run_ours(args.model, texts, args.steps, args.batch, args.micro_batch, args.reference_batch,
+                              args.dtype)
     result.update(peak_rss=mem.peak_rss, peak_anon=mem.peak_anon, threads=torch.get_num_threads(), load=load)
     result["tokens_per_s"] = result["tokens"] / result["wall_s"]
-    # The floor scales with the cores used: 168 GFLOP/s is both cores of this machine.
-    peak = PEAK_FLOPS * args.threads / (os.cpu_count() or 1)
-    result["flop_floor_fraction"] = 8 * result["params"] * result["tokens"] / peak / result["wall_s"]
+    result["matmul_gflops"] = floor / 1e9
+    result["flop_floor_fraction"] = 8 * result["params"] * result["tokens"] / floor / result["wall_s"]
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -186,12 +195,22 @@ def main() -> None:
         default=1,
         help="rounds of (TRL, ours), alternated so that drifts in machine speed hit both sides; medians reported",
     )
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="compute precision of both sides; auto: what model.dtype auto picks on this CPU")
     parser.add_argument("--only", choices=("trl", "ours"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
         return child(args)
 
     from itermerge.checkpoint import resolve_model
+    from itermerge.devices import cpu_precision
+
+    cpu = cpu_precision()
+    if args.dtype == "auto":
+        args.dtype = cpu["dtype"]
+    flags = f"AMX {'yes' if cpu['amx_bf16'] else 'no'}, AVX512-BF16 {'yes' if cpu['avx512_bf16'] else 'no'}"
+    print(f"{cpu['cpu']}: {flags}; probe fp32 {cpu.get('float32_gflops')} / bf16 {cpu.get('bfloat16_gflops')} GFLOP/s;"
+          f" running {args.dtype}")
 
     model = resolve_model(args.model)
     rounds: list[dict[str, dict]] = []
@@ -200,7 +219,7 @@ def main() -> None:
         for side in ("trl", "ours"):
             cmd = [sys.executable, __file__, "--only", side, "--model", model, "--steps", str(args.steps),
                    "--batch", str(args.batch), "--micro-batch", str(args.micro_batch), "--threads", str(args.threads),
-                   "--reference-batch", str(args.reference_batch)]  # fmt: skip
+                   "--reference-batch", str(args.reference_batch), "--dtype", args.dtype]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
@@ -214,7 +233,8 @@ def main() -> None:
     round_ratios = [r["ours"]["tokens_per_s"] / r["trl"]["tokens_per_s"] for r in rounds]
     trl, ours = results["trl"], results["ours"]
     summary = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{cpu['cpu']}, {os.cpu_count()} cores, AMX {cpu['amx_bf16']}, AVX512-BF16 {cpu['avx512_bf16']}",
+        "dtype": args.dtype, "probe": cpu,
         "steps": args.steps, "pairs_per_step": args.batch, "threads": args.threads, **results,
         "speedup_tokens_per_s": ours["tokens_per_s"] / trl["tokens_per_s"],
         "speedup_tokens_per_cpu_s": (ours["tokens"] / ours["cpu_s"]) / (trl["tokens"] / trl["cpu_s"]),
