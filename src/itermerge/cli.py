@@ -14,6 +14,7 @@ from itermerge.commands import (
     cmd_iterate,
     cmd_mean,
     cmd_merge,
+    cmd_plan,
     cmd_replicate,
     cmd_report,
     cmd_results,
@@ -173,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--deep", action="store_true", help="hash every file, not only those whose mtime changed")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("plan", help="each stage's peak memory per GPU from the model configs alone; does it fit?")
+    p.add_argument("config", help="run config (YAML)")
+    p.add_argument("--gpus", type=int, default=1, help="processes, one GPU each (default 1)")
+    p.add_argument("--gpu-memory", default="80GiB", help="one GPU's memory, e.g. 80GiB or 141GB (default 80GiB)")
+    p.add_argument("--zero-stage", type=int, choices=(0, 3), default=0,
+                   help="3: training under DeepSpeed ZeRO-3 (examples/accelerate_zero3.yaml); 0: DDP or one GPU")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("report", help="report.md + plots from what the run wrote (nothing recomputed)")
     p.add_argument("run_dir")

@@ -197,6 +197,19 @@ def cmd_ensemble(args: argparse.Namespace) -> None:
         print(f"  {name:>10}: KL(ens‖model) {row.get('kl_ensemble_to_model_per_token', float('nan')):.3g} / token")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from itermerge.config import load_config
+    from itermerge.plan import parse_memory, plan
+
+    cfg = load_config(args.config, args.set)
+    result = plan(cfg, gpus=args.gpus, device_bytes=parse_memory(args.gpu_memory), zero_stage=args.zero_stage)
+    print(f"{args.config} on {args.gpus} × {args.gpu_memory}, ZeRO stage {args.zero_stage}, {cfg.model.dtype}:\n")
+    print(result.table())
+    problems = result.problems()
+    if problems:
+        raise ItermergeError("does not fit: " + "; ".join(problems))
+
+
 def cmd_verify(args: argparse.Namespace) -> None:
     """Every finished stage's files against their proofs; changes nothing. Exit status 1 if any stage fails."""
     from itermerge.runner import stage_states

@@ -61,6 +61,12 @@ def preflight(cfg: RunConfig) -> None:
             problems.append("search.method = halving evaluates points on subsets of the dev prompts, but "
                             "evaluation.lm_eval scores benchmark documents, which cannot be cut the same way; use "
                             "search.method: grid, or drop lm_eval from the evaluation")
+    if cfg.model.device != "cpu":  # on CUDA: every stage's peak against this GPU (itermerge plan shows them)
+        from itermerge.plan import check_fits
+
+        too_big = check_fits(cfg)
+        if too_big:
+            problems.append(f"memory: {too_big}")
     if cfg.dpo.peft is not None and cfg.sampling.backend == "vllm":
         problems.append("dpo.peft with sampling.backend = vllm: vLLM loads θ_t from a checkpoint directory, and a LoRA "
                         "run keeps θ_t as θ0 plus adapters; use sampling.backend: hf, or full training")

@@ -48,10 +48,11 @@ def run_sampler(cfg: RunConfig, policy_path: str | Path, tokenizer: Any, where: 
 
 
 def scorer_spec(spec: dict[str, Any], where: Placement) -> dict[str, Any]:
-    """A scorer spec placed on this process's device: a reward model runs in bfloat16 on a GPU (float32 on a CPU)."""
+    """A scorer spec placed on this process's device: a reward model runs in bfloat16 on a GPU, on a CPU in the run's
+    precision (``model.dtype``, measured when auto)."""
     if spec.get("type") != "reward_model":
         return spec
-    return {**spec, "device": where.device, "dtype": "bfloat16" if where.is_cuda else "float32"}
+    return {**spec, "device": where.device, "dtype": "bfloat16" if where.is_cuda else where.dtype}
 
 
 @contextlib.contextmanager
