@@ -418,3 +418,24 @@ def test_merge_command_never_imports_torch(tiny_ckpts, tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_hub_id_reference_reads_the_cached_snapshot(tiny_ckpts, tmp_path, monkeypatch):
+    """θ0 named by its Hub id (as examples/llama3-8b-armorm.yaml does): the merge reads the snapshot in the Hugging
+    Face cache (offline here: a cache laid out as huggingface_hub lays it out); an id not in the cache is named."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--tiny-theta0" / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_ckpts[0], snapshot)
+    (cache / "models--org--tiny-theta0" / "refs").mkdir()
+    (cache / "models--org--tiny-theta0" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    by_id = merge_checkpoints("org/tiny-theta0", tiny_ckpts[1:], tmp_path / "by-id", lam=0.3, alpha=0.4)
+    by_dir = merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "by-dir", lam=0.3, alpha=0.4)
+    a, b = CheckpointReader(by_id), CheckpointReader(by_dir)
+    assert all(torch.equal(a.get(n), b.get(n)) for n in a)
+    assert CheckpointReader("org/tiny-theta0").path == snapshot
+    with pytest.raises(ItermergeError, match=r"org/absent: not in the local Hugging Face cache"):
+        CheckpointReader("org/absent")

@@ -28,6 +28,7 @@ from itermerge.checkpoint.dtypes import (
     itemsize,
     n_chunks,
 )
+from itermerge.checkpoint.hub import hub_snapshot, looks_like_hub_id
 from itermerge.errors import ItermergeError
 
 if TYPE_CHECKING:
@@ -59,6 +60,8 @@ class CheckpointReader:
     """
 
     def __init__(self, path: str | os.PathLike, *, chain: bool = True):
+        if looks_like_hub_id(path):  # θ0 named by its Hub id, as the 8B examples do
+            path = hub_snapshot(str(path))
         self.path = Path(path)
         if not self.path.is_dir():
             hint = " (pass the checkpoint directory, not a file)" if self.path.is_file() else ""
