@@ -204,3 +204,18 @@ def test_reward_model_errors_are_named(tmp_path, tiny_rm):
         RewardModelScorer(tiny_rm[0], dtype="fp8")
     with pytest.raises(ItermergeError, match=r"reward model batch_size=0: must be a positive integer"):
         RewardModelScorer(tiny_rm[0], batch_size=0)
+
+
+def test_the_evaluation_judge_runs_where_and_as_the_labelling_judge(tiny_rm):
+    """The search's evaluators get the judge on the run's device in its precision (bf16 on a GPU, or on a CPU that
+    measured bf16 faster), as labelling does; it used to load in float32 whatever the run used."""
+    from itermerge.config.evaluation import EvalConfig
+    from itermerge.devices import Placement
+    from itermerge.evaluation import Evaluator
+
+    path, _ = tiny_rm
+    judge = {"scorer": {"type": "reward_model", "path": str(path)}, "sampling": "greedy"}
+    cfg = EvalConfig.from_dict({"prompts": {"task": "arithmetic", "n": 2}, "accuracy": None, "reward": judge})
+    placed = Evaluator(cfg, tiny_tokenizer(), "dev", where=Placement("cpu", "bfloat16"))
+    assert placed.scorer.model.dtype == torch.bfloat16 and placed.scorer.device.type == "cpu"
+    assert Evaluator(cfg, tiny_tokenizer(), "dev").scorer.model.dtype == torch.float32  # unplaced: as before

@@ -128,6 +128,14 @@ def placement(model: ModelConfig) -> Placement:
     return Placement(device, dtype)
 
 
+def scorer_spec(spec: dict[str, Any], where: Placement) -> dict[str, Any]:
+    """A scorer spec placed on this process's device: a reward model runs in bfloat16 on a GPU, on a CPU in the run's
+    precision (``model.dtype``, measured when auto)."""
+    if spec.get("type") != "reward_model":
+        return spec
+    return {**spec, "device": where.device, "dtype": "bfloat16" if where.is_cuda else where.dtype}
+
+
 def load_placed(path: str | os.PathLike, where: Placement, trust_remote_code: bool = False,
                 partitioned: bool = False) -> Any:
     """A causal LM from ``path`` on ``where.device`` in ``where.dtype``, in eval mode, whole weights (unless

@@ -11,6 +11,7 @@ from torch import nn
 
 from itermerge.callables import load_callable
 from itermerge.config.evaluation import EvalConfig
+from itermerge.devices import Placement, scorer_spec
 from itermerge.errors import ItermergeError
 from itermerge.evaluation.kl import sequence_kl
 from itermerge.evaluation.metric import Metric
@@ -39,6 +40,7 @@ class Evaluator:
         scorer: Scorer | None = None,
         make_sampler: Callable[..., Sampler] | None = None,
         progress: bool = True,
+        where: Placement | None = None,
     ):
         self.config, self.tokenizer, self.split, self.progress = config, tokenizer, split, progress
         self.task = load_task(config.prompts)
@@ -48,8 +50,8 @@ class Evaluator:
         self.pad_id = pad_id(tokenizer)
         self.scorer = scorer
         if config.reward is not None and scorer is None:
-            self.scorer = (
-                make_scorer(config.reward.scorer)
+            self.scorer = (  # a judge on the run's device in its precision, as when labelling (``where``)
+                make_scorer(config.reward.scorer if where is None else scorer_spec(config.reward.scorer, where))
                 if config.reward.scorer is not None
                 else VerifierScorer(self.task.score, name=f"{self.task.name}.score")
             )

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from itermerge.devices import scorer_spec  # noqa: F401  (where stages import it from)
 from itermerge.sampling.params import Sampler
 
 if TYPE_CHECKING:
@@ -45,14 +46,6 @@ def run_sampler(cfg: RunConfig, policy_path: str | Path, tokenizer: Any, where: 
     finally:
         del sampler  # with the caller's reference gone too, the weights (and any CUDA graphs) go
         release()
-
-
-def scorer_spec(spec: dict[str, Any], where: Placement) -> dict[str, Any]:
-    """A scorer spec placed on this process's device: a reward model runs in bfloat16 on a GPU, on a CPU in the run's
-    precision (``model.dtype``, measured when auto)."""
-    if spec.get("type") != "reward_model":
-        return spec
-    return {**spec, "device": where.device, "dtype": "bfloat16" if where.is_cuda else where.dtype}
 
 
 @contextlib.contextmanager

@@ -188,8 +188,8 @@ def evaluate_round(
     if not mine:
         return 0
     model = load_placed(checkpoints[-1], where)
-    evaluator = evaluate_fn or points._evaluator(eval_config, config.split, Path(checkpoints[-1]), reference, where,
-                                                 make_sampler)
+    evaluator = evaluate_fn or points.build_evaluator(eval_config, config.split, Path(checkpoints[-1]), reference,
+                                                      where, make_sampler)
     if len(evaluator.prompts) != n_prompts:
         raise ItermergeError(f"round {r}: the evaluators have {len(evaluator.prompts)} {config.split} prompts, the "
                              f"rounds were planned for {n_prompts}; pass the split's size")

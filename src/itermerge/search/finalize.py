@@ -13,12 +13,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from itermerge.checkpoint import load_tokenizer
 from itermerge.config.evaluation import EvalConfig
 from itermerge.config.search import SelectionRule
 from itermerge.devices import CPU, Placement, load_placed, release
 from itermerge.errors import ItermergeError
-from itermerge.evaluation import Evaluator, metrics_to_dict
+from itermerge.evaluation import metrics_to_dict
 from itermerge.maths.merge import merge_weights
 from itermerge.merging import MergeBasis, merge_adapters, merge_checkpoints
 from itermerge.merging.lora import chain_adapters
@@ -26,7 +25,7 @@ from itermerge.records import read_records
 from itermerge.rundir import Manifest, atomic_write_json
 from itermerge.runner import Shard
 from itermerge.search.grid import model_name
-from itermerge.search.points import EvaluateFn, load_weights_into, timed_eval
+from itermerge.search.points import EvaluateFn, build_evaluator, load_weights_into, timed_eval
 from itermerge.search.selection import select_checkpoint
 
 
@@ -185,9 +184,7 @@ def evaluate_test(
         return out
     model = load_placed(checkpoints[-1], where)
     if evaluate_fn is None:
-        ref_model = load_placed(reference, where) if eval_config.kl is not None else None
-        evaluate_fn = Evaluator(eval_config, load_tokenizer(checkpoints[-1]), test_split, reference_model=ref_model,
-                                progress=False, make_sampler=make_sampler)
+        evaluate_fn = build_evaluator(eval_config, test_split, checkpoints[-1], reference, where, make_sampler)
     basis = (MergeBasis.from_checkpoints(reference, checkpoints, mean_cache=mean_cache)
              if any(m.path is None for m in todo) else None)
     for m in tqdm(todo, desc=f"{test_split} evaluation", unit="model", disable=not (progress and shard.is_main)):

@@ -17,12 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from itermerge.checkpoint import load_tokenizer
 from itermerge.config.evaluation import EvalConfig
 from itermerge.config.search import SearchConfig, SelectionRule
 from itermerge.devices import CPU, Placement, load_placed, release
 from itermerge.errors import ItermergeError
-from itermerge.evaluation import Evaluator, metrics_to_dict
+from itermerge.evaluation import metrics_to_dict
 from itermerge.merging import MergeBasis, merge_checkpoints
 from itermerge.merging.operators import resolve_operator
 from itermerge.records import append_record, read_records
@@ -30,7 +29,7 @@ from itermerge.rundir import atomic_write_json
 from itermerge.runner import Shard
 from itermerge.search.finalize import paired_rows
 from itermerge.search.grid import check_split
-from itermerge.search.points import EvaluateFn, load_weights_into, timed_eval
+from itermerge.search.points import EvaluateFn, build_evaluator, load_weights_into, timed_eval
 from itermerge.search.selection import oriented, regressions, select_point, value
 
 DEV_RECORDS, RESULT = "operators.jsonl", "operators.json"
@@ -226,9 +225,7 @@ def _evaluate(todo: Sequence[Candidate], search_dir: Path, reference: str | os.P
     checkpoints = [Path(c) for c in checkpoints]
     model = load_placed(checkpoints[-1], where)
     if evaluate_fn is None:
-        ref_model = load_placed(reference, where) if eval_config.kl is not None else None
-        evaluate_fn = Evaluator(eval_config, load_tokenizer(checkpoints[-1]), split, reference_model=ref_model,
-                                progress=False, make_sampler=make_sampler)
+        evaluate_fn = build_evaluator(eval_config, split, checkpoints[-1], reference, where, make_sampler)
     basis, each, rows = None, None, []
     for c in tqdm(todo, desc=f"merge operators ({split})", unit="model", disable=not progress):
         start, seconds = time.perf_counter(), {}

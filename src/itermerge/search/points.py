@@ -108,7 +108,8 @@ def evaluate_points(
     if not mine:
         return 0
     model = load_placed(checkpoints[-1], where)
-    evaluate_fn = evaluate_fn or _evaluator(eval_config, config.split, checkpoints[-1], reference, where, make_sampler)
+    evaluate_fn = evaluate_fn or build_evaluator(eval_config, config.split, checkpoints[-1], reference, where,
+                                                 make_sampler)
     basis = (MergeBasis.from_checkpoints(reference, checkpoints, mean_cache=mean_cache)
              if any(kind == "point" for kind, _ in mine) else None)
     for kind, job in tqdm(mine, desc=f"search (λ, α) {_share(shard, len(jobs))}", unit="model",
@@ -199,12 +200,13 @@ def _share(shard: Shard, total: int) -> str:
     return f"(this process's {shard.taken} of {total})" if shard.world > 1 else ""
 
 
-def _evaluator(eval_config: EvalConfig, split: str, theta_T: Path, reference: str | os.PathLike, where: Placement,
-               make_sampler: Callable[..., Any] | None) -> Evaluator:
-    """The evaluators of ``eval_config`` for ``split``, the reference model (for KL) placed like the policy."""
+def build_evaluator(eval_config: EvalConfig, split: str, theta_T: str | os.PathLike, reference: str | os.PathLike,
+                    where: Placement, make_sampler: Callable[..., Any] | None) -> Evaluator:
+    """The evaluators of ``eval_config`` for ``split``, as every stage of the search builds them: the reference model
+    (for KL) and the judge placed like the policy (its device, its precision)."""
     ref_model = load_placed(reference, where) if eval_config.kl is not None else None
     return Evaluator(eval_config, load_tokenizer(theta_T), split, reference_model=ref_model, progress=False,
-                     make_sampler=make_sampler)
+                     make_sampler=make_sampler, where=where)
 
 
 def _same(record: dict[str, Any], stamp: dict[str, str]) -> bool:
