@@ -219,3 +219,26 @@ def test_the_evaluation_judge_runs_where_and_as_the_labelling_judge(tiny_rm):
     placed = Evaluator(cfg, tiny_tokenizer(), "dev", where=Placement("cpu", "bfloat16"))
     assert placed.scorer.model.dtype == torch.bfloat16 and placed.scorer.device.type == "cpu"
     assert Evaluator(cfg, tiny_tokenizer(), "dev").scorer.model.dtype == torch.float32  # unplaced: as before
+
+
+def test_a_reward_model_loads_whole_after_a_zero3_accelerator_registered_itself(tiny_rm, monkeypatch):
+    """After a ZeRO-3 training, transformers partitions every from_pretrained (zero.Init); the ArmoRM path was
+    guarded, a generic reward model was not (issue 23 item 12): it must score with whole weights on its device."""
+    import typing
+    import weakref
+
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    class Zero3Config:
+        config: typing.ClassVar[dict] = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self) -> bool:
+            return True
+
+    path, model = tiny_rm
+    registered = Zero3Config()
+    monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", weakref.ref(registered))
+    assert hf_deepspeed.is_deepspeed_zero3_enabled()
+    scorer = make_scorer({"type": "reward_model", "path": str(path), "device": "cpu"})  # zero.Init needs deepspeed
+    assert scorer.model.score.weight.shape == model.score.weight.shape == (1, 32)
+    assert hf_deepspeed.is_deepspeed_zero3_enabled()  # the registration is back for the training that follows

@@ -62,7 +62,7 @@ def load_model(
         raise ItermergeError(f"model {path}: θ0 plus LoRA adapters cannot load partitioned (ZeRO-3); dpo.peft trains "
                              "on one process or under DDP")
     try:
-        with contextlib.nullcontext() if partitioned else _whole_weights():
+        with contextlib.nullcontext() if partitioned else whole_weights():
             model = AutoModelForCausalLM.from_pretrained(
                 resolve_model(path) if spec is None else spec.base, dtype=dtype if spec is None else "float32",
                 trust_remote_code=trust_remote_code,
@@ -99,7 +99,7 @@ def _torch_dtype(dtype):
 
 
 @contextlib.contextmanager
-def _whole_weights() -> Iterator[None]:
+def whole_weights() -> Iterator[None]:
     """Make transformers load whole weights although accelerate registered a ZeRO-3 config with it.
 
     Once a DeepSpeed ZeRO-3 accelerator exists in a process, accelerate registers its config with

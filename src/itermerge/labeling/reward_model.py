@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from itermerge.checkpoint.hf import whole_weights
 from itermerge.errors import ItermergeError
 from itermerge.labeling.armorm import ArmoRM, is_armorm_checkpoint, remote_code_failure
 from itermerge.records import Prompt
@@ -38,10 +39,11 @@ class RewardModelScorer:
             self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code)
             if is_armorm_checkpoint(self.path):  # natively: its remote code no longer imports under transformers 5
                 self.model = ArmoRM.from_pretrained(self.path, dtype=_resolve_dtype(dtype), device=self.device)
-            else:
-                self.model = AutoModelForSequenceClassification.from_pretrained(
-                    self.path, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code
-                )
+            else:  # whole weights on this device even after a ZeRO-3 training registered its config (as ArmoRM)
+                with whole_weights():
+                    self.model = AutoModelForSequenceClassification.from_pretrained(
+                        self.path, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code
+                    )
         except (ImportError, AttributeError) as e:
             if not trust_remote_code:
                 raise
