@@ -55,7 +55,22 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) .bench-venv
 
-.PHONY: test-latest lock
+.PHONY: test-lower test-latest lock
+
+# The oldest versions pyproject.toml admits (every `>=X` pinned `==X`; torch the release of this machine's CPU
+# wheel), in .venv-lower: the fast suite must pass there too, or the lower bounds are not true.
+LOWER_TORCH ?= 2.13.0
+constraints-lower.txt: pyproject.toml tools/lower_bounds.py
+	$(PYTHON) tools/lower_bounds.py --pin torch==$(LOWER_TORCH) > $@.new
+	mv $@.new $@
+
+.venv-lower/.installed: constraints-lower.txt
+	rm -rf .venv-lower
+	$(call venv,.venv-lower,constraints-lower.txt)
+	touch $@
+
+test-lower: .venv-lower/.installed
+	.venv-lower/bin/python -m pytest -q
 
 # The newest releases pyproject.toml admits, in a fresh .venv-latest (rebuilt each time: "newest" means today).
 test-latest:
