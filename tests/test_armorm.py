@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -51,7 +52,7 @@ CONFIG = dict(
     gating_token_pattern=MARKER,
     transformers_version="4.40.0",
 )
-# The failure ArmoRM's remote code meets under transformers 5, reproduced without the 8B model.
+# The failure ArmoRM's remote code meets under transformers 5 (and 4.57), reproduced without the 8B model.
 BROKEN_REMOTE_CODE = "from transformers.models.llama.modeling_llama import LLAMA_INPUTS_DOCSTRING\n"
 
 
@@ -231,12 +232,15 @@ def remote_code_sandbox(tmp_path, monkeypatch):
 
 
 def test_remote_code_that_fails_to_import_is_named(tmp_path, remote_code_sandbox):
+    import transformers
+
     path = tmp_path / "custom_rm"
     auto_map = {"AutoModelForSequenceClassification": "modeling_custom.LlamaForCustomReward"}
     write_armorm(path, architectures=["LlamaForCustomReward"], auto_map=auto_map)
     with pytest.raises(ItermergeError, match=(
         r"reward model '.*custom_rm': its remote code \(auto_map .*modeling_custom.LlamaForCustomReward.*\) failed "
-        r"to import under transformers 5.*ImportError: cannot import name 'LLAMA_INPUTS_DOCSTRING'.*"
+        rf"to import under transformers {re.escape(transformers.__version__)}.*"
+        r"ImportError: cannot import name 'LLAMA_INPUTS_DOCSTRING'.*"
         r"Pin transformers .*transformers==4.40.0.*or use a native implementation")):
         RewardModelScorer(str(path), trust_remote_code=True, device="cpu")
 

@@ -14,6 +14,7 @@ from itermerge.sampling import SamplingParams
 from itermerge.sampling.batch import DecodeBatch, prefill, shared_prefix_length
 from itermerge.sampling.hf import HFSampler
 from itermerge.sampling.kv_cache import can_expand_rows, expand_rows, growing_cache, plain_cache
+from itermerge.tokenization import encode_messages
 
 pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
 
@@ -35,11 +36,7 @@ def sharp_model():
 @pytest.fixture(scope="module")
 def prompts(tiny_tok):
     """A chat template with a system prompt: 64 shared tokens, then user turns of 2 to 36 characters."""
-    return [
-        tiny_tok.apply_chat_template([SYSTEM, {"role": "user", "content": q}], add_generation_prompt=True,
-                                     tokenize=True)["input_ids"]
-        for q in QUESTIONS
-    ]
+    return [encode_messages(tiny_tok, [SYSTEM, {"role": "user", "content": q}]) for q in QUESTIONS]
 
 
 @pytest.fixture(scope="module")

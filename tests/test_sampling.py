@@ -13,7 +13,7 @@ from itermerge.sampling import Sample, Sampler, SamplingParams, make_sampler, pr
 from itermerge.sampling.hf import HFSampler
 from itermerge.sampling.logits import apply_penalties, sample_categorical, top_k_mask, top_p_mask, warp_logits
 from itermerge.sampling.vllm import import_vllm, to_sample, vllm_sampling_kwargs
-from itermerge.tokenization import stop_token_ids
+from itermerge.tokenization import encode_messages, stop_token_ids
 
 pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
 
@@ -33,12 +33,7 @@ def sharp_model():
 @pytest.fixture(scope="module")
 def prompts(tiny_tok):
     texts = ["hi", "what is 2+2?", "a much longer prompt than the others", "12*3=", "ok"]
-    return [
-        tiny_tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True)[
-            "input_ids"
-        ]
-        for t in texts
-    ]
+    return [encode_messages(tiny_tok, [{"role": "user", "content": t}]) for t in texts]
 
 
 # ---------------------------------------------------------------- parameters

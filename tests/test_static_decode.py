@@ -15,6 +15,7 @@ from itermerge.sampling import SamplingParams
 from itermerge.sampling.hf import HFSampler
 from itermerge.sampling.slots import SlotBatch
 from itermerge.sampling.static import StaticKV, cache_bytes, capacity_for, row_buckets, static_unsupported
+from itermerge.tokenization import encode_messages
 
 pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
 
@@ -36,8 +37,7 @@ def sharp_model():
 @pytest.fixture(scope="module")
 def prompts(tiny_tok):
     texts = ["hi", "what is 2+2?", "a much longer prompt than the others", "12*3=", "ok", "the sky is", "1+1"]
-    return [tiny_tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                         tokenize=True)["input_ids"] for t in texts]
+    return [encode_messages(tiny_tok, [{"role": "user", "content": t}]) for t in texts]
 
 
 @pytest.fixture
@@ -151,6 +151,10 @@ def test_a_slot_holds_its_prompt_at_columns_from_zero(sharp_model, tiny_tok, pro
 def test_the_decode_step_never_reads_tensors_back_to_the_host(sharp_model, tiny_tok, prompts):
     """What CUDA graph capture needs, checked on CPU: the step, run on meta tensors (which have no values), makes
     no data-dependent Python decision (.item(), .tolist(), bool(tensor) raise there) and mixes no host tensor in."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:  # 5's rotary embedding skips a disabled autocast
+        pytest.skip("transformers 4's rotary embedding enters torch.autocast('meta'), which torch refuses")
     sampler = HFSampler(sharp_model, tiny_tok, batch_size=4, progress=False)
     kv = StaticKV(sharp_model, sampler._cache_arg, slots=4, capacity=capacity_for(64), graphs=False)
     batch = SlotBatch(kv, sampler._forward, sampler._new_cache, SamplingParams(n=2, max_new_tokens=8),
