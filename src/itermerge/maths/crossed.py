@@ -10,23 +10,24 @@ import numpy as np
 from scipy import integrate, optimize, stats
 
 from itermerge.errors import ItermergeError
-from itermerge.maths.paired import _CHUNK, _check, _paired_items, _percentile, mean_and_ci, pooled_paired_difference
+from itermerge.maths.paired import (
+    _CHUNK,
+    _check,
+    _percentile,
+    mean_and_ci,
+    pooled_paired_difference,
+    seed_differences,
+)
 
 
 def seed_prompt_differences(groups: Sequence[tuple[Sequence[float], Sequence[float]]], where: str) -> np.ndarray:
     """The (S, n) table D[s, i] = a_s[i] − b_s[i] of S seeds scored on the same n prompts in the same order."""
-    if isinstance(groups, (str, bytes)) or not hasattr(groups, "__len__") or len(groups) == 0:
-        raise ItermergeError(f"{where}: groups={groups!r}; give a non-empty list of (a, b) pairs, one per seed")
-    rows = []
-    for i, pair in enumerate(groups):
-        if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
-            raise ItermergeError(f"{where}: groups[{i}] is not an (a, b) pair; give each seed as (a_scores, b_scores)")
-        a, b = _paired_items(pair[0], pair[1], f"{where}: groups[{i}]")
-        if rows and a.size != rows[0].size:
-            raise ItermergeError(f"{where}: groups[{i}] has {a.size} prompts and groups[0] has {rows[0].size}; the "
+    rows = seed_differences(groups, where)
+    for i, d in enumerate(rows):
+        if d.size != rows[0].size:
+            raise ItermergeError(f"{where}: groups[{i}] has {d.size} prompts and groups[0] has {rows[0].size}; the "
                                  "crossed design needs every seed scored on the same prompts (else use "
                                  "pooled_paired_difference, which resamples each seed's prompts on their own)")
-        rows.append(a - b)
     return np.stack(rows)  # (S, n)
 
 

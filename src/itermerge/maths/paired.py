@@ -162,6 +162,19 @@ def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.n
     return out
 
 
+def seed_differences(groups: Sequence[tuple[Sequence[float], Sequence[float]]], where: str) -> list[np.ndarray]:
+    """a_s − b_s for each seed's (a, b) pair of per-item scores, every input checked (``where`` names the caller)."""
+    if isinstance(groups, (str, bytes)) or not hasattr(groups, "__len__") or len(groups) == 0:
+        raise ItermergeError(f"{where}: groups={groups!r}; give a non-empty list of (a, b) pairs, one per seed")
+    diffs = []
+    for i, pair in enumerate(groups):
+        if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+            raise ItermergeError(f"{where}: groups[{i}] is not an (a, b) pair; give each seed as (a_scores, b_scores)")
+        a, b = _paired_items(pair[0], pair[1], f"{where}: groups[{i}]")
+        diffs.append(a - b)  # (n_s,)
+    return diffs
+
+
 def pooled_paired_difference(groups: Sequence[tuple[Sequence[float], Sequence[float]]], *,
                              confidence: float = 0.95, resamples: int = 10000, seed: int = 0) -> dict[str, Any]:
     """The paired difference pooled over S replicates (training seeds), each with its own (a, b) items.
@@ -178,14 +191,7 @@ def pooled_paired_difference(groups: Sequence[tuple[Sequence[float], Sequence[fl
     """
     where = "pooled_paired_difference"
     _check(confidence, resamples, where)
-    if isinstance(groups, (str, bytes)) or not hasattr(groups, "__len__") or len(groups) == 0:
-        raise ItermergeError(f"{where}: groups={groups!r}; give a non-empty list of (a, b) pairs, one per seed")
-    diffs = []
-    for i, pair in enumerate(groups):
-        if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
-            raise ItermergeError(f"{where}: groups[{i}] is not an (a, b) pair; give each seed as (a_scores, b_scores)")
-        a, b = _paired_items(pair[0], pair[1], f"{where}: groups[{i}]")
-        diffs.append(a - b)  # (n_s,)
+    diffs = seed_differences(groups, where)
     S = len(diffs)
     per_seed = [float(d.mean()) for d in diffs]
     out: dict[str, Any] = {"difference": float(np.mean(per_seed)), "ci_low": None, "ci_high": None, "p_value": None,
