@@ -5,6 +5,7 @@
     python bench/sampling_bench.py --device cuda --dtype bfloat16 --batch 8 64 256 --sides generate eager graphs \
         --repeats 3 --max-new-tokens 128                    # the CUDA-graph decode path against generate
     .venv/bin/python bench/sampling_bench.py --tiny --batch 8 16 --sides generate eager graphs   # a CPU smoke test
+    .venv/bin/python bench/sampling_bench.py --dtype bfloat16 --batch 256 64 --sides sampler vllm  # vLLM's CPU build
 
 A batch holds batch/K arithmetic prompts × K samples, and the workload is ``--chunks`` batches of
 prompts, as the pipeline samples Alg. 1's y_1:K for a whole prompt set: ``generate`` is called once
@@ -14,10 +15,12 @@ EOS; tokens counted are the generated ones up to and including EOS. Prints a mar
 
 Sides (``--sides``): ``generate``; ``sampler`` (HFSampler with its default settings); ``eager`` (HFSampler with
 ``cuda_graphs=False``: the decode loop over the growing cache); ``graphs`` (``cuda_graphs=True``: the static slot
-cache, each step a CUDA graph; on a CPU the same static path runs without graphs). Each sampler is built once per
-batch; the static one is warmed on the workload itself (graph capture off the clock, reported apart). The rounds
-alternate the sides, and the table shows each side's median round. ``--tiny``: a 2-layer random model with ``--model``'s
-tokenizer, to try the script out on a CPU.
+cache, each step a CUDA graph; on a CPU the same static path runs without graphs); ``vllm`` (vLLM's CPU build, the
+anchor a CPU user would pick: the whole workload in one ``LLM.generate`` call, in ``--vllm-python``'s interpreter,
+``bench/vllm_anchor.py``; its rounds run first, in their own process, with the engine built off the clock).
+Each sampler is built once per batch; the static one is warmed on the workload itself (graph capture off the clock,
+reported apart). The rounds alternate the sides, and the table shows each side's median round. ``--tiny``: a 2-layer
+random model with ``--model``'s tokenizer, to try the script out on a CPU.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ import platform
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-SIDES = ("generate", "sampler", "eager", "graphs")
+SIDES = ("generate", "sampler", "eager", "graphs", "vllm")
 
 
 def cpu_seconds() -> float:
@@ -102,8 +106,26 @@ def sampler_generate(model, tokenizer, prompts, k: int, max_new: int, batch: int
     return run_sampler(make_sampler(model, tokenizer, batch), prompts, k, max_new)
 
 
+def vllm_rounds(python: str, model: str, batch: int, k: int, chunks: int, max_new: int, dtype: str,
+                repeats: int) -> list[tuple[int, float, float]]:
+    """The vLLM side's rounds, from ``bench/vllm_anchor.py`` in the interpreter that has vLLM's CPU build."""
+    import json
+    import subprocess
+
+    anchor = Path(__file__).with_name("vllm_anchor.py")
+    cmd = [python, str(anchor), "--model", model, "--batch", str(batch), "--k", str(k), "--chunks", str(chunks),
+           "--max-new-tokens", str(max_new), "--dtype", dtype, "--repeats", str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        raise SystemExit(f"vllm side failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+    result = json.loads(line[-1][len("RESULT "):])
+    print(f"batch {batch} vllm: engine built in {result['build_s']:.0f} s (off the clock)", flush=True)
+    return [tuple(r) for r in result["rounds"]]
+
+
 def measure(model, tokenizer, eos: list[int], batches: list[int], sides: list[str], *, k: int, chunks: int,
-            max_new: int, repeats: int) -> list[dict]:
+            max_new: int, repeats: int, vllm: dict | None = None) -> list[dict]:
     """One record per batch: each side's rounds (tokens, wall s, CPU s), alternated, and the graph path's set-up."""
     records = []
     for batch in batches:
@@ -111,7 +133,7 @@ def measure(model, tokenizer, eos: list[int], batches: list[int], sides: list[st
         prompts = arithmetic_prompts(tokenizer, per_batch * chunks, seed=batch)
         samplers, setup = {}, {}
         for side in sides:
-            if side == "generate":
+            if side in ("generate", "vllm"):
                 continue
             samplers[side] = make_sampler(model, tokenizer, batch, side)
             start = time.perf_counter()
@@ -121,8 +143,13 @@ def measure(model, tokenizer, eos: list[int], batches: list[int], sides: list[st
             setup[side] = {"warm_up_s": time.perf_counter() - start, "static": samplers[side].static_decoding,
                            "graphs": len(kv.graphs) if kv else 0, "capture_s": kv.capture_seconds if kv else 0.0}
         rounds: dict[str, list[tuple[int, float, float]]] = {side: [] for side in sides}
+        if "vllm" in sides:  # its own process and engine: its rounds come first, the others' then alternate
+            rounds["vllm"] = vllm_rounds(vllm["python"], vllm["model"], batch, k, chunks, max_new, vllm["dtype"],
+                                         repeats)
         for _ in range(repeats):
             for side in sides:
+                if side == "vllm":
+                    continue
                 if side == "generate":
                     result = timed(hf_generate_loop, model, tokenizer, prompts, per_batch, k, max_new, eos)
                 else:
@@ -160,6 +187,8 @@ def print_table(rows: list[dict], sides: list[str], k: int, chunks: int) -> None
     head = ["batch (prompts × K) × batches", *[f"{s} tok/s" for s in sides]]
     if "generate" in sides:
         head += [f"{s} / generate" for s in others]
+    if "vllm" in sides and "sampler" in sides:
+        head += ["sampler / vLLM"]
     head += ["mean tokens per row", "graphs captured (s)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -168,6 +197,8 @@ def print_table(rows: list[dict], sides: list[str], k: int, chunks: int) -> None
         cells += [f"{row[f'{s}_tok_s']:,}" for s in sides]
         if "generate" in sides:
             cells += [f"**{row[f'{s}_speedup']:.2f}×**" for s in others]
+        if "vllm" in sides and "sampler" in sides:
+            cells.append(f"**{row['sampler_tok_s'] / row['vllm_tok_s']:.2f}×**")
         cells.append(" / ".join(f"{row[f'{s}_mean_tokens']}" for s in sides))
         graphs = row.get("graphs_setup")
         cells.append(f"{graphs['graphs']} ({graphs['capture_s']:.1f} s)" if graphs else "—")
@@ -204,6 +235,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", help="float32 (CPU) or bfloat16 (GPU)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer random model with --model's tokenizer")
+    ap.add_argument("--vllm-python", default=".venv-vllm/bin/python",
+                    help="the interpreter with vLLM's CPU build, for --sides vllm (make test-vllm builds it)")
     args = ap.parse_args()
 
     from itermerge.checkpoint import load_model, load_tokenizer, resolve_model
@@ -223,8 +256,9 @@ def main() -> None:
     hf_generate(model, tokenizer, warm_up, 2, 2, eos)
     sampler_generate(model, tokenizer, warm_up, 2, 2, 2)
     print(f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
+    vllm = {"python": args.vllm_python, "model": path, "dtype": args.dtype} if "vllm" in args.sides else None
     records = measure(model, tokenizer, eos, args.batch, args.sides, k=args.k, chunks=args.chunks,
-                      max_new=args.max_new_tokens, repeats=args.repeats)
+                      max_new=args.max_new_tokens, repeats=args.repeats, vllm=vllm)
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
     where = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
