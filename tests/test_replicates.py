@@ -411,6 +411,9 @@ def test_the_results_page_leads_with_the_primary_endpoint_and_holm_adjusts_the_r
                                       "beats early stopping: merge − best θt on dev, accuracy, lr, T = 2, 2 seeds: "
                                       "+0.375")
     assert f"t-test over seeds p = {p:.2g}, unadjusted" in answer.split("\n\n")[0]
+    # power of the primary endpoint: two seeds 0.25 apart have sd 0.25/√2 = 0.177; a t test on 1 df needs ~11.5 sd
+    assert ("With the seeds' observed spread (sd 0.177) this design holds a difference of 2." in answer
+            and "the paper's size of effect, 0.025, is below what it can see (more seeds or test prompts" in answer)
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
             for line in page.splitlines() if "| lr, T = 2, 2 seeds |" in line}
     primary = next(v for k, v in rows.items() if k.startswith("**Primary endpoint:**"))

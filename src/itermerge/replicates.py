@@ -267,7 +267,8 @@ def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
         design = {"test_prompts": n_test, "seeds": len(tests), "discordant_merge_vs_T": discordant,
                   "mde_one_seed": minimum_detectable_effect(n_test, discordant=discordant) if discordant else
                   minimum_detectable_effect(n_test, baseline=0.5),
-                  "mde_rule": _mde_rule(next((p for p in paired if p["b"] == T), None))}
+                  "mde_rule": mde_under_rule(next((p for p in paired if p["b"] == T), {}).get("metrics", {})
+                                             .get("accuracy"))}
     return {
         "T": T, "seeds": [int(d.parent.name.split("_")[1]) for d in search_dirs], "rows": rows, "paired": paired,
         "iterations": iterations,
@@ -279,13 +280,13 @@ def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
     }
 
 
-def _mde_rule(merge_vs_T: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The accuracy difference the verdict rule finds with power 0.8, from the observed spread of merge − θT over
-    seeds and its crossed standard error (``maths.crossed.pooled_minimum_detectable_effect``); None with one seed or
-    no spread."""
+def mde_under_rule(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The difference the verdict rule finds with power 0.8, from a pooled comparison's observed spread over seeds
+    (``per_seed``) and its crossed standard error (``maths.crossed.pooled_minimum_detectable_effect``); None with one
+    seed or no spread."""
     from itermerge.maths.crossed import pooled_minimum_detectable_effect
 
-    d = (merge_vs_T or {}).get("metrics", {}).get("accuracy") or {}
+    d = d or {}
     per_seed = d.get("per_seed") or []
     sd = statistics.stdev(per_seed) if len(per_seed) >= 2 else 0.0
     if sd <= 0:

@@ -32,8 +32,11 @@ from itermerge.claims import (
     verdict,
 )
 from itermerge.errors import ItermergeError
+from itermerge.replicates import mde_under_rule
 from itermerge.rundir import atomic_write_text
 from itermerge.tables import fmt_ci, metric_names, operators_table
+
+PAPER_EFFECT = 0.025  # the size of effect the paper's Table 2 reports for the merge: 2.5 accuracy points
 
 
 def write_results(out: str | os.PathLike, *, study: str | os.PathLike | None = None,
@@ -123,10 +126,16 @@ def _primary_sentence(claims: Sequence[Claim]) -> str:
                "measured in these runs.\n"
     seeds = d.get("across_seeds") or {}
     t_p = "" if seeds.get("p_value") is None else f", t-test over seeds p = {seeds['p_value']:.2g}"
+    rule = mde_under_rule(d)
+    power = "" if rule is None else (
+        f" With the seeds' observed spread (sd {rule['seed_sd']:.3f}) this design holds a difference of "
+        f"{rule['rule']:.3f} with power 0.8: the paper's size of effect, {PAPER_EFFECT:.3f}, is "
+        f"{'within' if rule['rule'] <= PAPER_EFFECT else 'below'} what it can see"
+        f"{'' if rule['rule'] <= PAPER_EFFECT else ' (more seeds or test prompts would be needed)'}.")
     return (f"**Primary endpoint** (declared in the study file before the runs): {c.text}, {c.where}: "
             f"{d['difference']:+.3f}, 95% CI {fmt_ci(d)} (crossed bootstrap) and {fmt_ci(seeds)} (t over seeds); "
             f"bootstrap p = {d['p_value']:.2g}{t_p}, unadjusted: **{claim_verdict(c)}**. Every other comparison of "
-            "the study is secondary: its p-values are Holm-adjusted.\n")
+            f"the study is secondary: its p-values are Holm-adjusted.{power}\n")
 
 
 def _claims_section(claims: Sequence[Claim], *, primary_declared: bool) -> str:
