@@ -96,10 +96,6 @@ def is_adapter(path: str | os.PathLike) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def is_chain(path: str | os.PathLike) -> bool:
-    return (Path(path) / CHAIN_NAME).is_file()
-
-
 def file_hash(path: Path) -> str:
     h = xxhash.xxh3_128()
     with open(path, "rb") as f:

@@ -5,7 +5,7 @@ Their settings are ``itermerge.config.evaluation``.
 
 from itermerge.evaluation.kl import sequence_kl
 from itermerge.evaluation.metric import Metric, clustered_mean, mean_metric
-from itermerge.evaluation.suite import Evaluator, evaluate, metrics_from_dict, metrics_to_dict
+from itermerge.evaluation.suite import Evaluator, evaluate, metrics_to_dict
 from itermerge.evaluation.task import accuracy_metrics, is_bare_number, mean_reward, task_accuracy
 
 __all__ = [
@@ -17,7 +17,6 @@ __all__ = [
     "is_bare_number",
     "mean_metric",
     "mean_reward",
-    "metrics_from_dict",
     "metrics_to_dict",
     "sequence_kl",
     "task_accuracy",

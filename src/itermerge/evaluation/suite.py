@@ -178,6 +178,3 @@ def evaluate(
 def metrics_to_dict(metrics: dict[str, Metric]) -> dict[str, dict[str, Any]]:
     return {name: m.to_dict() for name, m in metrics.items()}
 
-
-def metrics_from_dict(obj: dict[str, Any], where: str = "metrics") -> dict[str, Metric]:
-    return {name: Metric.from_dict(m, f"{where}.{name}") for name, m in obj.items()}
