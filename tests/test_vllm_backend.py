@@ -281,3 +281,28 @@ def test_the_sampling_stage_shares_prompts_across_processes_each_with_its_own_en
     key = lambda c: (c.prompt_id, c.index)  # noqa: E731
     assert sorted(halves[0]["completions"] + halves[1]["completions"], key=key) == sorted(one["completions"], key=key)
     assert len(halves[0]["completions"]) == 6 and len(halves[1]["completions"]) == 4
+
+
+def test_under_a_launcher_every_process_builds_the_engine_even_with_no_items(fake_vllm, tiny_ckpts, monkeypatch):
+    """An external_launcher engine's build runs collectives over every process: a process with no items of a stage
+    (a grid, or the α study's 5 values, on 8 GPUs) must build it too, or the others wait until the timeout (issue 23
+    item 6). The engine is built on entering the stage under a launcher, lazily on one process."""
+    import vllm.entrypoints.llm as fake
+
+    from itermerge.config import from_dict
+    from itermerge.devices import CPU
+    from itermerge.runner import Shard
+    from itermerge.sampling.backends import evaluation_sampler
+    from itermerge.studies.stages import accuracy_sets_work
+
+    built, init = [], fake.LLM.__init__
+    monkeypatch.setattr(fake.LLM, "__init__", lambda self, model, **kw: built.append(self) or init(self, model, **kw))
+    cfg = from_dict({"model": {"path": str(tiny_ckpts[0])}, "sampling": {"backend": "vllm"}})
+    with evaluation_sampler(cfg, CPU, tiny_ckpts[-1]):
+        pass
+    assert built == []  # one process: built when first asked for
+    launched(monkeypatch, rank=1)
+    with evaluation_sampler(cfg, CPU, tiny_ckpts[-1]) as make_sampler:
+        assert len(built) == 1 and make_sampler is not None  # built on entry, no item asked for it
+    # a study stage whose share of this process is empty still enters the sampler (2 policies, this is rank 5 of 8)
+    assert accuracy_sets_work(cfg, list(tiny_ckpts), Shard(rank=5, world=8)) == {} and len(built) == 2

@@ -4,6 +4,7 @@ a transformers model on this process's device) or ``vllm`` (one engine per proce
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,8 +54,9 @@ def evaluation_sampler(cfg: RunConfig, where: Placement, theta_T: str | Path) ->
     """What an ``Evaluator`` samples with, for one stage: ``make_sampler(model, tokenizer, batch_size, progress)``.
 
     ``hf``: our sampler over the model being evaluated, with the run's speed settings. ``vllm``: one engine per
-    process, built once from θT, into which each evaluated model's weights are loaded in place (the search's
-    merges never go to disk); torn down when the stage ends.
+    process, built once from θT (on entry under a launcher: every process builds it, with items or not), into which
+    each evaluated model's weights are loaded in place (the search's merges never go to disk); torn down when the
+    stage ends.
     """
     if cfg.sampling.backend != "vllm":
         from itermerge.sampling.hf import HFSampler
@@ -67,12 +69,20 @@ def evaluation_sampler(cfg: RunConfig, where: Placement, theta_T: str | Path) ->
 
     engine: list[VLLMSampler] = []
 
+    def build() -> None:
+        engine.append(VLLMSampler(str(theta_T), tensor_parallel_size=cfg.sampling.tensor_parallel_size,
+                                  gpu_memory_utilization=cfg.sampling.gpu_memory_utilization, dtype=where.dtype))
+
     def make_sampler(model: Any, tokenizer: Any, batch_size: int, progress: bool) -> VLLMSampler:
         if not engine:
-            engine.append(VLLMSampler(str(theta_T), tensor_parallel_size=cfg.sampling.tensor_parallel_size,
-                                      gpu_memory_utilization=cfg.sampling.gpu_memory_utilization, dtype=where.dtype))
+            build()
         engine[0].update_weights(dict(model.state_dict()))
         return engine[0]
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under a launcher an engine's build runs collectives over every process: each builds it on entering the
+        # stage, also one with no items of its own (it would otherwise leave the others waiting until the timeout).
+        build()
 
     try:
         yield make_sampler

@@ -63,12 +63,12 @@ def alpha_work(cfg: RunConfig, run_dir: Path, thetas: list[Path], shard: Shard) 
 
     check_alphas(cfg.studies.alphas)
     alphas = shard.take(list(cfg.studies.alphas))
-    if not alphas:
-        return []
     where, theta0 = placement(cfg.model), thetas[0]
-    basis = MergeBasis.from_checkpoints(theta0, thetas[1:], mean_cache=run_dir / "cache" / "mean_intermediate")
-    model, reference, theta_T = (load_placed(p, where) for p in (theta0, theta0, thetas[-1]))
-    with evaluation_sampler(cfg, where, thetas[-1]) as make_sampler:
+    with evaluation_sampler(cfg, where, thetas[-1]) as make_sampler:  # entered by every process (vLLM's build)
+        if not alphas:
+            return []
+        basis = MergeBasis.from_checkpoints(theta0, thetas[1:], mean_cache=run_dir / "cache" / "mean_intermediate")
+        model, reference, theta_T = (load_placed(p, where) for p in (theta0, theta0, thetas[-1]))
         per_alpha = alpha_points(basis, model, load_tokenizer(theta0), dev_prompts(cfg, cfg.studies.prompts),
                                  _scorer(cfg), alphas, reference, theta_T, cfg.dpo.beta, study_params(cfg),
                                  batch_size=cfg.sampling.batch_size, make_sampler=make_sampler, show=shard.is_main)
@@ -93,10 +93,10 @@ def accuracy_sets_work(cfg: RunConfig, thetas: list[Path], shard: Shard) -> dict
     from itermerge.studies.accuracy_matrix import build_test_sets
 
     policies = dict(shard.take([(f"theta{t}", p) for t, p in enumerate(thetas) if t > 0]))
-    if not policies:
-        return {}
     where = placement(cfg.model)
-    with evaluation_sampler(cfg, where, thetas[-1]) as make_sampler:
+    with evaluation_sampler(cfg, where, thetas[-1]) as make_sampler:  # entered by every process (vLLM's build)
+        if not policies:
+            return {}
         return build_test_sets(policies, load_tokenizer(thetas[0]), dev_prompts(cfg, cfg.studies.prompts),
                                _scorer(cfg), study_params(cfg, "train"), batch_size=cfg.sampling.batch_size,
                                where=where, make_sampler=make_sampler)
