@@ -105,3 +105,59 @@ def test_cli_help_does_not_import_torch():
             "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+# The layers, bottom up: a package (or top-level module) imports only from layers below its own. Pure maths and the
+# settings at the bottom, then checkpoints and models, the algorithm's stages, the search and studies, the pipeline,
+# and the command line on top. A new module takes the lowest layer its imports allow.
+LAYERS = [
+    {"errors", "itermerge", "plots", "provenance", "seeds"},
+    {"callables", "maths", "rundir"},
+    {"checkpoint", "config", "logprobs", "records"},
+    {"devices", "integrity", "merging", "plan", "tasks", "tokenization"},
+    {"labeling", "prompts", "runner", "sampling", "training"},
+    {"evaluation", "iteration", "studies"},
+    {"preflight", "search"},
+    {"tables"},
+    {"claims", "report"},
+    {"pipeline"},
+    {"replicates"},
+    {"results"},
+    {"commands"},
+    {"cli"},
+]
+
+
+def package_of(module: str) -> str:
+    """itermerge.search.points → search; itermerge.pipeline → pipeline; itermerge → itermerge."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def layer_violations(graph: dict[str, set[str]], layers: list[set[str]]) -> list[str]:
+    """Every import from a module to a package of its own layer or above (other than its own package)."""
+    level = {name: i for i, layer in enumerate(layers) for name in layer}
+    out = []
+    for module, imports in sorted(graph.items()):
+        a = package_of(module)
+        for target in sorted(imports):
+            b = package_of(target)
+            if a == b:
+                continue
+            if a not in level or b not in level:
+                out.append(f"{module} → {target}: {a if a not in level else b!r} has no layer in LAYERS")
+            elif level[b] >= level[a]:
+                out.append(f"{module} (layer {level[a]}) → {target} (layer {level[b]})")
+    return out
+
+
+def test_the_layer_check_sees_an_inversion():
+    layers = [{"errors"}, {"config"}, {"sampling"}]
+    planted = {"itermerge.config.run": {"itermerge.sampling.params"}, "itermerge.sampling.params": {"itermerge.errors"}}
+    assert layer_violations(planted, layers) == ["itermerge.config.run (layer 1) → itermerge.sampling.params (layer 2)"]
+    assert layer_violations({"itermerge.config.run": {"itermerge.errors"}}, layers) == []
+
+
+def test_every_package_imports_only_from_the_layers_below_it():
+    violations = layer_violations(import_graph(), LAYERS)
+    assert not violations, "imports against the layer order:\n" + "\n".join(violations)

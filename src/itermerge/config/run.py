@@ -10,9 +10,9 @@ from itermerge.config.defaults import follow_the_run
 from itermerge.config.dpo import DPOConfig
 from itermerge.config.evaluation import EvalConfig
 from itermerge.config.parse import build, read_yaml
+from itermerge.config.sampling_params import SamplingParams
 from itermerge.config.search import SearchConfig
 from itermerge.errors import ItermergeError
-from itermerge.sampling import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from itermerge.errors import ItermergeError
 from itermerge.logprobs.batches import GroupedBatch, TokenBatch
+from itermerge.logprobs.into_grad import EmbeddingIntoGrad, OutputLayerIntoGrad
 from itermerge.logprobs.structure import (
     cache_argument_name,
     checkpointing,
@@ -20,7 +21,6 @@ from itermerge.logprobs.structure import (
     scores_from_hidden_states,
     takes_custom_masks,
 )
-from itermerge.training.lean_autograd import EmbeddingIntoGrad, OutputLayerIntoGrad
 
 
 class CompletionLogprobs(nn.Module):
@@ -42,7 +42,7 @@ class CompletionLogprobs(nn.Module):
         self.cache_argument = cache_argument_name(model.base_model) if self.from_hidden_states else None
         # Packing needs what the cache path needs (position ids) plus a custom attention mask.
         self.packs_groups = self.cache_argument is not None and takes_custom_masks(model)
-        # Set by a training loop that owns .grad alone (see itermerge.training.lean_autograd).
+        # Set by a training loop that owns .grad alone (see itermerge.logprobs.into_grad).
         self.grads_into_weights = False
 
     def forward(self, batch: TokenBatch | GroupedBatch) -> Tensor:

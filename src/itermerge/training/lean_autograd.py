@@ -6,10 +6,10 @@ Each gives autograd's gradients up to float rounding (tests/test_dpo.py compares
 
 Why (each measured on SmolLM2-135M in docs/benchmarks.md, each behind its own ``dpo`` setting):
 
-- ``dpo.grads_into_weights``: the input embedding and the output layer. Autograd builds each one's (V, H)
-  weight gradient afresh per micro-batch (a vocabulary-sized buffer, page-faulted in) and then adds it into
-  ``.grad``; here the rows are added (and the output-layer product accumulated with ``addmm_``) straight
-  into ``.grad``;
+- ``dpo.grads_into_weights``: the input embedding and the output layer (``logprobs/into_grad.py``, where the
+  log-prob scorer uses them). Autograd builds each one's (V, H) weight gradient afresh per micro-batch (a
+  vocabulary-sized buffer, page-faulted in) and then adds it into ``.grad``; there the rows are added (and the
+  output-layer product accumulated with ``addmm_``) straight into ``.grad``;
 - ``dpo.lean_activations``: SwiGLU (``down(silu(gate) · up)``) and RMSNorm. Autograd keeps silu(gate), the
   product, and the normalised input of every layer until backward (a third of the activations); here only
   gate, up and the norm's input are kept and the rest is recomputed in backward (a few elementwise passes).
@@ -25,49 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itermerge.logprobs.structure import at_least_float32
-
-
-class EmbeddingIntoGrad(torch.autograd.Function):
-    """``F.embedding(ids, weight)`` whose backward adds the looked-up rows' gradients into ``weight.grad``."""
-
-    @staticmethod
-    def forward(ctx, ids: Tensor, weight: Tensor, padding_idx: int | None) -> Tensor:
-        ctx.save_for_backward(ids)
-        ctx.weight, ctx.padding_idx = weight, padding_idx
-        return F.embedding(ids, weight)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[None, None, None]:
-        (ids,) = ctx.saved_tensors
-        weight, ids, rows = ctx.weight, ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1])
-        if ctx.padding_idx is not None:  # as nn.Embedding: the padding row gets no gradient
-            keep = ids != ctx.padding_idx
-            ids, rows = ids[keep], rows[keep]
-        _grad_of(weight).index_add_(0, ids, rows.to(weight.dtype))
-        return None, None, None
-
-
-class OutputLayerIntoGrad(torch.autograd.Function):
-    """``hidden @ weight.T`` whose backward accumulates ``grad_logits.T @ hidden`` into ``weight.grad``."""
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor) -> Tensor:
-        ctx.save_for_backward(hidden)
-        ctx.weight = weight
-        return hidden @ weight.t()
-
-    @staticmethod
-    def backward(ctx, grad_logits: Tensor) -> tuple[Tensor, None]:
-        (hidden,) = ctx.saved_tensors
-        weight = ctx.weight
-        _grad_of(weight).addmm_(grad_logits.t().to(weight.dtype), hidden.to(weight.dtype))
-        return grad_logits @ weight.to(grad_logits.dtype), None
-
-
-def _grad_of(weight: Tensor) -> Tensor:
-    if weight.grad is None:
-        weight.grad = torch.zeros_like(weight)
-    return weight.grad
 
 
 class SwiGLUDown(torch.autograd.Function):
