@@ -111,7 +111,7 @@ def _probe() -> dict[str, Any]:
 def placement(model: ModelConfig) -> Placement:
     """``model.device`` / ``model.dtype`` resolved for this process. ``auto``: this process's GPU (``LOCAL_RANK``
     under ``accelerate launch`` or torchrun) in bfloat16 when CUDA is present, else the CPU in the precision it
-    computes faster, measured (``cpu_precision``: bf16 is 7× fp32 with AMX, 4× slower on some CPUs without);
+    computes faster, measured (``cpu_precision``: which one wins differs between CPU kinds, by several times);
     a bare ``cuda`` also means this process's GPU."""
     import torch
 

@@ -119,7 +119,8 @@ class Manifest:
     """``manifest.json``: each completed stage and what it recorded; written atomically.
 
     A stage is recorded only after its files are complete, so a stage missing here is redone
-    from scratch on resume and a stage present here is never redone.
+    from scratch on resume; a stage present here is skipped while its files match what it recorded
+    (``integrity``: size and mtime, or content under ``--verify``) and redone when they do not.
     """
 
     def __init__(self, run_dir: str | os.PathLike):

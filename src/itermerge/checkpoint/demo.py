@@ -34,7 +34,7 @@ def cache_root() -> Path:
 
 
 def demo_checkpoint() -> Path:
-    """Convert the demo GGUF to an fp32 HF checkpoint once (~30 s) and cache it."""
+    """Convert the demo GGUF to an fp32 HF checkpoint once and cache it."""
     out = cache_root() / DEMO_MODEL
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out

@@ -47,7 +47,7 @@ def load_model(
     trust_remote_code: bool = False,
     partitioned: bool = False,
 ):
-    """A causal LM in eval mode; fp32 by default (bf16 is ~4× slower than fp32 on CPUs).
+    """A causal LM in eval mode; fp32 by default (the run's measured precision is passed in).
 
     The weights are whole even where a DeepSpeed ZeRO-3 accelerator exists in this process, unless
     ``partitioned`` (training, when the launcher's ``zero3_init_flag`` asks for zero.Init).

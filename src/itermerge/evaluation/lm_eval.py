@@ -160,7 +160,7 @@ def document_split(name: str, manager: Any, split: str) -> dict[str, list[int]]:
 @functools.lru_cache(maxsize=4)
 def _task_manager(names: tuple[str, ...], include: str | None) -> Any:
     """Index only the local task directory when it holds every task: indexing lm-eval's own YAMLs takes
-    ~40 s on a laptop CPU, so it is done once per process (the search evaluates many points)."""
+    tens of seconds, so it is done once per process (the search evaluates many points)."""
     from lm_eval.tasks import TaskManager
 
     if include is not None:

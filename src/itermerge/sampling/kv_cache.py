@@ -149,19 +149,15 @@ def expand_rows(cache: Any, rows: int) -> None:
 
 def growing_cache(config: Any, capacity: int) -> Any:
     """A ``DynamicCache`` for ``config`` whose full-attention layers grow in place (room for ``capacity`` tokens
-    before the first doubling). Other layer kinds (sliding windows, …) and older transformers stay as they are."""
+    before the first doubling). Other layer kinds (sliding windows, …) stay as they are."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    try:
-        cache = DynamicCache(config=config)
-    except TypeError:  # transformers 4: no per-layer objects to swap
-        return DynamicCache()
+    cache = DynamicCache(config=config)  # per-layer objects since transformers 4.56 (our bound: 4.57.1)
     layer_class = _growing_layer_class()
-    layers = getattr(cache, "layers", None) or []
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer:
-            layers[i] = layer_class(capacity)
+            cache.layers[i] = layer_class(capacity)
     return cache
 
 
@@ -169,7 +165,4 @@ def plain_cache(config: Any) -> Any:
     """transformers' own ``DynamicCache`` (re-concatenated every step; rows join only an empty batch)."""
     from transformers import DynamicCache
 
-    try:
-        return DynamicCache(config=config)
-    except TypeError:  # transformers 4
-        return DynamicCache()
+    return DynamicCache(config=config)
