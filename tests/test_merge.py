@@ -439,3 +439,42 @@ def test_a_hub_id_reference_reads_the_cached_snapshot(tiny_ckpts, tmp_path, monk
     assert CheckpointReader("org/tiny-theta0").path == snapshot
     with pytest.raises(ItermergeError, match=r"org/absent: not in the local Hugging Face cache"):
         CheckpointReader("org/absent")
+
+
+def test_merge_basis_holds_no_copy_of_the_model(tmp_path, monkeypatch):
+    """Issue 23 item 11: under a launcher every process builds a basis; it must not hold θ0 and two deltas in
+    float32 (3× the model per process, ~96 GB each for an 8B model), only block buffers while it merges."""
+    import os
+    import tracemalloc
+
+    from itermerge.checkpoint import dtypes
+
+    wide = dict(vocab_size=16384, hidden_size=256, intermediate_size=512)  # ~10M parameters: many blocks
+    paths = [save_tiny(tmp_path / "theta0", tiny_model(0, **wide))]
+    for t in (1, 2, 3):
+        m = tiny_model(0, **wide)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.01 * t)
+        paths.append(save_tiny(tmp_path / f"theta{t}", m))
+    model = tiny_model(1, **wide)
+    model_bytes = sum(p.numel() * 4 for p in model.parameters())
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # the merge's threads, each with its block buffers
+    block_buffers = 2 * 10 * dtypes.CHUNK * 8  # per thread: raw and float32 per input, two deltas, one scratch
+    assert 3 * model_bytes > block_buffers + model_bytes / 4  # holding θ0 and two deltas would fail the bound
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        basis = MergeBasis.from_checkpoints(paths[0], paths[1:], mean_cache=tmp_path / "cache")
+        built = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        basis.apply_to(model, 0.3, 0.4)
+        applying = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert built - before < model_bytes / 4  # the readers' headers; θ̄'s cache went to disk
+    assert applying - built < block_buffers + model_bytes / 4
+    merged = CheckpointReader(merge_checkpoints(paths[0], paths[1:], tmp_path / "m", lam=0.3, alpha=0.4,
+                                                mean_cache=tmp_path / "cache", progress=False))
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), merged.get(name)), name

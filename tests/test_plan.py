@@ -65,13 +65,13 @@ def test_the_examples_fit_8_gpus_of_80_gb_under_zero3(models, name, capsys):
     assert stages["train"].parts["AdamW state"] == 16 * p / 8  # float32 master, gradient, two moments, sharded
     assert stages["reference"].parts["θ0"] == 2 * p  # bf16
     assert stages["sample"].parts["vLLM engine"] == cfg.sampling.gpu_memory_utilization * 80 * GiB
-    assert result.host_bytes == 12 * p  # MergeBasis per process
+    assert result.host_bytes == 12 * p  # θ0, θ̄, θT in float32, once per host
     path = ROOT / "examples" / name
     assert main(["plan", str(path), "--gpus", "8", "--gpu-memory", "80GiB", "--zero-stage", "3",
                  "--set", f"model.path={policy}", "--set", f"scorer.path={models['armorm']}",
                  "--set", f"evaluation.reward.scorer.path={models['armorm']}"]) == 0
     out = capsys.readouterr().out
-    assert "| train |" in out and "does not fit" not in out and "Host memory per process" in out
+    assert "| train |" in out and "does not fit" not in out and "Host page cache, shared by the 8 processes" in out
 
 
 def test_a_config_that_cannot_fit_is_refused_by_stage_and_numbers(models):

@@ -14,8 +14,9 @@ What each stage holds at its peak, as the code runs it (``w`` = bytes per weight
   a layer at 16 bits; with gradient checkpointing the layer inputs plus one layer), and the micro-batch's logits
   in float32 with their gradient.
 - search / test: the model being measured, θ0 when KL is measured, the judge, and the evaluation's sampler (its KV
-  cache, or the vLLM engine's share): all resident at once. On the host, ``MergeBasis`` keeps θ0 and two deltas in
-  float32 (12 bytes a parameter) in every process.
+  cache, or the vLLM engine's share): all resident at once. On the host, ``MergeBasis`` reads θ0, θ̄ and θT (float32
+  on disk, 12 bytes a parameter) block by block: their pages sit in the page cache once per host, shared by every
+  process, and each process holds only block buffers.
 
 A plan is an estimate of the largest terms, not an allocator trace: allocator fragmentation and CUDA's own context
 (~0.5-1 GiB) come on top, so a stage above 90 % of a device is flagged as tight.
@@ -87,7 +88,7 @@ class Stage:
 @dataclass
 class Plan:
     stages: list[Stage]
-    host_bytes: float  # per process: MergeBasis's float32 θ0 and two deltas
+    host_bytes: float  # per host, shared by the processes: the page cache of θ0, θ̄, θT in float32
     gpus: int
     device_bytes: float | None  # one device's memory; None: not checked (a CPU run)
     engine_floor: float = 0.0  # what a vLLM engine must hold: the weights and one full sequence's KV cache
@@ -109,8 +110,8 @@ class Plan:
             share = "" if cap is None else f"{s.device_bytes / cap:.0%}" + (
                 " **does not fit**" if s.device_bytes > cap else " tight" if s.device_bytes > TIGHT * cap else "")
             lines.append(f"| {s.name} | {s.device_bytes / GiB:.1f} | {share} | {_parts(s)} |")
-        lines.append(f"\nHost memory per process: {self.host_bytes / GiB:.1f} GiB (MergeBasis: θ0 and two deltas in "
-                     f"float32); {self.gpus} processes: {self.gpus * self.host_bytes / GiB:.1f} GiB.")
+        lines.append(f"\nHost page cache, shared by the {self.gpus} processes: {self.host_bytes / GiB:.1f} GiB "
+                     "(the search reads θ0, θ̄ and θT in float32 in blocks; each process holds only block buffers).")
         return "\n".join(lines)
 
 

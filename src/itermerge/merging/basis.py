@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from itermerge.checkpoint import dtypes
-from itermerge.checkpoint.dtypes import FLOAT_DTYPES, to_float32
+from itermerge.checkpoint.dtypes import FLOAT_DTYPES
 from itermerge.checkpoint.reader import CheckpointReader, check_compatible
 from itermerge.errors import ItermergeError
 from itermerge.maths.merge import eq9_block, intermediate_total, merge_weights
-from itermerge.maths.operators import dot64, slerp_coefficients
+from itermerge.merging.engine import Scratch, Source, reduce_blocks
+from itermerge.merging.first_pass import slerp_weights
 from itermerge.merging.mean import mean_cache_hashes, mean_checkpoint
 from itermerge.merging.operators import resolve_operator
 
@@ -67,40 +67,28 @@ def merge_state_dicts(
 
 
 class MergeBasis:
-    """θ0 and the deltas θ̄ − θ0, θT − θ0 in float32, so that any (λ, α) point is three passes over memory.
+    """θ0, θ̄ and θT read block by block at every point, so that any (λ, α) point is one pass over three checkpoints.
 
     ``apply_to(model, lam, alpha)`` overwrites the model's parameters with eq. (10)'s merge in place:
-    θ0 + (k̄ (θ̄ − θ0) + k_T (θT − θ0)), the same elementwise operations as `eq9_block`, so a point
-    equals the streamed merge with a θ̄ cache bit for bit (except where that merge copies an input
-    exactly: λ = 0 with α = 0, or λ = 1 with α = 0, which differ here by at most one rounding).
-    ``apply_coefficients`` takes any (k̄, k_T), shared or per tensor; ``apply_operator`` the operators linear
-    in (θ0, θ̄, θT) — ExPO, layer groups, SLERP (its per-tensor angle fixes (k̄, k_T)) — and EMA, whose
-    intermediate k_t differ, with ``each=True``: then every θ_t − θ0 is kept ((T+1)× the model in memory)
-    and the coefficients are k_1..k_T themselves.
+    θ0 + (k̄ (θ̄ − θ0) + k_T (θT − θ0)), the deltas formed per block and combined by `eq9_block`, the same
+    elementwise operations as the streamed merge, so a point equals the streamed merge with a θ̄ cache bit for bit
+    (except where that merge copies an input exactly: λ = 0 with α = 0, or λ = 1 with α = 0, which differ here by
+    at most one rounding). ``apply_coefficients`` takes any (k̄, k_T), shared or per tensor; ``apply_operator``
+    the operators linear in (θ0, θ̄, θT) — ExPO, layer groups, SLERP (its per-tensor angle fixes (k̄, k_T)) — and
+    EMA, whose intermediate k_t differ, with ``each=True``: then the directions are θ1..θT themselves and the
+    coefficients k_1..k_T.
+
+    Nothing model-sized is held in this process: a few block buffers per thread. The checkpoints' pages sit in
+    the operating system's page cache, which every process of a launch shares, so eight processes merging an
+    8B model hold its three float32 checkpoints (~96 GB) once per host, not ~96 GB each.
     """
 
-    def __init__(
-        self,
-        theta0: Mapping[str, torch.Tensor],
-        theta_bar: Mapping[str, torch.Tensor] | None,
-        theta_T: Mapping[str, torch.Tensor],
-        T: int,
-        intermediates: Sequence[Mapping[str, torch.Tensor]] | None = None,
-    ):
-        self.T = T
-        self.theta0 = {n: _f32(t) for n, t in theta0.items()}
-        self.delta_T = {n: np.subtract(_f32(theta_T[n]), t) for n, t in self.theta0.items()}
-        self.delta_bar = (
-            None if theta_bar is None else {n: np.subtract(_f32(theta_bar[n]), t) for n, t in self.theta0.items()}
-        )
-        self.each = intermediates is not None
-        if self.each:
-            if len(intermediates) != T - 1:
-                raise ItermergeError(f"MergeBasis: {len(intermediates)} intermediate checkpoints for T={T}; give T−1")
-            self.directions = [{n: np.subtract(_f32(x[n]), t) for n, t in self.theta0.items()} for x in intermediates]
-            self.directions.append(self.delta_T)
-        else:
-            self.directions = [self.delta_bar, self.delta_T]
+    def __init__(self, base: Source, directions: Sequence[Source], T: int, each: bool = False):
+        reader = base.readers[0]
+        self.T, self.each = T, each
+        self.base, self.directions = base, list(directions)
+        self.names = [n for n in reader if reader.dtype(n) in FLOAT_DTYPES]
+        self.shapes = {n: reader.shape(n) for n in self.names}
 
     @classmethod
     def from_checkpoints(
@@ -112,22 +100,18 @@ class MergeBasis:
     ) -> MergeBasis:
         readers = [CheckpointReader(p) for p in [reference, *checkpoints]]
         check_compatible(readers)
+        base, T = Source(readers[:1]), len(checkpoints)
         if each:
-            return cls(_load_float32(readers[0]), None, _load_float32(readers[-1]), T=len(checkpoints),
-                       intermediates=[_load_float32(r) for r in readers[1:-1]])
-        theta_bar = None
-        if len(checkpoints) == 2:
-            theta_bar = _load_float32(readers[1])
-        elif len(checkpoints) > 2:
-            if mean_cache is None:
-                raise ItermergeError(
-                    "MergeBasis with T ≥ 3 needs mean_cache: a directory for θ̄ (it is created if absent)"
-                )
-            cache = Path(mean_cache)
-            if mean_cache_hashes(cache, readers[1:-1]) is None:
-                mean_checkpoint([r.path for r in readers[1:-1]], cache, force=True)
-            theta_bar = _load_float32(CheckpointReader(cache))
-        return cls(_load_float32(readers[0]), theta_bar, _load_float32(readers[-1]), T=len(checkpoints))
+            return cls(base, [Source([r]) for r in readers[1:]], T, each=True)
+        if len(checkpoints) <= 2:
+            bar = [Source(readers[1:2])] if len(checkpoints) == 2 else [None]
+            return cls(base, [*bar, Source(readers[-1:])], T)
+        if mean_cache is None:
+            raise ItermergeError("MergeBasis with T ≥ 3 needs mean_cache: a directory for θ̄ (it is created if absent)")
+        cache = Path(mean_cache)
+        if mean_cache_hashes(cache, readers[1:-1]) is None:
+            mean_checkpoint([r.path for r in readers[1:-1]], cache, force=True)
+        return cls(base, [Source([CheckpointReader(cache)]), Source(readers[-1:])], T)
 
     def coefficients(self, k: Sequence[float]) -> tuple[float, ...]:
         """Eq. (9)'s k_1..k_T as weights of the basis' deltas: (k̄, k_T) with k̄ = Σ_{t<T} k_t, or k itself (each)."""
@@ -148,17 +132,13 @@ class MergeBasis:
 
     def slerp_coefficients(self, t: float) -> dict[str, tuple[float, float]]:
         """Per tensor, (k̄, k_T) with slerp(θ̄ − θ0, θT − θ0, t) = k̄ (θ̄ − θ0) + k_T (θT − θ0): SLERP as eq. (9)."""
-        if self.delta_bar is None:
+        if self.each or self.directions[0] is None:
             raise ItermergeError("SLERP interpolates θ̄'s and θT's task vectors: build the basis with T ≥ 2, each=False")
-        out = {}
-        for name, b in self.delta_T.items():
-            a, b = self.delta_bar[name].reshape(-1), b.reshape(-1)
-            out[name] = slerp_coefficients(dot64(a, b), dot64(a, a), dot64(b, b), t)
-        return out
+        return slerp_weights(self.base, *self.directions, self.names, t, progress=False)
 
     def operator_coefficients(self, method: str, **params: Any) -> dict[str, tuple[float, ...]]:
         """Per tensor, the coefficients of the basis' deltas that a merge operator gives (``merging.operators``)."""
-        op = resolve_operator(method, self.T, list(self.theta0), **params)
+        op = resolve_operator(method, self.T, self.names, **params)
         if op.method == "slerp":
             return self.slerp_coefficients(op.t)
         if not op.linear:
@@ -166,25 +146,34 @@ class MergeBasis:
                 f"--method {op.method} sparsifies each θ_t − θ0 before weighting: it is not linear in (θ0, θ̄, θT); "
                 "write it with merge_checkpoints (itermerge merge) instead"
             )
-        return {name: self.coefficients(op.weights_for(name)) for name in self.theta0}
+        return {name: self.coefficients(op.weights_for(name)) for name in self.names}
 
-    def _merge_into(self, out: np.ndarray, name: str, coefficients: Sequence[float]) -> None:
-        """out = θ0 + Σ_j c_j D_j over a flat float32 array, through eq. (9)'s one kernel, block by block."""
-        theta0 = self.theta0[name].reshape(-1)
-        terms = [(d[name].reshape(-1), c) for d, c in zip(self.directions, coefficients) if d is not None and c != 0.0]
-        tmp = np.empty(min(dtypes.CHUNK, out.size), dtype=np.float32)
-        for i in range(0, out.size, dtypes.CHUNK):
-            j = min(i + dtypes.CHUNK, out.size)
-            eq9_block(out[i:j], theta0[i:j], [d[i:j] for d, _ in terms], [c for _, c in terms], tmp[: j - i],
-                      deltas=True)
+    def _merge_block(self, out: np.ndarray, name: str, i: int, coefficients: Sequence[float],
+                     scratch: Scratch) -> None:
+        """Block i of θ0 + Σ_j c_j (θ_j − θ0) into ``out`` (the whole flat float32 tensor), by eq. (9)'s kernel."""
+        theta0 = self.base.block(name, i, scratch, 0)
+        terms = [(j, d, c) for j, (d, c) in enumerate(zip(self.directions, coefficients)) if d is not None and c]
+        deltas = [np.subtract(d.block(name, i, scratch, j + 1), theta0, out=scratch.get(("d", j), np.float32)[
+            : theta0.size]) for j, d, _ in terms]
+        start = i * dtypes.CHUNK
+        eq9_block(out[start : start + theta0.size], theta0, deltas, [c for _, _, c in terms],
+                  scratch.get("tmp", np.float32)[: theta0.size], deltas=True)
+
+    def _merge_into(self, targets: Mapping[str, np.ndarray], per_tensor: Mapping[str, Sequence[float]]) -> None:
+        """Every named flat float32 array ← its merge, block by block on the merge engine's threads."""
+        numel = {name: out.size for name, out in targets.items()}
+        reduce_blocks(numel, lambda name, i, scratch: self._merge_block(targets[name], name, i, per_tensor[name],
+                                                                         scratch),
+                      lambda state, i, value: None, lambda name, state: None, "merge", progress=False)
 
     def merged_tensor(self, name: str, lam: float | None = None, alpha: float | None = None, *,
                       coefficients: Sequence[float] | None = None) -> torch.Tensor:
         """One merged tensor: of (λ, α), or of the given coefficients of the basis' deltas."""
         import torch
 
-        out = np.empty(self.theta0[name].shape, dtype=np.float32)
-        self._merge_into(out.reshape(-1), name, self.weights(lam, alpha) if coefficients is None else coefficients)
+        out = np.empty(self.shapes[name], dtype=np.float32)
+        self._merge_into({name: out.reshape(-1)},
+                         {name: self.weights(lam, alpha) if coefficients is None else coefficients})
         return torch.from_numpy(out)
 
     def apply_to(self, model: torch.nn.Module, lam: float, alpha: float) -> None:
@@ -202,7 +191,7 @@ class MergeBasis:
         import torch
 
         params = dict(model.named_parameters())  # tied weights appear once
-        missing = sorted(set(params) - set(self.theta0))
+        missing = sorted(set(params) - set(self.shapes))
         if missing:
             raise ItermergeError(
                 f"model parameter {missing[0]!r} is not in θ0's checkpoint; load the model from the same architecture"
@@ -213,38 +202,11 @@ class MergeBasis:
             raise ItermergeError(f"no coefficients for parameter {absent[0]!r}; give one entry per tensor")
         with torch.no_grad():
             direct = {
-                n: p
+                n: p.detach().numpy().reshape(-1)
                 for n, p in params.items()
                 if p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous()
             }
             for name, p in params.items():  # GPU or non-fp32 parameters: merge on the CPU, then copy
                 if name not in direct:
                     p.copy_(self.merged_tensor(name, coefficients=per_tensor[name]))
-            workers = max(1, min(os.cpu_count() or 1, 8))
-            with ThreadPoolExecutor(max_workers=workers) as pool:  # numpy releases the GIL
-                list(pool.map(
-                    lambda item: self._merge_into(item[1].detach().numpy().reshape(-1), item[0], per_tensor[item[0]]),
-                    direct.items(),
-                ))
-
-
-def _f32(t: Any) -> np.ndarray:
-    """A torch tensor or array as a contiguous float32 numpy array (a copy only when needed)."""
-    if isinstance(t, np.ndarray):
-        return np.ascontiguousarray(t, dtype=np.float32)
-    import torch
-
-    return t.detach().to("cpu", torch.float32).contiguous().numpy()
-
-
-def _load_float32(reader: CheckpointReader) -> dict[str, np.ndarray]:
-    """Every floating-point tensor of a checkpoint as float32 arrays."""
-    out = {}
-    for name in reader:
-        st = reader.dtype(name)
-        if st in FLOAT_DTYPES:
-            raw = reader.read(name)
-            out[name] = (raw if st == "F32" else to_float32(raw, st, np.empty(raw.size, dtype=np.float32))).reshape(
-                reader.shape(name)
-            )
-    return out
+            self._merge_into(direct, per_tensor)
