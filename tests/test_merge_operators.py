@@ -18,6 +18,7 @@ from itermerge.errors import ItermergeError
 from itermerge.maths import operators as ops
 from itermerge.maths.merge import merge_weights
 from itermerge.merging import MergeBasis, merge_checkpoints, mergekit_config_for
+from itermerge.operators import operator
 
 pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
 
@@ -52,8 +53,10 @@ def toy(path: Path, tensors: dict[str, list[float]]) -> Path:
     return path
 
 
-def merge(tiny_ckpts, out: Path, **kw) -> dict[str, np.ndarray]:
-    return arrays(merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], out, progress=False, **kw))
+def merge(tiny_ckpts, out: Path, method: str = "paper", mean_cache: Path | None = None, **params
+          ) -> dict[str, np.ndarray]:
+    op = operator(method, **params)
+    return arrays(merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], out, op, mean_cache=mean_cache, progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +111,14 @@ def test_groups_take_their_own_lambda_alpha(tiny_ckpts, tmp_path):
 def test_slerp_of_orthogonal_task_vectors_by_hand(tmp_path):
     # θ0 = 0, θ̄ = θ1 = e1, θT = e2 (T = 2): Ω = π/2, t = 1/2 → sin(π/4)/sin(π/2) = √2/2 on each.
     paths = [toy(tmp_path / f"t{i}", {"w": w}) for i, w in enumerate([[0, 0], [1, 0], [0, 1]])]
-    out = arrays(merge_checkpoints(paths[0], paths[1:], tmp_path / "s", method="slerp", t=0.5, progress=False))
+    out = arrays(merge_checkpoints(paths[0], paths[1:], tmp_path / "s", operator("slerp", t=0.5), progress=False))
     assert out["w"] == pytest.approx([math.sqrt(0.5)] * 2, abs=1e-7)
 
 
 def test_slerp_of_parallel_task_vectors_is_the_lerp(tmp_path):
     # Δ̄ = (1, 2), ΔT = (3, 6): cos Ω = 1, so (1 − t)·Δ̄ + t·ΔT = 0.75·(1, 2) + 0.25·(3, 6) = (1.5, 3) exactly.
     paths = [toy(tmp_path / f"t{i}", {"w": w}) for i, w in enumerate([[1, 1], [2, 3], [2, 3], [4, 7]])]
-    out = arrays(merge_checkpoints(paths[0], paths[1:], tmp_path / "s", method="slerp", t=0.25, progress=False))
+    out = arrays(merge_checkpoints(paths[0], paths[1:], tmp_path / "s", operator("slerp", t=0.25), progress=False))
     assert out["w"].tolist() == [2.5, 4.0]
 
 
@@ -146,11 +149,11 @@ def test_ties_by_hand(tmp_path):
     # agreeing entries sum to (3, −4, 2, 0). With k = (1, 2): Σ = (−1, −8, 2, 0) elects − first: (−4, −8, 2, 0).
     paths = [toy(tmp_path / f"t{i}", {"w": w}) for i, w in enumerate([[0] * 4, [3, -1, 2, 0.5], [-2, -4, 1, 0.25]])]
     for k, expected in (([1.0, 1.0], [3, -4, 2, 0]), ([1.0, 2.0], [-4, -8, 2, 0])):
-        out = merge_checkpoints(paths[0], paths[1:], tmp_path / "o", method="ties", weights=k, density=0.5,
+        out = merge_checkpoints(paths[0], paths[1:], tmp_path / "o", operator("ties", weights=k, density=0.5),
                                 progress=False, force=True)
         assert arrays(out)["w"].tolist() == expected
     # α = −1 makes every k_t zero: nothing to trim or elect, θ0 itself.
-    out = merge_checkpoints(paths[0], paths[1:], tmp_path / "o", method="ties", lam=0.5, alpha=-1.0, density=0.5,
+    out = merge_checkpoints(paths[0], paths[1:], tmp_path / "o", operator("ties", lam=0.5, alpha=-1.0, density=0.5),
                             progress=False, force=True)
     assert arrays(out)["w"].tolist() == [0, 0, 0, 0]
 
@@ -181,7 +184,7 @@ def test_ties_with_many_ties_at_the_kth_magnitude(tmp_path, monkeypatch):
     paths = [toy(tmp_path / f"t{i}", {"w": th.tolist()}) for i, th in enumerate(thetas)]
     k = [0.5, -0.7, 1.1]
     for density in (0.1, 0.37, 1.0):
-        out = merge_checkpoints(paths[0], paths[1:], tmp_path / "o", method="ties", weights=k, density=density,
+        out = merge_checkpoints(paths[0], paths[1:], tmp_path / "o", operator("ties", weights=k, density=density),
                                 progress=False, force=True)
         stored = [arrays(p)["w"] for p in paths]
         expected = stored[0] + ops.ties_merge([s - stored[0] for s in stored[1:]], k, density, normalize=False)
@@ -235,10 +238,11 @@ def test_parameters_that_do_not_apply_are_named_errors(tiny_ckpts, tmp_path):
         merge(tiny_ckpts, tmp_path / "a", lam=0.3, gamma=0.5)
     with pytest.raises(ItermergeError, match="--method ties needs --density"):
         merge(tiny_ckpts, tmp_path / "b", method="ties", lam=0.3)
-    with pytest.raises(ItermergeError, match=r"--density 1.5: must lie in \(0, 1\]"):
+    with pytest.raises(ItermergeError,
+                       match=r"--density 1.5: must be a number in \(0, 1\] \(the fraction of each task vector kept\)"):
         merge(tiny_ckpts, tmp_path / "c", method="dare", density=1.5)
     with pytest.raises(ItermergeError, match=r"--method slerp .* at least 2 checkpoints"):
-        merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:2], tmp_path / "d", method="slerp", t=0.5, progress=False)
+        merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:2], tmp_path / "d", operator("slerp", t=0.5), progress=False)
 
 
 def test_cli_group_naming_no_tensor_is_a_named_error(tiny_ckpts, tmp_path, capsys):
@@ -280,8 +284,8 @@ def test_cli_every_method_without_torch(tiny_ckpts, tmp_path):
 def test_mergekit_configs(tiny_ckpts, tmp_path):
     ref, ckpts = tiny_ckpts[0], tiny_ckpts[1:]
 
-    def config(method, **kw):
-        return yaml.safe_load(mergekit_config_for(method, ref, ckpts, **kw))
+    def config(method, mean_cache=None, **params):
+        return yaml.safe_load(mergekit_config_for(operator(method, **params), ref, ckpts, mean_cache=mean_cache))
 
     ties = config("ties", lam=0.0, alpha=0.4, density=0.5)
     assert ties["merge_method"] == "ties" and ties["parameters"] == {"normalize": False}

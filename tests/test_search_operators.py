@@ -18,6 +18,7 @@ from itermerge.evaluation import Metric
 from itermerge.maths.operators import ema_weights, expo_weights
 from itermerge.maths.paired import paired_difference
 from itermerge.merging import merge_checkpoints
+from itermerge.operators import operator
 from itermerge.records import read_records
 from itermerge.results import write_results
 from itermerge.search import operators as ops
@@ -107,7 +108,7 @@ def test_every_candidate_on_dev_is_what_its_weights_predict(searched, tiny_ckpts
         else:  # SLERP (per-tensor angles), TIES, DARE (sparsified): the same operator streamed to disk
             assert (p.get("lam"), p.get("alpha")) == ((lam, alpha) if method in ("ties", "dare") else (None, None))
             disk = merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], root / "disk" / r["key"].replace(" ", "_"),
-                                     method=method, mean_cache=searched["mean"], progress=False, **p)
+                                     operator(method, **p), mean_cache=searched["mean"], progress=False)
             want = checkpoint_items(disk, DEV)
         for metric, items in want.items():
             got = r["metrics"][metric]

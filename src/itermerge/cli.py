@@ -25,6 +25,7 @@ from itermerge.commands import (
 )
 from itermerge.config.search import parse_lam
 from itermerge.errors import ItermergeError
+from itermerge.operators import REGISTRY, parameters
 
 
 def _number(flag: str):
@@ -65,6 +66,27 @@ def _lams(text: str) -> list[float | str]:
     return values
 
 
+_CLI_TYPES = {"number": _number, "integer": lambda flag: int, "numbers": lambda flag: _weights,
+              "groups": lambda flag: str}
+
+
+def _operator_args(p: argparse.ArgumentParser, specs) -> None:
+    """``--method`` among ``specs`` and every parameter they take, from their declarations (``itermerge.operators``):
+    each flag's help names the operators that take it."""
+    specs = list(specs)
+    p.add_argument("--method", default="paper", choices=[s.name for s in specs],
+                   help="; ".join(f"{s.name}: {s.summary}" for s in specs) + " (docs/design.md: the operators)")
+    added = []
+    for name, param in parameters().items():
+        users = [s.name for s in specs if any(q.name == name for q in s.params)]
+        if users:
+            p.add_argument(param.flag, dest=name, type=_CLI_TYPES[param.kind](param.flag),
+                           metavar="FILE.yaml" if param.kind == "groups" else None,
+                           help=f"{param.help} [{', '.join(users)}]")
+            added.append(name)
+    p.set_defaults(operator_params=added)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="itermerge", description=__doc__)
     parser.add_argument("--version", action="version", version=f"itermerge {__version__}")
@@ -75,29 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", required=True, metavar="THETA0", help="θ0, the reference / starting checkpoint directory"
     )
     p.add_argument("--checkpoints", required=True, nargs="+", metavar="THETA_T", help="θ1..θT in iteration order")
-    p.add_argument(
-        "--lam", type=_number("--lam"), help="λ: relative weight of the intermediate checkpoints (direction)"
-    )
-    p.add_argument(
-        "--alpha", type=_number("--alpha"), help="α: extrapolation of the alignment signal (magnitude); 0 = none"
-    )
-    p.add_argument("--weights", type=_weights, help="explicit k_1,...,k_T of eq. 9 instead of --lam/--alpha")
-    p.add_argument(
-        "--method", default="paper", choices=["paper", "expo", "ema", "slerp", "ties", "dare", "groups"],
-        help="paper: Algorithm 2 (--lam/--alpha or --weights); expo: θ0 + (1+α)(θT − θ0) (--alpha); ema: an "
-        "exponential moving average of θ1..θT (--gamma); slerp: θ0 + slerp(θ̄ − θ0, θT − θ0, t) (--t); ties, "
-        "dare: each θ_t − θ0 sparsified (--density; dare --seed), then eq. 10's k_t; groups: (λ, α) per layer "
-        "group (--groups)",
-    )
-    p.add_argument("--gamma", type=_number("--gamma"), help="ema: decay per iteration in (0, 1]; 1 = plain mean")
-    p.add_argument("--t", type=_number("--t"), help="slerp: 0 gives θ̄, 1 gives θT; outside [0, 1] extrapolates")
-    p.add_argument("--density", type=_number("--density"), help="ties, dare: fraction of each task vector kept")
-    p.add_argument("--seed", type=int, help="dare: seed of the drop masks (default 0), keyed per tensor and θ_t")
-    p.add_argument(
-        "--groups", metavar="FILE.yaml",
-        help="groups: GROUP: [λ, α] per line, GROUP one of embeddings, attention, mlp, norms, head, 'layers a-b' or "
-        "default (else --lam/--alpha)",
-    )
+    _operator_args(p, REGISTRY.values())
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--dtype", default="auto", help="output dtype: auto (as θT), float32, bfloat16, float16")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
@@ -217,12 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ensemble", help="the exact eq. (6) ensemble vs the merge: per-token KL, correlation, cost")
     p.add_argument("--reference", required=True, metavar="THETA0")
     p.add_argument("--checkpoints", required=True, nargs="+", metavar="THETA_T")
-    p.add_argument("--lam", type=_number("--lam"))
-    p.add_argument("--alpha", type=_number("--alpha"))
-    p.add_argument("--weights", type=_weights)
-    p.add_argument("--method", default="paper", choices=["paper", "expo", "ema"],
-                   help="the merge operators that are eq. 9 with one k per checkpoint (see `merge --method`)")
-    p.add_argument("--gamma", type=_number("--gamma"), help="ema: decay per iteration in (0, 1]")
+    _operator_args(p, [s for s in REGISTRY.values() if s.shared_k])  # eq. 9 with one k per checkpoint
     p.add_argument("--out", required=True, help="directory for approximation.json and .png")
     p.add_argument("--task", default="arithmetic", help="built-in task whose dev prompts are used")
     p.add_argument("--prompts", type=int, default=8)

@@ -15,9 +15,9 @@ from itermerge.checkpoint.dtypes import FLOAT_DTYPES, to_float32
 from itermerge.checkpoint.reader import CheckpointReader, check_compatible
 from itermerge.errors import ItermergeError
 from itermerge.maths.merge import eq9_block, intermediate_total, merge_weights
-from itermerge.maths.operators import dot64, slerp_coefficients
+from itermerge.maths.operators import dot64
 from itermerge.merging.mean import mean_cache_hashes, mean_checkpoint
-from itermerge.merging.operators import resolve_operator
+from itermerge.operators import Resolved, operator
 
 if TYPE_CHECKING:
     import torch
@@ -74,9 +74,9 @@ class MergeBasis:
     equals the streamed merge with a θ̄ cache bit for bit (except where that merge copies an input
     exactly: λ = 0 with α = 0, or λ = 1 with α = 0, which differ here by at most one rounding).
     ``apply_coefficients`` takes any (k̄, k_T), shared or per tensor; ``apply_operator`` the operators linear
-    in (θ0, θ̄, θT) — ExPO, layer groups, SLERP (its per-tensor angle fixes (k̄, k_T)) — and EMA, whose
-    intermediate k_t differ, with ``each=True``: then every θ_t − θ0 is kept ((T+1)× the model in memory)
-    and the coefficients are k_1..k_T themselves.
+    in (θ0, θ̄, θT) — ExPO, layer groups, SLERP (its per-tensor angle fixes (k̄, k_T)) — and, with ``each=True``,
+    EMA (its intermediate k_t differ) and Model Stock (its angles are between every θ_t − θ0): then every
+    θ_t − θ0 is kept ((T+1)× the model in memory) and the coefficients are k_1..k_T themselves.
     """
 
     def __init__(
@@ -146,21 +146,33 @@ class MergeBasis:
         """(k̄, k_T): θ = θ0 + k̄ (θ̄ − θ0) + k_T (θT − θ0), with k̄ = Σ_{t<T} k_t = (1+α) λ."""
         return self.coefficients(merge_weights(self.T, lam, alpha))
 
-    def slerp_coefficients(self, t: float) -> dict[str, tuple[float, float]]:
-        """Per tensor, (k̄, k_T) with slerp(θ̄ − θ0, θT − θ0, t) = k̄ (θ̄ − θ0) + k_T (θT − θ0): SLERP as eq. (9)."""
-        if self.delta_bar is None:
-            raise ItermergeError("SLERP interpolates θ̄'s and θT's task vectors: build the basis with T ≥ 2, each=False")
+    def gram_coefficients(self, op: Resolved) -> dict[str, tuple[float, ...]]:
+        """Per tensor, the coefficients of the basis' deltas of an angle rule (SLERP on (θ̄ − θ0, θT − θ0), Model Stock
+        on every θ_t − θ0): its weights of the float64 Gram matrix of those deltas."""
+        if op.gram.on == "mean_last":
+            if self.delta_bar is None:
+                raise ItermergeError(f"--method {op.method} weights θ̄'s and θT's task vectors: build the basis with "
+                                     "T ≥ 2, each=False")
+            vectors = [self.delta_bar, self.delta_T]
+        else:
+            if not self.each and self.T != 2:  # T = 2: θ̄ is θ1, so the basis holds every θ_t − θ0 already
+                raise ItermergeError(f"--method {op.method} weights every θ_t − θ0: build the basis with each=True")
+            vectors = self.directions
         out = {}
-        for name, b in self.delta_T.items():
-            a, b = self.delta_bar[name].reshape(-1), b.reshape(-1)
-            out[name] = slerp_coefficients(dot64(a, b), dot64(a, a), dot64(b, b), t)
+        for name in self.theta0:
+            flat = [v[name].reshape(-1) for v in vectors]
+            G = np.empty((len(flat), len(flat)))
+            for p in range(len(flat)):
+                for q in range(p, len(flat)):
+                    G[p, q] = G[q, p] = dot64(flat[p], flat[q])
+            out[name] = tuple(op.gram.weights(G))
         return out
 
     def operator_coefficients(self, method: str, **params: Any) -> dict[str, tuple[float, ...]]:
-        """Per tensor, the coefficients of the basis' deltas that a merge operator gives (``merging.operators``)."""
-        op = resolve_operator(method, self.T, list(self.theta0), **params)
-        if op.method == "slerp":
-            return self.slerp_coefficients(op.t)
+        """Per tensor, the coefficients of the basis' deltas that a merge operator gives (``itermerge.operators``)."""
+        op = operator(method, **params).resolve(self.T, list(self.theta0))
+        if op.gram is not None:
+            return self.gram_coefficients(op)
         if not op.linear:
             raise ItermergeError(
                 f"--method {op.method} sparsifies each θ_t − θ0 before weighting: it is not linear in (θ0, θ̄, θT); "
