@@ -69,7 +69,7 @@ def predicted(ckpts, k, tensor_of_metric):
 
 
 GRIDS = {"expo": {"alpha": [0.3, 1.0]}, "ema": {"gamma": [0.5, 0.9]}, "slerp": {"t": [0.3, 0.8]},
-         "ties": {"density": [0.4, 0.8]}, "dare": {"density": [0.5], "seed": [0, 1]}}
+         "ties": {"density": [0.4, 0.8]}, "dare": {"density": [0.5], "seed": [0, 1]}, "model_stock": {}}
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_every_candidate_on_dev_is_what_its_weights_predict(searched, tiny_ckpts
     choice = json.loads((out / "choice.json").read_text())
     lam, alpha = choice["lam"], choice["alpha"]
     records = read_records(out / "operators.jsonl")
-    assert searched["new"] == len(records) == 2 + 2 + 2 + 2 + 2
+    assert searched["new"] == len(records) == 2 + 2 + 2 + 2 + 2 + 1
     assert searched["dev"].calls == searched["calls"][0] + len(records)
     for r in records:
         p, method = r["params"], r["operator"]
@@ -105,7 +105,7 @@ def test_every_candidate_on_dev_is_what_its_weights_predict(searched, tiny_ckpts
             k = expo_weights(3, p["alpha"]) if method == "expo" else ema_weights(3, p["gamma"])
             assert r["weights"] == pytest.approx(k)
             want = predicted(tiny_ckpts, k, DEV)
-        else:  # SLERP (per-tensor angles), TIES, DARE (sparsified): the same operator streamed to disk
+        else:  # SLERP, Model Stock (per-tensor angles), TIES, DARE (sparsified): the same operator streamed to disk
             assert (p.get("lam"), p.get("alpha")) == ((lam, alpha) if method in ("ties", "dare") else (None, None))
             disk = merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], root / "disk" / r["key"].replace(" ", "_"),
                                      operator(method, **p), mean_cache=searched["mean"], progress=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from itermerge.errors import ItermergeError
-from itermerge.operators import dare, ema, expo, groups, paper, slerp, ties
+from itermerge.operators import dare, ema, expo, groups, model_stock, paper, slerp, ties
 from itermerge.operators.base import Operator, Param, Resolved, Spec
 
 REGISTRY: dict[str, Spec] = {spec.name: spec for spec in (
@@ -17,6 +17,7 @@ REGISTRY: dict[str, Spec] = {spec.name: spec for spec in (
     ties.SPEC,
     dare.SPEC,
     groups.SPEC,
+    model_stock.SPEC,
 )}
 
 
