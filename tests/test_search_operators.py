@@ -281,6 +281,8 @@ def test_the_report_shows_the_operators_of_this_choice_only(searched, tmp_path):
     section = write_report(run_dir).read_text().split("## Other merge operators (dev-chosen, tested once)\n")[1]
     assert "| ExPO | none: no value kept θT's capability |" in section  # the rule kept θT for ExPO's values
     assert f"- ExPO: {record['operators'][0]['dev']['reason']}." in section
+    stock = next(o for o in record["operators"] if o["operator"] == "model_stock")  # no parameters: its title alone
+    assert stock["name"] == "Model Stock" and f"| Model Stock | {stock['label'] if stock['key'] else 'none'}" in section
     record["lam"] += 0.1  # compared with another choice of (λ, α): not this report's
     (run_dir / "search" / "operators.json").write_text(json.dumps(record))
     assert "Other merge operators" not in write_report(run_dir).read_text()
