@@ -165,7 +165,7 @@ def resolve_group_coefficients(
 ) -> dict[str, tuple[float, float]]:
     """Per-tensor (λ, α) of eq. (10): a tensor in group g takes groups[g], the others `default`.
 
-    A group is a layer_group name ("attention") or a depth band ("layers 0-7", "layers 5"). A group naming
+    A group is a layer group name (``group_of``: "attention") or a depth band ("layers 0-7", "layers 5"). A group naming
     no tensor, or a tensor in two groups, is a user's mistake.
     """
     names = list(names)
