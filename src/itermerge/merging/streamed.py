@@ -103,32 +103,7 @@ def merge_checkpoints(
         if st not in FLOAT_DTYPES:  # integer buffers (rare): θT's, as save_pretrained would write them
             read_for_hash(int_hash, name, i, scratch)
             return last.read_chunk(name, i, scratch.get("out", ST_STORAGE[st]))
-        p = plans[name]
-        read_for_hash(p.hash_only, name, i, scratch)
-        inputs = [base, *(r for s in p.sources for r in s.readers)]
-        if p.exact is not None:
-            raw = p.exact.read_chunk(name, i, scratch.get(("raw", 0), ST_STORAGE[p.exact.dtype(name)]))
-            if p.exact.dtype(name) == st:
-                if not all_finite(raw, st):
-                    raise ItermergeError(_non_finite_message(name, [p.exact], p.weights))
-                return raw
-            merged = to_float32(raw, p.exact.dtype(name), scratch.get(("f32", 0), np.float32)[: raw.size])
-        else:
-            theta0 = float_block(base, name, i, scratch, 0)
-            xs = [s.block(name, i, scratch, m + 1) for m, s in enumerate(p.sources)]
-            acc, tmp = (scratch.get(key, np.float32)[: theta0.size] for key in ("acc", "tmp"))
-            if p.kernel is None:
-                merged = eq9_block(acc, theta0, xs, p.weights, tmp)
-            else:
-                deltas = [np.subtract(x, theta0, out=scratch.get(("d", m), np.float32)[: x.size])
-                          for m, x in enumerate(xs)]
-                merged = p.kernel(acc, theta0, deltas, p.weights, p.state, i * dtypes.CHUNK, tmp)
-        if not all_finite(merged, "F32"):
-            raise ItermergeError(_non_finite_message(name, inputs, p.weights))
-        encoded = encode_block(merged, st, scratch)
-        if st != "F32" and not all_finite(encoded, st):
-            raise ItermergeError(_non_finite_message(name, [], p.weights))
-        return encoded
+        return _merged_block(plans[name], base, name, i, st, scratch)
 
     with atomic_dir(out, force=force) as tmp:
         writer = ShardedWriter(tmp, plan, max_bytes)
@@ -149,6 +124,37 @@ def merge_checkpoints(
             "seconds": round(time.perf_counter() - start, 3),
         })
     return out
+
+
+def _merged_block(p: _TensorPlan, base: CheckpointReader, name: str, i: int, st: str, scratch: Scratch
+                  ) -> np.ndarray:
+    """Block i of one float tensor, merged as its plan says (an exact copy, eq. 9, or the operator's kernel on the
+    task vectors) and encoded in ``st``; a non-finite input or result is a named error."""
+    read_for_hash(p.hash_only, name, i, scratch)
+    inputs = [base, *(r for s in p.sources for r in s.readers)]
+    if p.exact is not None:
+        raw = p.exact.read_chunk(name, i, scratch.get(("raw", 0), ST_STORAGE[p.exact.dtype(name)]))
+        if p.exact.dtype(name) == st:
+            if not all_finite(raw, st):
+                raise ItermergeError(_non_finite_message(name, [p.exact], p.weights))
+            return raw
+        merged = to_float32(raw, p.exact.dtype(name), scratch.get(("f32", 0), np.float32)[: raw.size])
+    else:
+        theta0 = float_block(base, name, i, scratch, 0)
+        xs = [s.block(name, i, scratch, m + 1) for m, s in enumerate(p.sources)]
+        acc, tmp = (scratch.get(key, np.float32)[: theta0.size] for key in ("acc", "tmp"))
+        if p.kernel is None:
+            merged = eq9_block(acc, theta0, xs, p.weights, tmp)
+        else:
+            deltas = [np.subtract(x, theta0, out=scratch.get(("d", m), np.float32)[: x.size])
+                      for m, x in enumerate(xs)]
+            merged = p.kernel(acc, theta0, deltas, p.weights, p.state, i * dtypes.CHUNK, tmp)
+    if not all_finite(merged, "F32"):
+        raise ItermergeError(_non_finite_message(name, inputs, p.weights))
+    encoded = encode_block(merged, st, scratch)
+    if st != "F32" and not all_finite(encoded, st):
+        raise ItermergeError(_non_finite_message(name, [], p.weights))
+    return encoded
 
 
 def _theta_bar(
