@@ -51,8 +51,9 @@ def markdown_table() -> str:
         takes = ", ".join(f"`{p.flag}`" + (" (required)" if p.required else "") for p in s.params) or "none"
         search = "—" if s.searched is None else {"basis": "in memory", "each": "in memory (every θ_t)",
                                                  "disk": "merged to disk"}[s.search]
-        rows.append(f"| `{s.name}` | {s.description.replace('|', chr(92) + '|')} | {takes} | {s.linear} | {search} | "
-                    f"{'`' + s.mergekit + '`' if s.mergekit else '—'} |")
+        what = s.description.replace("|", "\\|")  # a literal | inside a table cell
+        mergekit = f"`{s.mergekit}`" if s.mergekit else "—"
+        rows.append(f"| `{s.name}` | {what} | {takes} | {s.linearity} | {search} | {mergekit} |")
     return "\n".join(rows) + "\n"
 
 

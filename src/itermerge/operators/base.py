@@ -113,7 +113,7 @@ class Spec:
     every θ_t when T ≥ 3) or "disk" (streamed to a temporary directory); ``takes_choice``: the candidate takes
     the search's chosen (λ, α). ``min_T`` checkpoints are needed, ``why`` says why. ``mergekit``: its
     merge_method, if one reproduces it, and what differs (``mergekit_note``). ``shared_k``: eq. (9) with one k per
-    checkpoint for every tensor. ``linear``: in words, for the docs table (``Resolved.linear`` decides).
+    checkpoint for every tensor. ``linearity``: in words, for the docs table (``Resolved.linear`` decides).
     """
 
     name: str
@@ -130,7 +130,7 @@ class Spec:
     mergekit: str | None = None
     mergekit_note: str = ""
     shared_k: bool = False
-    linear: str = "yes"
+    linearity: str = "yes"
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)

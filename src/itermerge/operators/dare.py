@@ -56,5 +56,5 @@ SPEC = Spec(
     description="DARE: θ0 + Σ_t k_t m_t ⊙ (θ_t − θ0) / density, m_t ~ Bernoulli(density) seeded per tensor and "
                 "checkpoint, float32 arithmetic",
     params=(LAM, ALPHA, WEIGHTS, DENSITY, SEED), resolve=_resolve, searched=("density", "seed"), search="disk",
-    takes_choice=True, mergekit="dare_linear", linear="no (random masks; yes at density 1)",
+    takes_choice=True, mergekit="dare_linear", linearity="no (random masks; yes at density 1)",
 )

@@ -47,5 +47,5 @@ SPEC = Spec(
     why="weights θ1..θT by the angles between their task vectors", mergekit="model_stock",
     mergekit_note="filter_wise: false (one angle per tensor). mergekit computes the cosines in the merge dtype and\n"
                   "clips them to [−1, 1]; itermerge in float64 and to [0, 1]: equal where the mean cosine is ≥ 0.",
-    linear="per tensor, after a first pass (angles)",
+    linearity="per tensor, after a first pass (angles)",
 )

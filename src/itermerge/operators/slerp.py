@@ -25,5 +25,5 @@ SPEC = Spec(
     name="slerp", title="SLERP", summary="θ0 + slerp(θ̄ − θ0, θT − θ0, t) (--t)",
     description="θ0 + slerp(θ̄ − θ0, θT − θ0, t), one angle per tensor (lerp when |cos| > 0.9995), float32 arithmetic",
     params=(T_PARAM,), resolve=_resolve, searched=("t",), min_T=2, why="interpolates θ̄'s and θT's task vectors",
-    mergekit="nuslerp", linear="per tensor, after a first pass (angles)",
+    mergekit="nuslerp", linearity="per tensor, after a first pass (angles)",
 )

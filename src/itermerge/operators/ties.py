@@ -91,5 +91,5 @@ SPEC = Spec(
     description="TIES: each θ_t − θ0 trimmed to its top `density` magnitudes per tensor, then θ0 + Σ_t k_t Δ̃_t over "
                 "the entries whose sign agrees with sign(Σ_t k_t Δ̃_t), unnormalised, float32 arithmetic",
     params=(LAM, ALPHA, WEIGHTS, DENSITY), resolve=_resolve, searched=("density",), search="disk", takes_choice=True,
-    mergekit="ties", linear="no (sparsified per tensor, after a first pass: top-k)",
+    mergekit="ties", linearity="no (sparsified per tensor, after a first pass: top-k)",
 )
