@@ -267,7 +267,7 @@ def test_cli_every_method_without_torch(tiny_ckpts, tmp_path):
     runs = {"expo": ["--alpha", "0.5"], "ema": ["--gamma", "0.8"], "slerp": ["--t", "0.7"],
             "ties": ["--lam", "0.3", "--alpha", "0.4", "--density", "0.5"],
             "dare": ["--lam", "0.3", "--alpha", "0.4", "--density", "0.5", "--seed", "3"],
-            "groups": ["--groups", str(groups), "--lam", "0.3", "--alpha", "0.4"]}
+            "groups": ["--groups", str(groups), "--lam", "0.3", "--alpha", "0.4"], "model_stock": []}
     calls = [["merge", "--reference", str(tiny_ckpts[0]), "--checkpoints", *map(str, tiny_ckpts[1:]), "--method", m,
               *args, "--out", str(tmp_path / m), "--quiet"] for m, args in runs.items()]
     code = (
