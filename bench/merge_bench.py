@@ -145,12 +145,12 @@ def compare(method: str, paths: list[Path], ours: Path, theirs: Path) -> dict:
 
     from itermerge.checkpoint import CheckpointReader
     from itermerge.maths.operators import slerp_coefficients
-    from itermerge.merging.operators import resolve_operator
+    from itermerge.operators import operator
 
     readers = [CheckpointReader(p) for p in paths]
     a, b = CheckpointReader(ours), CheckpointReader(theirs)
     names = list(readers[0])
-    op = resolve_operator(method, T, names, **_params(method))
+    op = operator(method, **_params(method)).resolve(T, names)
     bar = CheckpointReader(OUT / "mean_cache") if method == "slerp" else None
     worst_mk = worst64 = worst64_mk = 0.0
     rounded = same_mk = total = unexplained = 0
@@ -160,7 +160,8 @@ def compare(method: str, paths: list[Path], ours: Path, theirs: Path) -> dict:
         exact = None
         if method == "slerp":
             d_bar, d_T = bar.read(name).astype(np.float64) - theta0, readers[-1].read(name).astype(np.float64) - theta0
-            k_bar, k_T = slerp_coefficients(float(d_bar @ d_T), float(d_bar @ d_bar), float(d_T @ d_T), op.t)
+            k_bar, k_T = slerp_coefficients(float(d_bar @ d_T), float(d_bar @ d_bar), float(d_T @ d_T),
+                                            _params(method)["t"])
             exact = theta0 + k_bar * d_bar + k_T * d_T
             scale = [theta0, exact, np.abs(k_bar * d_bar) + np.abs(k_T * d_T)]
         else:
@@ -179,7 +180,7 @@ def compare(method: str, paths: list[Path], ours: Path, theirs: Path) -> dict:
             base32 = readers[0].read(name)
             for r, kt in zip(readers[1:], op.weights):
                 magnitude = np.abs(r.read(name) - base32)
-                kk = max(1, int(op.density * magnitude.size))
+                kk = max(1, int(_params(method)["density"] * magnitude.size))
                 if kt and kk < magnitude.size:
                     at_tie |= magnitude == np.partition(magnitude, magnitude.size - kk)[magnitude.size - kk]
             unexplained += int((differ & ~at_tie).sum())
@@ -234,7 +235,7 @@ def dare_statistics(paths: list[Path], ours: Path, theirs: Path, density: float)
 
 def _params(method: str) -> dict:
     """METHODS[method] as merge_checkpoints keywords."""
-    from itermerge.merging.operators import read_groups
+    from itermerge.config.groups import read_groups
 
     args, params = METHODS[method], {}
     for flag, value in zip(args[::2], args[1::2]):

@@ -24,6 +24,7 @@ from itermerge.logprobs import score_sequences
 from itermerge.maths.merge import merge_weights
 from itermerge.merging import merge_adapters, merge_checkpoints
 from itermerge.merging.lora import chain_adapters
+from itermerge.operators import operator
 from itermerge.rundir import atomic_dir
 from itermerge.training.peft import check_target_modules, train_adapter
 from itermerge.training.reference import add_reference_logprobs
@@ -95,8 +96,9 @@ def test_a_chain_reads_as_the_weights_peft_merges(lora_run):
 def test_the_adapter_merge_is_the_full_merge(lora_run, tmp_path, given):
     """(λ, α) or explicit k_t: one adapter (rank 2 + 4 + 3) on θ0 equals merge_checkpoints of the materialised θ_t."""
     theta0, adapters, chains = lora_run["theta0"], lora_run["adapters"], lora_run["chains"]
-    merged = merge_adapters(theta0, adapters, tmp_path / "adapter", **given, progress=False)
-    full = merge_checkpoints(theta0, chains, tmp_path / "full", **given, mean_cache=tmp_path / "mean", progress=False)
+    merged = merge_adapters(theta0, adapters, tmp_path / "adapter", operator("paper", **given), progress=False)
+    full = merge_checkpoints(theta0, chains, tmp_path / "full", operator("paper", **given),
+                             mean_cache=tmp_path / "mean", progress=False)
     config = json.loads((merged / ADAPTER_CONFIG).read_text())
     assert config["r"] == config["lora_alpha"] == 9 and not config["use_rslora"]  # peft's scale is 1
     assert (merged / ADAPTER_WEIGHTS).exists() and not (merged / "model.safetensors").exists()
@@ -119,8 +121,8 @@ def test_the_merged_adapter_on_theta0_gives_the_full_merge_logits(lora_run, tmp_
     common = [*inputs, "--lam", "0.3", "--alpha", "0.4"]
     assert main([*common, "--out", str(tmp_path / "adapter")]) == 0
     assert main([*common, "--out", str(tmp_path / "full"), "--full"]) == 0
-    full_by_chains = merge_checkpoints(theta0, lora_run["chains"], tmp_path / "ref", lam=0.3, alpha=0.4,
-                                       progress=False)
+    full_by_chains = merge_checkpoints(theta0, lora_run["chains"], tmp_path / "ref",
+                                       operator("paper", lam=0.3, alpha=0.4), progress=False)
     ids = torch.tensor([[1, 5, 17, 42, 99, 7, 3, 64, 120, 2]])
     with torch.no_grad():
         on_theta0 = peft.PeftModel.from_pretrained(load_model(theta0), str(tmp_path / "adapter"))(ids).logits
@@ -179,17 +181,18 @@ def test_named_errors(lora_run, tmp_path, capsys):
     assert from_dict({"dpo": {"peft": {}}}).dpo.peft.target_modules[-1] == "down_proj"
     with pytest.raises(ItermergeError, match=r"adapts 'model.layers.0.self_attn.q_proj.weight' as \(48, 48\) but θ0 "
                                              r"has \(32, 32\).*trained on another base model"):
-        merge_adapters(theta0, [adapters[0], _foreign_adapter(tmp_path)], tmp_path / "o", weights=[0.5, 0.5])
+        merge_adapters(theta0, [adapters[0], _foreign_adapter(tmp_path)], tmp_path / "o",
+                       operator("paper", weights=[0.5, 0.5]))
     renamed = tmp_path / "renamed"
     shutil.copytree(adapters[1], renamed)
     config = json.loads((renamed / ADAPTER_CONFIG).read_text())
     (renamed / ADAPTER_CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": "org/another-model"}))
     with pytest.raises(ItermergeError, match=r"the adapters name different base models"):
-        merge_adapters(theta0, [adapters[0], renamed], tmp_path / "o", weights=[0.5, 0.5])
+        merge_adapters(theta0, [adapters[0], renamed], tmp_path / "o", operator("paper", weights=[0.5, 0.5]))
     with pytest.raises(ItermergeError, match=r"theta2: a full checkpoint among LoRA adapters"):
-        merge_adapters(theta0, [adapters[0], chains[1]], tmp_path / "o", weights=[0.5, 0.5])
+        merge_adapters(theta0, [adapters[0], chains[1]], tmp_path / "o", operator("paper", weights=[0.5, 0.5]))
     with pytest.raises(ItermergeError, match=r"--method ties is not linear in θ0..θT"):
-        merge_adapters(theta0, adapters, tmp_path / "o", method="ties", lam=0.3, alpha=0.4, density=0.5)
+        merge_adapters(theta0, adapters, tmp_path / "o", operator("ties", lam=0.3, alpha=0.4, density=0.5))
     assert main(["merge", "--reference", str(theta0), "--checkpoints", str(adapters[0]), str(lora_run["theta0"]),
                  "--weights", "0.5,0.5", "--out", str(tmp_path / "o")]) == 2
     assert main(["merge", "--reference", str(theta0), "--checkpoints", *map(str, chains[:2]), "--weights", "0.5,0.5",
@@ -293,8 +296,8 @@ def test_lora_iterations_keep_adapters_and_the_reference_theta0_then_run_through
     theta_b = run_dir / "studies" / "lambda" / "second_criterion" / "iter_01"  # the λ study trains θb as an adapter
     assert (theta_b / "adapter" / ADAPTER_WEIGHTS).exists() and not list((theta_b / "model").glob("*.safetensors"))
     assert main(["verify", str(run_dir), "--deep"]) == 0  # every stage's files, adapters and chains, prove themselves
-    full = merge_checkpoints(theta0, thetas[1:], tmp_path / "full", lam=choice["lam"], alpha=choice["alpha"],
-                             progress=False)
+    full = merge_checkpoints(theta0, thetas[1:], tmp_path / "full",
+                             operator("paper", lam=choice["lam"], alpha=choice["alpha"]), progress=False)
     a, b = _params(merged), _params(full)
     for n in a:
         torch.testing.assert_close(a[n], b[n], atol=2e-6, rtol=1e-5, msg=n)

@@ -23,6 +23,7 @@ from itermerge.merging import (
     mergekit_config,
     task_arithmetic,
 )
+from itermerge.operators import operator
 
 pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
 
@@ -84,7 +85,8 @@ def _realistic_ckpts(root: Path, T: int) -> list[Path]:
 @pytest.mark.parametrize(("lam", "alpha"), [(0.3, 0.4), (0.2, 1.7), (0.5, -0.5)])
 def test_streamed_merge_within_one_rounding_of_float64(tmp_path, lam, alpha):
     paths = _realistic_ckpts(tmp_path, 4)
-    out = merge_checkpoints(paths[0], paths[1:], tmp_path / "out", lam=lam, alpha=alpha, progress=False)
+    out = merge_checkpoints(paths[0], paths[1:], tmp_path / "out", operator("paper", lam=lam, alpha=alpha),
+                            progress=False)
     readers = [CheckpointReader(p) for p in paths]
     merged = CheckpointReader(out)
     k = merge_weights(4, lam, alpha)
@@ -106,10 +108,12 @@ def test_streamed_merge_within_one_rounding_of_float64(tmp_path, lam, alpha):
 def test_edge_cases_exact(tiny_ckpts, tmp_path):
     theta = [CheckpointReader(p) for p in tiny_ckpts]
     out_T = CheckpointReader(
-        merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "a", lam=0, alpha=0, progress=False)
+        merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "a", operator("paper", lam=0, alpha=0),
+                          progress=False)
     )
     out_0 = CheckpointReader(
-        merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "b", lam=0.7, alpha=-1, progress=False)
+        merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "b", operator("paper", lam=0.7, alpha=-1),
+                          progress=False)
     )
     for name in theta[0]:
         assert torch.equal(out_T.get(name), theta[3].get(name))
@@ -117,7 +121,8 @@ def test_edge_cases_exact(tiny_ckpts, tmp_path):
 
 
 def test_output_directory_contents_and_record(tiny_ckpts, tmp_path):
-    out = merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "m", lam=0.3, alpha=0.4, progress=False)
+    out = merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "m", operator("paper", lam=0.3, alpha=0.4),
+                            progress=False)
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors", "merge.json"} <= names
     record = json.loads((out / "merge.json").read_text())
@@ -145,9 +150,10 @@ def test_sharded_output_bf16_and_sharded_inputs(tiny_ckpts, tmp_path):
     assert (sharded / "model.safetensors.index.json").exists()
     no_index = reshard(tiny_ckpts[3], tmp_path / "theta3")
     (no_index / "model.safetensors.index.json").unlink()
-    ref = merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "ref", lam=0.3, alpha=0.4, progress=False)
+    ref = merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "ref", operator("paper", lam=0.3, alpha=0.4),
+                            progress=False)
     out = merge_checkpoints(
-        tiny_ckpts[0], [tiny_ckpts[1], sharded, no_index], tmp_path / "out", lam=0.3, alpha=0.4,
+        tiny_ckpts[0], [tiny_ckpts[1], sharded, no_index], tmp_path / "out", operator("paper", lam=0.3, alpha=0.4),
         dtype=torch.bfloat16, max_shard_size="30KB", progress=False,
     )
     shards = sorted(out.glob("*.safetensors"))
@@ -162,10 +168,12 @@ def test_sharded_output_bf16_and_sharded_inputs(tiny_ckpts, tmp_path):
 def test_mean_cache_gives_the_same_merge(tiny_ckpts, tmp_path):
     cache = tmp_path / "cache"
     direct = CheckpointReader(
-        merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "d", lam=0.3, alpha=0.4, progress=False)
+        merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "d", operator("paper", lam=0.3, alpha=0.4),
+                          progress=False)
     )
     cached = merge_checkpoints(
-        tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "c", lam=0.3, alpha=0.4, mean_cache=cache, progress=False
+        tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "c", operator("paper", lam=0.3, alpha=0.4), mean_cache=cache,
+        progress=False
     )
     assert json.loads((cached / "merge.json").read_text())["mean_cache"] == str(cache)
     mean = CheckpointReader(cache)
@@ -203,10 +211,11 @@ def test_mergekit_config(tiny_ckpts):
 # --- bad inputs: a named error, and nothing left behind -----------------------------------------
 
 
-def _assert_refused(tmp_path, reference, checkpoints, match, **kw):
+def _assert_refused(tmp_path, reference, checkpoints, match, lam=0.0, alpha=0.4, weights=None, **kw):
     out = tmp_path / "out"
     with pytest.raises(ItermergeError, match=match):
-        merge_checkpoints(reference, checkpoints, out, progress=False, **({"lam": 0.0, "alpha": 0.4} | kw))
+        op = operator("paper", lam=lam, alpha=alpha, weights=weights)
+        merge_checkpoints(reference, checkpoints, out, op, progress=False, **kw)
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".out")]
 
@@ -282,9 +291,11 @@ def test_refuses_pickle_missing_and_existing_output(tiny_ckpts, tmp_path):
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
     with pytest.raises(ItermergeError, match=r"exists: output directory exists; .* --force"):
-        merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], existing, lam=0.3, alpha=0.4, progress=False)
+        merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], existing, operator("paper", lam=0.3, alpha=0.4),
+                          progress=False)
     assert (existing / "keep.txt").read_text() == "mine"
-    merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], existing, lam=0.3, alpha=0.4, progress=False, force=True)
+    merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], existing, operator("paper", lam=0.3, alpha=0.4), progress=False,
+                      force=True)
     assert not (existing / "keep.txt").exists() and (existing / "merge.json").exists()
 
 
@@ -321,12 +332,14 @@ def test_cli_bad_numbers(tiny_ckpts, tmp_path, capsys):
 def test_block_size_does_not_change_the_merge(tiny_ckpts, tmp_path, monkeypatch):
     """Blocks of 100 elements (tensors span many, ragged ends) give the same bytes as whole-tensor blocks."""
     whole = CheckpointReader(
-        merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "whole", lam=0.3, alpha=0.4, progress=False)
+        merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "whole", operator("paper", lam=0.3, alpha=0.4),
+                          progress=False)
     )
     monkeypatch.setattr("itermerge.checkpoint.dtypes.CHUNK", 100)
     assert max(whole.numel(n) for n in whole) > 10 * 100
     blocks = merge_checkpoints(
-        tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "blocks", lam=0.3, alpha=0.4, dtype="bfloat16", progress=False
+        tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "blocks", operator("paper", lam=0.3, alpha=0.4), dtype="bfloat16",
+        progress=False
     )
     got = CheckpointReader(blocks)
     for name in whole:
@@ -334,8 +347,9 @@ def test_block_size_does_not_change_the_merge(tiny_ckpts, tmp_path, monkeypatch)
     record = json.loads((blocks / "merge.json").read_text())
     assert [c["hash"] for c in record["checkpoints"]] == [CheckpointReader(p).content_hash() for p in tiny_ckpts[1:]]
     # Through θ̄'s cache, in blocks: still the in-memory point bit for bit.
-    cached = CheckpointReader(merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "cached", lam=0.3, alpha=0.4,
-                                                mean_cache=tmp_path / "cache", progress=False))
+    cached = CheckpointReader(merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "cached",
+                                                operator("paper", lam=0.3, alpha=0.4), mean_cache=tmp_path / "cache",
+                                                progress=False))
     basis = MergeBasis.from_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], mean_cache=tmp_path / "cache")
     for name in whole:
         assert torch.equal(basis.merged_tensor(name, 0.3, 0.4), cached.get(name)), name
@@ -343,7 +357,8 @@ def test_block_size_does_not_change_the_merge(tiny_ckpts, tmp_path, monkeypatch)
 
 def test_hashes_of_inputs_the_merge_does_not_read(tiny_ckpts, tmp_path):
     # λ = 0: θ1, θ2 have k = 0 and are read only for merge.json's hashes.
-    out = merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "m", lam=0.0, alpha=0.5, progress=False)
+    out = merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "m", operator("paper", lam=0.0, alpha=0.5),
+                            progress=False)
     record = json.loads((out / "merge.json").read_text())
     assert [c["hash"] for c in record["checkpoints"]] == [CheckpointReader(p).content_hash() for p in tiny_ckpts[1:]]
     assert len({c["hash"] for c in record["checkpoints"]}) == 3
@@ -352,13 +367,16 @@ def test_hashes_of_inputs_the_merge_does_not_read(tiny_ckpts, tmp_path):
 def test_mean_cache_trusts_unchanged_files_and_rebuilds_on_change(tiny_ckpts, tmp_path):
     ckpts = [shutil.copytree(p, tmp_path / p.name) for p in tiny_ckpts]
     cache = tmp_path / "cache"
-    merge_checkpoints(ckpts[0], ckpts[1:], tmp_path / "a", lam=0.3, alpha=0.4, mean_cache=cache, progress=False)
+    merge_checkpoints(ckpts[0], ckpts[1:], tmp_path / "a", operator("paper", lam=0.3, alpha=0.4), mean_cache=cache,
+                      progress=False)
     built = (cache / "mean.json").stat().st_mtime_ns
-    merge_checkpoints(ckpts[0], ckpts[1:], tmp_path / "b", lam=0.5, alpha=0.0, mean_cache=cache, progress=False)
+    merge_checkpoints(ckpts[0], ckpts[1:], tmp_path / "b", operator("paper", lam=0.5, alpha=0.0), mean_cache=cache,
+                      progress=False)
     assert (cache / "mean.json").stat().st_mtime_ns == built  # reused
     # θ1 rewritten with other weights: the recorded stats and hash no longer match, so θ̄ is rebuilt.
     shutil.copy2(tiny_ckpts[3] / "model.safetensors", ckpts[1] / "model.safetensors")
-    out = merge_checkpoints(ckpts[0], ckpts[1:], tmp_path / "c", lam=0.3, alpha=0.4, mean_cache=cache, progress=False)
+    out = merge_checkpoints(ckpts[0], ckpts[1:], tmp_path / "c", operator("paper", lam=0.3, alpha=0.4),
+                            mean_cache=cache, progress=False)
     record = json.loads((cache / "mean.json").read_text())
     assert record["inputs"][0]["hash"] == CheckpointReader(tiny_ckpts[3]).content_hash()
     assert json.loads((out / "merge.json").read_text())["checkpoints"][0]["hash"] == record["inputs"][0]["hash"]
@@ -387,7 +405,7 @@ def test_integer_tensors_come_from_theta_T_and_fp8_is_refused(tmp_path):
 
     paths = [ckpt("t0", [1.0, 2.0], 0), ckpt("t1", [3.0, 2.0], 10), ckpt("t2", [1.0, 6.0], 20)]
     out = CheckpointReader(
-        merge_checkpoints(paths[0], paths[1:], tmp_path / "int", weights=[0.5, 0.25], progress=False)
+        merge_checkpoints(paths[0], paths[1:], tmp_path / "int", operator("paper", weights=[0.5, 0.25]), progress=False)
     )
     assert out.read("w").tolist() == [2.0, 3.0] and out.read("steps").tolist() == [20] and out.dtype("steps") == "I64"
     fp8 = _raw_checkpoint(
@@ -432,8 +450,10 @@ def test_a_hub_id_reference_reads_the_cached_snapshot(tiny_ckpts, tmp_path, monk
     (cache / "models--org--tiny-theta0" / "refs" / "main").write_text("a" * 40)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    by_id = merge_checkpoints("org/tiny-theta0", tiny_ckpts[1:], tmp_path / "by-id", lam=0.3, alpha=0.4)
-    by_dir = merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "by-dir", lam=0.3, alpha=0.4)
+    by_id = merge_checkpoints("org/tiny-theta0", tiny_ckpts[1:], tmp_path / "by-id",
+                              operator("paper", lam=0.3, alpha=0.4))
+    by_dir = merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], tmp_path / "by-dir",
+                               operator("paper", lam=0.3, alpha=0.4))
     a, b = CheckpointReader(by_id), CheckpointReader(by_dir)
     assert all(torch.equal(a.get(n), b.get(n)) for n in a)
     assert CheckpointReader("org/tiny-theta0").path == snapshot
@@ -474,7 +494,8 @@ def test_merge_basis_holds_no_copy_of_the_model(tmp_path, monkeypatch):
         tracemalloc.stop()
     assert built - before < model_bytes / 4  # the readers' headers; θ̄'s cache went to disk
     assert applying - built < block_buffers + model_bytes / 4
-    merged = CheckpointReader(merge_checkpoints(paths[0], paths[1:], tmp_path / "m", lam=0.3, alpha=0.4,
+    paper = operator("paper", lam=0.3, alpha=0.4)
+    merged = CheckpointReader(merge_checkpoints(paths[0], paths[1:], tmp_path / "m", paper,
                                                 mean_cache=tmp_path / "cache", progress=False))
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), merged.get(name)), name

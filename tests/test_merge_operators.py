@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import oracles
 import pytest
 import yaml
 
@@ -18,6 +19,7 @@ from itermerge.errors import ItermergeError
 from itermerge.maths import operators as ops
 from itermerge.maths.merge import merge_weights
 from itermerge.merging import MergeBasis, merge_checkpoints, mergekit_config_for
+from itermerge.operators import operator
 
 pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
 
@@ -52,8 +54,10 @@ def toy(path: Path, tensors: dict[str, list[float]]) -> Path:
     return path
 
 
-def merge(tiny_ckpts, out: Path, **kw) -> dict[str, np.ndarray]:
-    return arrays(merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], out, progress=False, **kw))
+def merge(tiny_ckpts, out: Path, method: str = "paper", mean_cache: Path | None = None, **params
+          ) -> dict[str, np.ndarray]:
+    op = operator(method, **params)
+    return arrays(merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], out, op, mean_cache=mean_cache, progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +112,14 @@ def test_groups_take_their_own_lambda_alpha(tiny_ckpts, tmp_path):
 def test_slerp_of_orthogonal_task_vectors_by_hand(tmp_path):
     # θ0 = 0, θ̄ = θ1 = e1, θT = e2 (T = 2): Ω = π/2, t = 1/2 → sin(π/4)/sin(π/2) = √2/2 on each.
     paths = [toy(tmp_path / f"t{i}", {"w": w}) for i, w in enumerate([[0, 0], [1, 0], [0, 1]])]
-    out = arrays(merge_checkpoints(paths[0], paths[1:], tmp_path / "s", method="slerp", t=0.5, progress=False))
+    out = arrays(merge_checkpoints(paths[0], paths[1:], tmp_path / "s", operator("slerp", t=0.5), progress=False))
     assert out["w"] == pytest.approx([math.sqrt(0.5)] * 2, abs=1e-7)
 
 
 def test_slerp_of_parallel_task_vectors_is_the_lerp(tmp_path):
     # Δ̄ = (1, 2), ΔT = (3, 6): cos Ω = 1, so (1 − t)·Δ̄ + t·ΔT = 0.75·(1, 2) + 0.25·(3, 6) = (1.5, 3) exactly.
     paths = [toy(tmp_path / f"t{i}", {"w": w}) for i, w in enumerate([[1, 1], [2, 3], [2, 3], [4, 7]])]
-    out = arrays(merge_checkpoints(paths[0], paths[1:], tmp_path / "s", method="slerp", t=0.25, progress=False))
+    out = arrays(merge_checkpoints(paths[0], paths[1:], tmp_path / "s", operator("slerp", t=0.25), progress=False))
     assert out["w"].tolist() == [2.5, 4.0]
 
 
@@ -125,7 +129,7 @@ def test_slerp_equals_the_numpy_oracle_and_the_in_memory_basis(tiny_ckpts, theta
     got = merge(tiny_ckpts, tmp_path / "s", method="slerp", t=0.3, mean_cache=cache)
     for name, theta0 in thetas[0].items():
         bar = (thetas[1][name] + thetas[2][name]) / np.float32(2)
-        expected = theta0 + ops.slerp(bar - theta0, thetas[3][name] - theta0, 0.3)
+        expected = theta0 + oracles.slerp(bar - theta0, thetas[3][name] - theta0, 0.3)
         assert same_bits(got[name], expected), name
     record = json.loads((tmp_path / "s" / "merge.json").read_text())
     assert record["operator"] == {"method": "slerp", "t": 0.3} and record["weights"] is None
@@ -146,11 +150,11 @@ def test_ties_by_hand(tmp_path):
     # agreeing entries sum to (3, −4, 2, 0). With k = (1, 2): Σ = (−1, −8, 2, 0) elects − first: (−4, −8, 2, 0).
     paths = [toy(tmp_path / f"t{i}", {"w": w}) for i, w in enumerate([[0] * 4, [3, -1, 2, 0.5], [-2, -4, 1, 0.25]])]
     for k, expected in (([1.0, 1.0], [3, -4, 2, 0]), ([1.0, 2.0], [-4, -8, 2, 0])):
-        out = merge_checkpoints(paths[0], paths[1:], tmp_path / "o", method="ties", weights=k, density=0.5,
+        out = merge_checkpoints(paths[0], paths[1:], tmp_path / "o", operator("ties", weights=k, density=0.5),
                                 progress=False, force=True)
         assert arrays(out)["w"].tolist() == expected
     # α = −1 makes every k_t zero: nothing to trim or elect, θ0 itself.
-    out = merge_checkpoints(paths[0], paths[1:], tmp_path / "o", method="ties", lam=0.5, alpha=-1.0, density=0.5,
+    out = merge_checkpoints(paths[0], paths[1:], tmp_path / "o", operator("ties", lam=0.5, alpha=-1.0, density=0.5),
                             progress=False, force=True)
     assert arrays(out)["w"].tolist() == [0, 0, 0, 0]
 
@@ -164,8 +168,8 @@ def test_ties_and_dare_equal_the_numpy_oracles(tiny_ckpts, thetas, tmp_path, mon
     dare = merge(tiny_ckpts, tmp_path / "dare", method="dare", lam=0.3, alpha=0.4, density=0.5, seed=7)
     for name, theta0 in thetas[0].items():
         deltas = [th[name] - theta0 for th in thetas[1:]]
-        assert same_bits(ties[name], theta0 + ops.ties_merge(deltas, k, 0.3, normalize=False)), name
-        dropped = [ops.dare(d, 0.5, ops.tensor_seed(7, name, t)) for t, d in enumerate(deltas, start=1)]
+        assert same_bits(ties[name], theta0 + oracles.ties_merge(deltas, k, 0.3, normalize=False)), name
+        dropped = [oracles.dare(d, 0.5, ops.tensor_seed(7, name, t)) for t, d in enumerate(deltas, start=1)]
         assert same_bits(dare[name], eq9(theta0, dropped, k)), name
     record = json.loads((tmp_path / "dare" / "merge.json").read_text())
     assert record["operator"] == {"method": "dare", "lam": 0.3, "alpha": 0.4, "density": 0.5, "seed": 7}
@@ -181,10 +185,10 @@ def test_ties_with_many_ties_at_the_kth_magnitude(tmp_path, monkeypatch):
     paths = [toy(tmp_path / f"t{i}", {"w": th.tolist()}) for i, th in enumerate(thetas)]
     k = [0.5, -0.7, 1.1]
     for density in (0.1, 0.37, 1.0):
-        out = merge_checkpoints(paths[0], paths[1:], tmp_path / "o", method="ties", weights=k, density=density,
+        out = merge_checkpoints(paths[0], paths[1:], tmp_path / "o", operator("ties", weights=k, density=density),
                                 progress=False, force=True)
         stored = [arrays(p)["w"] for p in paths]
-        expected = stored[0] + ops.ties_merge([s - stored[0] for s in stored[1:]], k, density, normalize=False)
+        expected = stored[0] + oracles.ties_merge([s - stored[0] for s in stored[1:]], k, density, normalize=False)
         assert same_bits(arrays(out)["w"], expected), density
 
 
@@ -195,7 +199,7 @@ def test_dare_with_density_one_is_the_plain_merge_bit_for_bit(tiny_ckpts, tmp_pa
 
 
 def test_dare_block_masks_are_the_whole_tensor_mask():
-    whole = ops.dare_mask((1001,), 0.3, 11)
+    whole = oracles.dare_mask((1001,), 0.3, 11)
     for start, size in ((0, 1001), (1, 10), (2, 999), (513, 488)):
         assert same_bits(ops.dare_mask_block(start, size, 0.3, 11), whole[start : start + size])
 
@@ -235,10 +239,11 @@ def test_parameters_that_do_not_apply_are_named_errors(tiny_ckpts, tmp_path):
         merge(tiny_ckpts, tmp_path / "a", lam=0.3, gamma=0.5)
     with pytest.raises(ItermergeError, match="--method ties needs --density"):
         merge(tiny_ckpts, tmp_path / "b", method="ties", lam=0.3)
-    with pytest.raises(ItermergeError, match=r"--density 1.5: must lie in \(0, 1\]"):
+    with pytest.raises(ItermergeError,
+                       match=r"--density 1.5: must be a number in \(0, 1\] \(the fraction of each task vector kept\)"):
         merge(tiny_ckpts, tmp_path / "c", method="dare", density=1.5)
     with pytest.raises(ItermergeError, match=r"--method slerp .* at least 2 checkpoints"):
-        merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:2], tmp_path / "d", method="slerp", t=0.5, progress=False)
+        merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:2], tmp_path / "d", operator("slerp", t=0.5), progress=False)
 
 
 def test_cli_group_naming_no_tensor_is_a_named_error(tiny_ckpts, tmp_path, capsys):
@@ -262,7 +267,7 @@ def test_cli_every_method_without_torch(tiny_ckpts, tmp_path):
     runs = {"expo": ["--alpha", "0.5"], "ema": ["--gamma", "0.8"], "slerp": ["--t", "0.7"],
             "ties": ["--lam", "0.3", "--alpha", "0.4", "--density", "0.5"],
             "dare": ["--lam", "0.3", "--alpha", "0.4", "--density", "0.5", "--seed", "3"],
-            "groups": ["--groups", str(groups), "--lam", "0.3", "--alpha", "0.4"]}
+            "groups": ["--groups", str(groups), "--lam", "0.3", "--alpha", "0.4"], "model_stock": []}
     calls = [["merge", "--reference", str(tiny_ckpts[0]), "--checkpoints", *map(str, tiny_ckpts[1:]), "--method", m,
               *args, "--out", str(tmp_path / m), "--quiet"] for m, args in runs.items()]
     code = (
@@ -280,8 +285,8 @@ def test_cli_every_method_without_torch(tiny_ckpts, tmp_path):
 def test_mergekit_configs(tiny_ckpts, tmp_path):
     ref, ckpts = tiny_ckpts[0], tiny_ckpts[1:]
 
-    def config(method, **kw):
-        return yaml.safe_load(mergekit_config_for(method, ref, ckpts, **kw))
+    def config(method, mean_cache=None, **params):
+        return yaml.safe_load(mergekit_config_for(operator(method, **params), ref, ckpts, mean_cache=mean_cache))
 
     ties = config("ties", lam=0.0, alpha=0.4, density=0.5)
     assert ties["merge_method"] == "ties" and ties["parameters"] == {"normalize": False}

@@ -1,4 +1,5 @@
-"""The neighbours' merge operators (ExPO, EMA, SLERP, TIES, DARE, layer groups) against numbers worked by hand."""
+"""The neighbours' merge operators (ExPO, EMA, SLERP, TIES, DARE, layer groups) against numbers worked by hand: the
+arithmetic in itermerge.maths.operators and the whole-tensor oracles (tests/oracles.py) the block kernels equal."""
 
 from __future__ import annotations
 
@@ -8,21 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+from oracles import dare, dare_mask, depth_band, layer_group, slerp, ties_merge, ties_trim
 
 from itermerge.errors import ItermergeError
-from itermerge.maths.operators import (
-    dare,
-    dare_mask,
-    depth_band,
-    ema_weights,
-    expo_weights,
-    layer_group,
-    resolve_group_coefficients,
-    slerp,
-    tensor_seed,
-    ties_merge,
-    ties_trim,
-)
+from itermerge.maths.operators import ema_weights, expo_weights, resolve_group_coefficients, tensor_seed
 
 pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
 

@@ -18,6 +18,7 @@ from itermerge.evaluation import Metric
 from itermerge.maths.operators import ema_weights, expo_weights
 from itermerge.maths.paired import paired_difference
 from itermerge.merging import merge_checkpoints
+from itermerge.operators import operator
 from itermerge.records import read_records
 from itermerge.results import write_results
 from itermerge.search import operators as ops
@@ -68,7 +69,7 @@ def predicted(ckpts, k, tensor_of_metric):
 
 
 GRIDS = {"expo": {"alpha": [0.3, 1.0]}, "ema": {"gamma": [0.5, 0.9]}, "slerp": {"t": [0.3, 0.8]},
-         "ties": {"density": [0.4, 0.8]}, "dare": {"density": [0.5], "seed": [0, 1]}}
+         "ties": {"density": [0.4, 0.8]}, "dare": {"density": [0.5], "seed": [0, 1]}, "model_stock": {}}
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_every_candidate_on_dev_is_what_its_weights_predict(searched, tiny_ckpts
     choice = json.loads((out / "choice.json").read_text())
     lam, alpha = choice["lam"], choice["alpha"]
     records = read_records(out / "operators.jsonl")
-    assert searched["new"] == len(records) == 2 + 2 + 2 + 2 + 2
+    assert searched["new"] == len(records) == 2 + 2 + 2 + 2 + 2 + 1
     assert searched["dev"].calls == searched["calls"][0] + len(records)
     for r in records:
         p, method = r["params"], r["operator"]
@@ -104,10 +105,10 @@ def test_every_candidate_on_dev_is_what_its_weights_predict(searched, tiny_ckpts
             k = expo_weights(3, p["alpha"]) if method == "expo" else ema_weights(3, p["gamma"])
             assert r["weights"] == pytest.approx(k)
             want = predicted(tiny_ckpts, k, DEV)
-        else:  # SLERP (per-tensor angles), TIES, DARE (sparsified): the same operator streamed to disk
+        else:  # SLERP, Model Stock (per-tensor angles), TIES, DARE (sparsified): the same operator streamed to disk
             assert (p.get("lam"), p.get("alpha")) == ((lam, alpha) if method in ("ties", "dare") else (None, None))
             disk = merge_checkpoints(tiny_ckpts[0], tiny_ckpts[1:], root / "disk" / r["key"].replace(" ", "_"),
-                                     method=method, mean_cache=searched["mean"], progress=False, **p)
+                                     operator(method, **p), mean_cache=searched["mean"], progress=False)
             want = checkpoint_items(disk, DEV)
         for metric, items in want.items():
             got = r["metrics"][metric]
@@ -280,6 +281,8 @@ def test_the_report_shows_the_operators_of_this_choice_only(searched, tmp_path):
     section = write_report(run_dir).read_text().split("## Other merge operators (dev-chosen, tested once)\n")[1]
     assert "| ExPO | none: no value kept θT's capability |" in section  # the rule kept θT for ExPO's values
     assert f"- ExPO: {record['operators'][0]['dev']['reason']}." in section
+    stock = next(o for o in record["operators"] if o["operator"] == "model_stock")  # no parameters: its title alone
+    assert stock["name"] == "Model Stock" and f"| Model Stock | {stock['label'] if stock['key'] else 'none'}" in section
     record["lam"] += 0.1  # compared with another choice of (λ, α): not this report's
     (run_dir / "search" / "operators.json").write_text(json.dumps(record))
     assert "Other merge operators" not in write_report(run_dir).read_text()

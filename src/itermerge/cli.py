@@ -25,6 +25,7 @@ from itermerge.commands import (
 )
 from itermerge.config.search import parse_lam
 from itermerge.errors import ItermergeError
+from itermerge.operators import REGISTRY, parameters
 
 
 def _number(flag: str):
@@ -65,39 +66,55 @@ def _lams(text: str) -> list[float | str]:
     return values
 
 
+_CLI_TYPES = {"number": _number, "integer": lambda flag: int, "numbers": lambda flag: _weights,
+              "groups": lambda flag: str}
+
+
+def _operator_args(p: argparse.ArgumentParser, specs) -> None:
+    """``--method`` among ``specs`` and every parameter they take, from their declarations (``itermerge.operators``):
+    each flag's help names the operators that take it."""
+    specs = list(specs)
+    p.add_argument("--method", default="paper", choices=[s.name for s in specs],
+                   help="; ".join(f"{s.name}: {s.summary}" for s in specs) + " (docs/design.md: the operators)")
+    added = []
+    for name, param in parameters().items():
+        users = [s.name for s in specs if any(q.name == name for q in s.params)]
+        if users:
+            p.add_argument(param.flag, dest=name, type=_CLI_TYPES[param.kind](param.flag),
+                           metavar="FILE.yaml" if param.kind == "groups" else None,
+                           help=f"{param.help} [{', '.join(users)}]")
+            added.append(name)
+    p.set_defaults(operator_params=added)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="itermerge", description=__doc__)
     parser.add_argument("--version", action="version", version=f"itermerge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _merge_command(sub)
+    _mean_command(sub)
+    _iterate_command(sub)
+    _run_command(sub)
+    _demo_command(sub)
+    _replicate_command(sub)
+    _results_command(sub)
+    _search_command(sub)
+    _verify_command(sub)
+    _plan_command(sub)
+    _report_command(sub)
+    _eval_command(sub)
+    _reward_command(sub)
+    _ensemble_command(sub)
+    return parser
 
+
+def _merge_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="Algorithm 2: merge θ0..θT with (λ, α) of eq. 10 or explicit k_t of eq. 9")
     p.add_argument(
         "--reference", required=True, metavar="THETA0", help="θ0, the reference / starting checkpoint directory"
     )
     p.add_argument("--checkpoints", required=True, nargs="+", metavar="THETA_T", help="θ1..θT in iteration order")
-    p.add_argument(
-        "--lam", type=_number("--lam"), help="λ: relative weight of the intermediate checkpoints (direction)"
-    )
-    p.add_argument(
-        "--alpha", type=_number("--alpha"), help="α: extrapolation of the alignment signal (magnitude); 0 = none"
-    )
-    p.add_argument("--weights", type=_weights, help="explicit k_1,...,k_T of eq. 9 instead of --lam/--alpha")
-    p.add_argument(
-        "--method", default="paper", choices=["paper", "expo", "ema", "slerp", "ties", "dare", "groups"],
-        help="paper: Algorithm 2 (--lam/--alpha or --weights); expo: θ0 + (1+α)(θT − θ0) (--alpha); ema: an "
-        "exponential moving average of θ1..θT (--gamma); slerp: θ0 + slerp(θ̄ − θ0, θT − θ0, t) (--t); ties, "
-        "dare: each θ_t − θ0 sparsified (--density; dare --seed), then eq. 10's k_t; groups: (λ, α) per layer "
-        "group (--groups)",
-    )
-    p.add_argument("--gamma", type=_number("--gamma"), help="ema: decay per iteration in (0, 1]; 1 = plain mean")
-    p.add_argument("--t", type=_number("--t"), help="slerp: 0 gives θ̄, 1 gives θT; outside [0, 1] extrapolates")
-    p.add_argument("--density", type=_number("--density"), help="ties, dare: fraction of each task vector kept")
-    p.add_argument("--seed", type=int, help="dare: seed of the drop masks (default 0), keyed per tensor and θ_t")
-    p.add_argument(
-        "--groups", metavar="FILE.yaml",
-        help="groups: GROUP: [λ, α] per line, GROUP one of embeddings, attention, mlp, norms, head, 'layers a-b' or "
-        "default (else --lam/--alpha)",
-    )
+    _operator_args(p, REGISTRY.values())
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--dtype", default="auto", help="output dtype: auto (as θT), float32, bfloat16, float16")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
@@ -112,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_merge)
 
+
+def _mean_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("mean", help="write θ̄ = mean(θ1..θ_(T−1)) once (float32), for later merges")
     p.add_argument("--checkpoints", required=True, nargs="+", help="θ1..θ_(T−1)")
     p.add_argument("--out", required=True)
@@ -119,14 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_mean)
 
+
+def _iterate_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("iterate", help="Algorithm 1: T iterations of DPO with the reference fixed at θ0 (resumable)")
     _run_args(p)
     p.set_defaults(func=cmd_iterate)
 
+
+def _run_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="the whole paper: iterate, search (λ, α) on dev, merge, test once, studies, report")
     _run_args(p)
     p.set_defaults(func=cmd_run)
 
+
+def _demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="`run` on the built-in SmolLM2-135M arithmetic config (CPU, ~20 min; --quick ~5 min)"
     )
@@ -138,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help=VERIFY_HELP)
     p.set_defaults(func=cmd_demo)
 
+
+def _replicate_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "replicate", help="a run under several seeds (and regimes), dev and test shared; pooled paired differences"
     )
@@ -148,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delete each finished run's cache/ (θ̄; recomputed on demand) to save disk")
     p.set_defaults(func=cmd_replicate)
 
+
+def _results_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("results", help="docs/results.md from a study directory and a demo run (nothing recomputed)")
     p.add_argument("--study", help="a directory made by `itermerge replicate`")
     p.add_argument("--demo", help="a run directory of `itermerge demo` (its studies: α, λ, ensemble)")
@@ -155,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate", action="store_true", help="re-aggregate the study's runs first")
     p.set_defaults(func=cmd_results)
 
+
+def _search_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "search", help="(λ, α) grid merged in memory and evaluated on dev; the choice merged and tested once"
     )
@@ -170,11 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_search)
 
+
+def _verify_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check every finished stage's files against the proofs in its manifest")
     p.add_argument("run_dir")
     p.add_argument("--deep", action="store_true", help="hash every file, not only those whose mtime changed")
     p.set_defaults(func=cmd_verify)
 
+
+def _plan_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="each stage's peak memory per GPU from the model configs alone; does it fit?")
     p.add_argument("config", help="run config (YAML)")
     p.add_argument("--gpus", type=int, default=1, help="processes, one GPU each (default 1)")
@@ -184,10 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.set_defaults(func=cmd_plan)
 
+
+def _report_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="report.md + plots from what the run wrote (nothing recomputed)")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
+
+def _eval_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="the evaluators on one checkpoint: task accuracy, mean reward, KL, lm-eval")
     p.add_argument("checkpoint")
     p.add_argument("--config", help="config whose evaluation: section is used (default: built-in arithmetic task)")
@@ -197,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-test", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_eval)
 
+
+def _reward_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "reward", help="induced rewards (eq. 4) of a file, or the α / λ / accuracy-matrix studies of a run"
     )
@@ -214,15 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write per-record rewards (JSONL) here")
     p.set_defaults(func=cmd_reward)
 
+
+def _ensemble_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ensemble", help="the exact eq. (6) ensemble vs the merge: per-token KL, correlation, cost")
     p.add_argument("--reference", required=True, metavar="THETA0")
     p.add_argument("--checkpoints", required=True, nargs="+", metavar="THETA_T")
-    p.add_argument("--lam", type=_number("--lam"))
-    p.add_argument("--alpha", type=_number("--alpha"))
-    p.add_argument("--weights", type=_weights)
-    p.add_argument("--method", default="paper", choices=["paper", "expo", "ema"],
-                   help="the merge operators that are eq. 9 with one k per checkpoint (see `merge --method`)")
-    p.add_argument("--gamma", type=_number("--gamma"), help="ema: decay per iteration in (0, 1]")
+    _operator_args(p, [s for s in REGISTRY.values() if s.shared_k])  # eq. 9 with one k per checkpoint
     p.add_argument("--out", required=True, help="directory for approximation.json and .png")
     p.add_argument("--task", default="arithmetic", help="built-in task whose dev prompts are used")
     p.add_argument("--prompts", type=int, default=8)
@@ -231,7 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_ensemble)
-    return parser
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:

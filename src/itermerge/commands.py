@@ -13,34 +13,42 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from itermerge.checkpoint.dtypes import parse_dtype
     from itermerge.merging import merge_adapters, merge_checkpoints, mergekit_config_for
     from itermerge.merging.lora import is_adapter
-    from itermerge.merging.operators import read_groups
+    from itermerge.operators import operator
 
     if args.method == "paper" and args.weights is None and args.lam is None and args.alpha is None:
         raise ItermergeError("itermerge merge: give --lam and --alpha (eq. 10) or --weights k1,...,kT (eq. 9)")
     dtype = parse_dtype(args.dtype)
-    params = dict(lam=args.lam, alpha=args.alpha, weights=args.weights, gamma=args.gamma, t=args.t,
-                  density=args.density, seed=args.seed, groups=read_groups(args.groups) if args.groups else None)
+    op = operator(args.method, **_operator_params(args))
     if any(map(is_adapter, args.checkpoints)):  # a LoRA run's adapters: the merge is one adapter (merging/lora.py)
         for flag, value in (("--emit-mergekit-config", args.emit_mergekit_config), ("--mean-cache", args.mean_cache)):
             if value:
                 raise ItermergeError(f"{flag} applies to full checkpoints, not LoRA adapters")
-        out = merge_adapters(args.reference, args.checkpoints, args.out, method=args.method, **params, full=args.full,
-                             dtype=dtype, force=args.force, max_shard_size=args.max_shard_size, progress=not args.quiet)
+        out = merge_adapters(args.reference, args.checkpoints, args.out, op, full=args.full, dtype=dtype,
+                             force=args.force, max_shard_size=args.max_shard_size, progress=not args.quiet)
         print(f"merged {'checkpoint' if args.full else 'adapter'}: {out}")
         return
     if args.full:
         raise ItermergeError("--full applies to LoRA adapters (--checkpoints DIR/iter_XX/adapter ...); a merge of full "
                              "checkpoints is full weights already")
     if args.emit_mergekit_config:
-        text = mergekit_config_for(args.method, args.reference, args.checkpoints, dtype, mean_cache=args.mean_cache,
-                                   **params)
+        text = mergekit_config_for(op, args.reference, args.checkpoints, dtype, mean_cache=args.mean_cache)
         Path(args.emit_mergekit_config).write_text(text)
         print(f"mergekit config: {args.emit_mergekit_config}")
     out = merge_checkpoints(
-        args.reference, args.checkpoints, args.out, method=args.method, **params, dtype=dtype, force=args.force,
+        args.reference, args.checkpoints, args.out, op, dtype=dtype, force=args.force,
         max_shard_size=args.max_shard_size, mean_cache=args.mean_cache, progress=not args.quiet,
     )
     print(f"merged checkpoint: {out}")
+
+
+def _operator_params(args: argparse.Namespace) -> dict:
+    """The operator parameters the command line gave (None: not given), a groups file read."""
+    from itermerge.config.groups import read_groups
+    from itermerge.operators import parameters
+
+    given = {name: getattr(args, name) for name in args.operator_params}  # the flags cli._operator_args added
+    return {name: read_groups(v) if v is not None and parameters()[name].kind == "groups" else v
+            for name, v in given.items()}
 
 
 def cmd_mean(args: argparse.Namespace) -> None:
@@ -172,19 +180,15 @@ def cmd_reward(args: argparse.Namespace) -> None:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> None:
+    from itermerge.operators import operator
     from itermerge.sampling import SamplingParams
     from itermerge.studies.approximation import approximation_study
     from itermerge.tasks import get_task
 
     lam, alpha, weights = args.lam, args.alpha, args.weights
+    op = operator(args.method, **_operator_params(args))
     if args.method != "paper":  # eq. (9) with the operator's k_t: eq. (6) with ensemble_coefficients(k)
-        from itermerge.merging.operators import resolve_operator
-
-        op = resolve_operator(args.method, len(args.checkpoints), [], alpha=alpha, weights=weights, lam=lam,
-                              gamma=args.gamma)
-        lam, alpha, weights = None, None, list(op.weights)
-    elif args.gamma is not None:
-        raise ItermergeError("--gamma does not apply to --method paper; use --method ema")
+        lam, alpha, weights = None, None, list(op.resolve(len(args.checkpoints), []).weights)
     prompts = get_task(args.task).prompts("dev", args.prompts, seed=args.seed)
     result = approximation_study(
         args.reference, args.checkpoints, prompts, args.out, lam=lam, alpha=alpha, weights=weights,

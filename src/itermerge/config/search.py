@@ -19,9 +19,6 @@ DEFAULT_ALPHAS = (0.0, 0.2, 0.4, 0.7, 1.0)
 HALVING_LAMS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7)
 HALVING_ALPHAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.5)
 METHODS = ("grid", "halving")
-# search.operators: what each other merge operator's grid ranges over (the first parameter is required).
-OPERATOR_PARAMS = {"expo": ("alpha",), "ema": ("gamma",), "slerp": ("t",), "ties": ("density",),
-                   "dare": ("density", "seed")}
 
 
 @dataclass(frozen=True)
@@ -97,10 +94,10 @@ class SearchConfig:
         default_factory=dict, metadata={"help": "other merge operators beside the paper's, e.g. {ema: {gamma: [0.5, "
                                                 "0.8]}, ties: {density: [0.3, 0.6]}}: each value merged and evaluated "
                                                 "on dev, one per operator chosen by the same rule against θT, that "
-                                                "one tested once (search/operators.json). expo {alpha}, ema {gamma}, "
-                                                "slerp {t}, ties {density}, dare {density, seed}; TIES and DARE "
-                                                "sparsify each θ_t − θ0, then weight it with the search's chosen "
-                                                "(λ, α). Empty: off"}
+                                                "one tested once (search/operators.json). Each operator ranges over "
+                                                "the parameters docs/design.md's operator table lists (model_stock: "
+                                                "none, {}); TIES and DARE sparsify each θ_t − θ0, then weight it with "
+                                                "the search's chosen (λ, α). Empty: off"}
     )
 
     def __post_init__(self) -> None:
@@ -140,47 +137,47 @@ def resolve_lams(lams: Any, T: int) -> list[float]:
     return [(T - 1) / T if lam == UNIFORM else float(lam) for lam in lams]
 
 
-def _operator_grids(operators: Any) -> dict[str, dict[str, tuple[float, ...]]]:
-    """search.operators checked and made plain: {operator: {parameter: (value, …)}}, a single value as a list of one."""
+def _operator_grids(operators: Any) -> dict[str, dict[str, tuple[Any, ...]]]:
+    """search.operators checked against the operators' declarations (``itermerge.operators``) and made plain:
+    {operator: {parameter: (value, …)}}, a single value as a list of one."""
     if not isinstance(operators, dict):
         raise ItermergeError(f"search.operators = {operators!r}: give a mapping, e.g. {{ema: {{gamma: [0.5, 0.8]}}}}")
+    if not operators:
+        return {}
+    from itermerge.operators import REGISTRY  # only when the search compares operators: config stays numpy-free
+
+    searchable = {name: s for name, s in REGISTRY.items() if s.searched is not None}
     grids = {}
     for name, grid in operators.items():
         where = f"search.operators.{name}"
-        if name not in OPERATOR_PARAMS:
+        if name not in searchable:
             raise ItermergeError(f"{where}: not an operator the search compares; choose among "
-                                 f"{', '.join(OPERATOR_PARAMS)} (the paper's merge is the search itself)")
-        takes = OPERATOR_PARAMS[name]
+                                 f"{', '.join(searchable)} (the paper's merge is the search itself)")
+        spec = searchable[name]
+        takes = spec.searched
+        example = f"{name}: {{{takes[0]}: [...]}}" if takes else f"{name}: {{}}"
+        grid = {} if grid is None and not takes else grid
         if not isinstance(grid, dict):
-            raise ItermergeError(f"{where} = {grid!r}: give its parameter's values, e.g. {name}: {{{takes[0]}: [...]}}")
+            raise ItermergeError(f"{where} = {grid!r}: give its parameter's values, e.g. {example}")
         unknown = [key for key in grid if key not in takes]
         if unknown:
-            raise ItermergeError(f"{where}.{unknown[0]}: {name} takes {', '.join(takes)}")
-        if takes[0] not in grid:
-            raise ItermergeError(f"{where}: give {takes[0]}, e.g. {name}: {{{takes[0]}: [...]}}")
-        grids[name] = {key: _operator_values(f"{where}.{key}", key, values) for key, values in grid.items()}
+            raise ItermergeError(f"{where}.{unknown[0]}: {name} takes {', '.join(takes) or 'no parameters'}")
+        if takes and takes[0] not in grid:
+            raise ItermergeError(f"{where}: give {takes[0]}, e.g. {example}")
+        grids[name] = {key: _operator_values(f"{where}.{key}", spec.param(key), values) for key, values in grid.items()}
     return grids
 
 
-def _operator_values(where: str, key: str, values: Any) -> tuple[float, ...]:
-    """One parameter's values, each checked: α and t finite, γ and density in (0, 1], a seed a whole number ≥ 0."""
+def _operator_values(where: str, param: Any, values: Any) -> tuple[Any, ...]:
+    """One parameter's values, each checked by the operator's declaration of it (``Param.valid``)."""
     values = list(values) if isinstance(values, (list, tuple)) else [values]
     if not values:
         raise ItermergeError(f"{where} is empty: give at least one value")
-    fix = {"alpha": "a finite number", "t": "a finite number (0 gives θ̄, 1 gives θT)",
-           "gamma": "a number in (0, 1] (the decay per iteration; 1 = the plain mean)",
-           "density": "a number in (0, 1] (the fraction of each task vector kept)",
-           "seed": "a whole number >= 0"}[key]
     out = []
     for v in values:
-        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        if key == "seed":
-            ok = number and isinstance(v, int) and v >= 0
-        else:
-            ok = number and (key in ("alpha", "t") or 0.0 < v <= 1.0)
-        if not ok:
-            raise ItermergeError(f"{where}: {v!r} is not {fix}")
-        v = v if key == "seed" else float(v)
+        if not param.valid(v):
+            raise ItermergeError(f"{where}: {v!r} is not {param.problem}")
+        v = float(v) if param.kind == "number" else v
         if v in out:
             raise ItermergeError(f"{where}: {v!r} is listed twice")
         out.append(v)

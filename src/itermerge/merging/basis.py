@@ -15,9 +15,9 @@ from itermerge.checkpoint.reader import CheckpointReader, check_compatible
 from itermerge.errors import ItermergeError
 from itermerge.maths.merge import eq9_block, intermediate_total, merge_weights
 from itermerge.merging.engine import Scratch, Source, reduce_blocks
-from itermerge.merging.first_pass import slerp_weights
+from itermerge.merging.first_pass import gram_matrices
 from itermerge.merging.mean import mean_cache_hashes, mean_checkpoint
-from itermerge.merging.operators import resolve_operator
+from itermerge.operators import Resolved, operator
 
 if TYPE_CHECKING:
     import torch
@@ -74,9 +74,9 @@ class MergeBasis:
     elementwise operations as the streamed merge, so a point equals the streamed merge with a θ̄ cache bit for bit
     (except where that merge copies an input exactly: λ = 0 with α = 0, or λ = 1 with α = 0, which differ here by
     at most one rounding). ``apply_coefficients`` takes any (k̄, k_T), shared or per tensor; ``apply_operator``
-    the operators linear in (θ0, θ̄, θT) — ExPO, layer groups, SLERP (its per-tensor angle fixes (k̄, k_T)) — and
-    EMA, whose intermediate k_t differ, with ``each=True``: then the directions are θ1..θT themselves and the
-    coefficients k_1..k_T.
+    the operators linear in (θ0, θ̄, θT) — ExPO, layer groups, SLERP (its per-tensor angle fixes (k̄, k_T)) — and,
+    with ``each=True``, EMA (its intermediate k_t differ) and Model Stock (its angles are between every θ_t − θ0):
+    then the directions are θ1..θT themselves and the coefficients k_1..k_T.
 
     Nothing model-sized is held in this process: a few block buffers per thread. The checkpoints' pages sit in
     the operating system's page cache, which every process of a launch shares, so eight processes merging an
@@ -130,17 +130,23 @@ class MergeBasis:
         """(k̄, k_T): θ = θ0 + k̄ (θ̄ − θ0) + k_T (θT − θ0), with k̄ = Σ_{t<T} k_t = (1+α) λ."""
         return self.coefficients(merge_weights(self.T, lam, alpha))
 
-    def slerp_coefficients(self, t: float) -> dict[str, tuple[float, float]]:
-        """Per tensor, (k̄, k_T) with slerp(θ̄ − θ0, θT − θ0, t) = k̄ (θ̄ − θ0) + k_T (θT − θ0): SLERP as eq. (9)."""
-        if self.each or self.directions[0] is None:
-            raise ItermergeError("SLERP interpolates θ̄'s and θT's task vectors: build the basis with T ≥ 2, each=False")
-        return slerp_weights(self.base, *self.directions, self.names, t, progress=False)
+    def gram_coefficients(self, op: Resolved) -> dict[str, tuple[float, ...]]:
+        """Per tensor, the coefficients of the basis' deltas of an angle rule (SLERP on (θ̄ − θ0, θT − θ0), Model Stock
+        on every θ_t − θ0): its weights of the float64 Gram matrix of those deltas, from the merge's first pass."""
+        if op.gram.on == "mean_last":
+            if self.each or self.directions[0] is None:
+                raise ItermergeError(f"--method {op.method} weights θ̄'s and θT's task vectors: build the basis with "
+                                     "T ≥ 2, each=False")
+        elif not self.each and self.T != 2:  # T = 2: θ̄ is θ1, so the basis holds every θ_t − θ0 already
+            raise ItermergeError(f"--method {op.method} weights every θ_t − θ0: build the basis with each=True")
+        grams = gram_matrices(self.base, self.directions, self.names, op.method, progress=False)
+        return {name: tuple(op.gram.weights(G)) for name, G in grams.items()}
 
     def operator_coefficients(self, method: str, **params: Any) -> dict[str, tuple[float, ...]]:
-        """Per tensor, the coefficients of the basis' deltas that a merge operator gives (``merging.operators``)."""
-        op = resolve_operator(method, self.T, self.names, **params)
-        if op.method == "slerp":
-            return self.slerp_coefficients(op.t)
+        """Per tensor, the coefficients of the basis' deltas that a merge operator gives (``itermerge.operators``)."""
+        op = operator(method, **params).resolve(self.T, self.names)
+        if op.gram is not None:
+            return self.gram_coefficients(op)
         if not op.linear:
             raise ItermergeError(
                 f"--method {op.method} sparsifies each θ_t − θ0 before weighting: it is not linear in (θ0, θ̄, θT); "

@@ -1,7 +1,7 @@
-"""First passes over blocks for operators that need a whole tensor's statistics: SLERP's angle, TIES's top-k.
+"""First passes over blocks for operators that need whole-tensor statistics: angles (SLERP, Model Stock), top-k (TIES).
 
 Both stream the tensors block by block like the merge itself, so the working set is a few block buffers per
-thread plus, per tensor in flight, three float64 numbers per block (SLERP) or one histogram per checkpoint of
+thread plus, per tensor in flight, n(n+1)/2 float64 numbers per block (a Gram matrix) or one histogram per checkpoint of
 2^15 or 2^16 counts (TIES) — whatever the size of the tensor. TIES's exact k-th largest |Δ| is a radix select
 on the float32 bits of |Δ| (non-negative floats order as their bits do): the high 16 bits first, then the low
 16 bits inside the bin that holds the k-th; a third pass runs only where ties at the k-th magnitude overflow.
@@ -15,37 +15,40 @@ import numpy as np
 
 from itermerge.checkpoint import dtypes
 from itermerge.checkpoint.reader import CheckpointReader
-from itermerge.maths.operators import dot64, slerp_coefficients
+from itermerge.maths.operators import dot64
 from itermerge.merging.engine import Scratch, Source, reduce_blocks
-from itermerge.merging.operators import TopK
+from itermerge.operators.ties import TopK
 
 
-def slerp_weights(base: Source, bar: Source, last: Source, names: Sequence[str], t: float,
-                  progress: bool) -> dict[str, tuple[float, float]]:
-    """Per tensor, (k̄, k_T) with slerp(θ̄ − θ0, θT − θ0, t) = k̄ (θ̄ − θ0) + k_T (θT − θ0).
+def gram_matrices(base: Source, sources: Sequence[Source], names: Sequence[str], desc: str,
+                  progress: bool) -> dict[str, np.ndarray]:
+    """Per tensor, the (n, n) float64 Gram matrix G_pq = ⟨s_p − θ0, s_q − θ0⟩ of the n sources' task vectors.
 
-    The float64 dots of each block are summed in block order: the same partial sums as ``maths.operators.dot64``,
-    so the same coefficients as ``maths.operators.slerp`` and ``MergeBasis.slerp_coefficients``.
+    The float64 dots of each block are summed in block order: the same partial sums as ``maths.operators.dot64``
+    over the whole tensor, so SLERP's coefficients equal ``MergeBasis``'s and the whole-tensor oracle's.
     """
     reader = base.readers[0]
+    pairs = [(p, q) for p in range(len(sources)) for q in range(p, len(sources))]
 
-    def block(name: str, i: int, scratch: Scratch) -> tuple[float, float, float]:
+    def block(name: str, i: int, scratch: Scratch) -> list[float]:
         theta0 = base.block(name, i, scratch, 0)
-        a = np.subtract(bar.block(name, i, scratch, 1), theta0, out=scratch.get("a", np.float32)[: theta0.size])
-        b = np.subtract(last.block(name, i, scratch, 2), theta0, out=scratch.get("b", np.float32)[: theta0.size])
-        n = max(1, a.size)  # one chunk: the whole block
-        return dot64(a, b, n), dot64(a, a, n), dot64(b, b, n)
+        d = [np.subtract(s.block(name, i, scratch, m + 1), theta0, out=scratch.get(("g", m), np.float32)[: theta0.size])
+             for m, s in enumerate(sources)]
+        n = max(1, theta0.size)  # one chunk: the whole block
+        return [dot64(d[p], d[q], n) for p, q in pairs]
 
-    def fold(state: dict | None, i: int, dots: tuple) -> dict:
+    def fold(state: dict | None, i: int, dots: list[float]) -> dict:
         state = {} if state is None else state
         state[i] = dots
         return state
 
-    def finish(name: str, state: dict) -> tuple[float, float]:
-        ab, aa, bb = (sum((state[i][j] for i in range(len(state))), 0.0) for j in range(3))
-        return slerp_coefficients(ab, aa, bb, t)
+    def finish(name: str, state: dict) -> np.ndarray:
+        G = np.empty((len(sources), len(sources)))
+        for j, (p, q) in enumerate(pairs):
+            G[p, q] = G[q, p] = sum((state[i][j] for i in range(len(state))), 0.0)
+        return G
 
-    return reduce_blocks({n: reader.numel(n) for n in names}, block, fold, finish, "SLERP angles", progress)
+    return reduce_blocks({n: reader.numel(n) for n in names}, block, fold, finish, desc, progress)
 
 
 def _magnitude_bits(base: Source, sources: Sequence[Source], name: str, i: int, scratch: Scratch) -> list[np.ndarray]:
@@ -70,7 +73,7 @@ def top_magnitudes(base: Source, sources: Sequence[Source], names: Sequence[str]
                    progress: bool) -> dict[str, list[TopK | None]]:
     """Per tensor and source θ_t, which entries of Δ_t = θ_t − θ0 ``ties_trim`` keeps (None: all of them).
 
-    k = max(1, ⌊density · numel⌋) per tensor, as ``maths.operators.ties_trim`` and mergekit's magnitude pruning.
+    k = max(1, ⌊density · numel⌋) per tensor, as the oracle ``ties_trim`` and mergekit's magnitude pruning.
     """
     reader: CheckpointReader = base.readers[0]
     numel = {n: reader.numel(n) for n in names}

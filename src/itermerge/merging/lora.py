@@ -31,7 +31,8 @@ from itermerge.checkpoint.reader import CheckpointReader
 from itermerge.checkpoint.writer import ShardedWriter, copy_metadata, parse_size
 from itermerge.errors import ItermergeError
 from itermerge.merging.engine import Scratch, encode_block, float_block, stream_blocks
-from itermerge.merging.operators import DESCRIPTIONS, resolve_operator
+from itermerge.merging.streamed import described
+from itermerge.operators import Operator
 from itermerge.rundir import atomic_dir, atomic_write_json
 
 HOW = ("θ_t = θ0 + Δ1 + … + Δt (Δ_s = lora_alpha_s / r_s · B_s A_s), so θ = θ0 + Σ_s c_s Δ_s with c_s = Σ_{t≥s} k_t: "
@@ -74,16 +75,8 @@ def merge_adapters(
     reference: str | os.PathLike,
     adapters: Sequence[str | os.PathLike],
     out: str | os.PathLike,
+    op: Operator,
     *,
-    method: str = "paper",
-    lam: float | None = None,
-    alpha: float | None = None,
-    weights: Sequence[float] | None = None,
-    gamma: float | None = None,
-    t: float | None = None,
-    density: float | None = None,
-    seed: int | None = None,
-    groups: Mapping[str, tuple[float, float]] | None = None,
     full: bool = False,
     dtype: str | None = None,
     force: bool = False,
@@ -91,10 +84,10 @@ def merge_adapters(
     progress: bool = True,
 ) -> Path:
     """Eq. (9) of θ0..θT given θ0 (``reference``) and the adapters Δ1..ΔT of a LoRA run in order (θ_t = θ0 + Δ1 + …
-    + Δt; a run's iter_XX/adapter): eq. (10)'s k_t from ``lam``/``alpha``, or ``weights``, or another operator linear in
-    θ0..θT (expo, ema, groups). Written as one peft adapter on θ0 — ``out`` also reads as an itermerge checkpoint, θ0
-    plus that adapter — or, with ``full``, as full weights (float32, or ``dtype``). merge.json records the operator,
-    the inputs and their content hashes, every k_t and c_s = Σ_{t≥s} k_t."""
+    + Δt; a run's iter_XX/adapter) with the operator ``op`` (``itermerge.operators.operator``), which must be linear
+    in θ0..θT: the paper's (λ, α) or k_t, expo, ema, groups. Written as one peft adapter on θ0 — ``out`` also reads
+    as an itermerge checkpoint, θ0 plus that adapter — or, with ``full``, as full weights (float32, or ``dtype``).
+    merge.json records the operator, the inputs and their content hashes, every k_t and c_s = Σ_{t≥s} k_t."""
     start = time.perf_counter()
     if not adapters:
         raise ItermergeError("--checkpoints is empty: give the adapters Δ1..ΔT of a LoRA run in iteration order")
@@ -116,8 +109,7 @@ def merge_adapters(
     for adapter in loras:
         check_fits(adapter, base)
     floats = [n for n in base if base.dtype(n) in FLOAT_DTYPES]
-    op = resolve_operator(method, len(loras), floats, lam=lam, alpha=alpha, weights=weights, gamma=gamma, t=t,
-                          density=density, seed=seed, groups=groups)
+    chosen, op = op, op.resolve(len(loras), floats)
     if not op.linear:
         raise ItermergeError(f"--method {op.method} is not linear in θ0..θT, so its merge is no sum of the adapters; "
                              "merge full checkpoints instead: a LoRA run's iter_XX/model (θ0 plus its adapters)")
@@ -128,17 +120,14 @@ def merge_adapters(
             _write_full(base, updates, tmp, out_dtype or "F32", max_shard_size, progress)
         else:
             _write_adapter(loras[0].config, base, updates, tmp, out)
-        paper, k = op.method == "paper" and weights is None, None if op.weights is None else list(op.weights)
+        k = None if op.weights is None else list(op.weights)
         atomic_write_json(tmp / "merge.json", {
             "itermerge_version": __version__,
-            "method": DESCRIPTIONS[op.method],
-            "operator": op.params,
+            **described(chosen, op),
             "format": "full weights" if full else "one LoRA adapter (peft) on θ0",
             "adapters": HOW,
             "reference": {"path": str(base.path), "hash": base.content_hash()},
             "checkpoints": [{"path": str(a.path), "hash": a.hash} for a in loras],
-            "lam": lam if paper else None,
-            "alpha": alpha if paper else None,
             "weights": k,
             "reference_weight": None if k is None else 1.0 - sum(k),
             "adapter_coefficients": None if k is None else adapter_coefficients(k),

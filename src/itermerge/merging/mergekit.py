@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from itermerge.checkpoint.dtypes import FLOAT_DTYPES, parse_dtype, torch_name
 from itermerge.errors import ItermergeError
+from itermerge.operators import Operator
 
 if TYPE_CHECKING:
     import torch
 
-# itermerge's operator → mergekit's merge_method (ExPO, EMA and layer groups are task arithmetic with their k_t).
-MERGEKIT_METHODS = {"paper": "task_arithmetic", "expo": "task_arithmetic", "ema": "task_arithmetic",
-                    "groups": "task_arithmetic", "ties": "ties", "dare": "dare_linear", "slerp": "nuslerp"}
 _NOTES = {
     "task_arithmetic": ["eq. (9) is task arithmetic with base θ0 and weights k_t, unnormalised, computed in float32."],
     "ties": ["TIES, normalize: false (eq. 10's k_t keep their magnitude): each θ_t − θ0 trimmed to its top `density`",
@@ -84,30 +82,46 @@ def mergekit_slerp_config(
     return _finish(lines, dtype)
 
 
-def mergekit_config_for(
-    method: str, reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
-    dtype: str | torch.dtype | None = None, *, mean_cache: str | os.PathLike | None = None, **params: Any,
-) -> str:
-    """The mergekit YAML of one ``itermerge merge --method ...`` (parameters as ``merge_checkpoints`` takes them)."""
-    from itermerge.checkpoint.reader import CheckpointReader
-    from itermerge.merging.operators import resolve_operator
+def mergekit_plain_config(reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], method: str,
+                          note: str, dtype: str | torch.dtype | None = None) -> str:
+    """A mergekit method that takes only its base θ0 and the models θ1..θT (Model Stock), with what differs in
+    ``note``."""
+    lines = [f"# Reproduces `itermerge merge` with mergekit (mergekit-yaml THIS_FILE OUT_DIR): {method}.",
+             *(f"# {line}" for line in note.splitlines()), f"merge_method: {method}",
+             f"base_model: {json.dumps(str(reference))}", "models:",
+             *(f"  - model: {json.dumps(str(path))}" for path in checkpoints)]
+    return _finish(lines, dtype)
 
+
+def mergekit_config_for(
+    op: Operator, reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
+    dtype: str | torch.dtype | None = None, *, mean_cache: str | os.PathLike | None = None,
+) -> str:
+    """The mergekit YAML of one ``itermerge merge --method ...`` (``op``: the operator and its parameters)."""
+    from itermerge.checkpoint.reader import CheckpointReader
+
+    if op.spec.mergekit is None:
+        raise ItermergeError(f"--emit-mergekit-config: mergekit has no method that reproduces --method {op.method}")
     base = CheckpointReader(reference)
     floats = [n for n in base if base.dtype(n) in FLOAT_DTYPES]
     # Absolute paths: the YAML may run from elsewhere, and mergekit takes a bare name for a Hub repository.
     reference, checkpoints = os.path.abspath(reference), [os.path.abspath(p) for p in checkpoints]
     mean_cache = None if mean_cache is None else os.path.abspath(mean_cache)
-    op = resolve_operator(method, len(checkpoints), floats, **params)
-    if op.method == "slerp":
+    resolved = op.resolve(len(checkpoints), floats)
+    if resolved.gram is not None and resolved.gram.on == "mean_last":
         if len(checkpoints) > 2 and mean_cache is None:
-            raise ItermergeError("--emit-mergekit-config with --method slerp and T ≥ 3 needs --mean-cache DIR: "
+            raise ItermergeError(f"--emit-mergekit-config with --method {op.method} and T ≥ 3 needs --mean-cache DIR: "
                                  "mergekit reads θ̄ from that directory, which the merge writes")
         theta_bar = checkpoints[0] if len(checkpoints) == 2 else mean_cache
-        return mergekit_slerp_config(reference, theta_bar, checkpoints[-1], op.t, dtype)
-    uniform = op.tensor_weights is None or len(set(op.tensor_weights.values())) == 1
-    weights = op.weights if op.tensor_weights is None else next(iter(op.tensor_weights.values()))
-    return mergekit_config(reference, checkpoints, weights, dtype, method=MERGEKIT_METHODS[op.method],
-                           density=op.density, tensor_weights=None if uniform else op.tensor_weights)
+        return mergekit_slerp_config(reference, theta_bar, checkpoints[-1], float(op.params["t"]), dtype)
+    if resolved.gram is not None:
+        return mergekit_plain_config(reference, checkpoints, op.spec.mergekit, op.spec.mergekit_note, dtype)
+    tensor_weights = resolved.tensor_weights
+    uniform = tensor_weights is None or len(set(tensor_weights.values())) == 1
+    weights = resolved.weights if tensor_weights is None else next(iter(tensor_weights.values()))
+    density = None if op.params.get("density") is None else float(op.params["density"])
+    return mergekit_config(reference, checkpoints, weights, dtype, method=op.spec.mergekit,
+                           density=density, tensor_weights=None if uniform else tensor_weights)
 
 
 def _filtered(values: Mapping[str, float]) -> list[str]:

@@ -21,6 +21,7 @@ from itermerge.evaluation import metrics_to_dict
 from itermerge.maths.merge import merge_weights
 from itermerge.merging import MergeBasis, merge_adapters, merge_checkpoints
 from itermerge.merging.lora import chain_adapters
+from itermerge.operators import operator
 from itermerge.records import read_records
 from itermerge.rundir import Manifest, atomic_write_json
 from itermerge.runner import Shard
@@ -76,10 +77,11 @@ def write_merge(search_dir: str | os.PathLike, reference: str | os.PathLike, che
             return {"lam": lam, "alpha": alpha}
     adapters = chain_adapters(checkpoints)
     if adapters is not None:  # a LoRA run (dpo.peft): the merge is one adapter on θ0, no full weights (merging/lora.py)
-        merge_adapters(reference, adapters, merged_dir, lam=lam, alpha=alpha, force=meta.exists(), progress=progress)
+        merge_adapters(reference, adapters, merged_dir, operator("paper", lam=lam, alpha=alpha), force=meta.exists(),
+                       progress=progress)
     else:
-        merge_checkpoints(reference, checkpoints, merged_dir, lam=lam, alpha=alpha, mean_cache=mean_cache,
-                          force=meta.exists(), progress=progress)
+        merge_checkpoints(reference, checkpoints, merged_dir, operator("paper", lam=lam, alpha=alpha),
+                          mean_cache=mean_cache, force=meta.exists(), progress=progress)
     return {"lam": lam, "alpha": alpha}
 
 

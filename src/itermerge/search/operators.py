@@ -1,5 +1,6 @@
-"""Other merge operators beside the paper's (ExPO, EMA, SLERP, TIES, DARE): each candidate evaluated on dev, one per
-operator chosen by the paper's rule against θT, and that one tested once beside the chosen merge and θT."""
+"""Other merge operators beside the paper's (every searchable one of ``itermerge.operators``): each candidate
+evaluated on dev, one per operator chosen by the paper's rule against θT, and that one tested once beside the
+chosen merge and θT."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from itermerge.devices import CPU, Placement, load_placed, release
 from itermerge.errors import ItermergeError
 from itermerge.evaluation import metrics_to_dict
 from itermerge.merging import MergeBasis, merge_checkpoints
-from itermerge.merging.operators import resolve_operator
+from itermerge.operators import operator, parameters, spec
 from itermerge.records import append_record, read_records
 from itermerge.rundir import atomic_write_json
 from itermerge.runner import Shard
@@ -33,9 +34,12 @@ from itermerge.search.points import EvaluateFn, build_evaluator, load_weights_in
 from itermerge.search.selection import oriented, regressions, select_point, value
 
 DEV_RECORDS, RESULT = "operators.jsonl", "operators.json"
-ON_DISK = ("ties", "dare")  # sparsified task vectors: not linear in (θ0, θ̄, θT), so merged to disk and loaded
-NAMES = {"expo": "ExPO", "ema": "EMA", "slerp": "SLERP", "ties": "TIES", "dare": "DARE"}
-SYMBOLS = {"alpha": "α", "gamma": "γ", "t": "t", "density": "density", "seed": "seed", "lam": "λ"}
+
+
+def _symbol(key: str) -> str:
+    """How the tables write a parameter: its declared symbol (α, γ, λ) or its name."""
+    found = parameters().get(key)
+    return found.label if found is not None else key
 
 
 @dataclass(frozen=True)
@@ -54,14 +58,15 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{SYMBOLS[k]}={v:g}" for k, v in self.searched.items())
+        return ", ".join(f"{_symbol(k)}={v:g}" for k, v in self.searched.items()) or "no parameters"
 
     @property
     def name(self) -> str:
-        """``TIES (density=0.5; λ=0.3, α=0.4)``: the row's name in the tables."""
+        """``TIES (density=0.5; λ=0.3, α=0.4)``: the row's name in the tables; the title alone without parameters."""
         rest = {k: v for k, v in self.params.items() if k not in self.searched}
-        fixed = "" if not rest else "; " + ", ".join(f"{SYMBOLS.get(k, k)}={v:g}" for k, v in rest.items())
-        return f"{NAMES[self.method]} ({self.label}{fixed})"
+        fixed = "" if not rest else "; " + ", ".join(f"{_symbol(k)}={v:g}" for k, v in rest.items())
+        title = spec(self.method).title
+        return f"{title} ({self.label}{fixed})" if self.searched or fixed else title
 
     @property
     def coordinates(self) -> tuple[float, float]:
@@ -75,13 +80,15 @@ def candidates(operators: Mapping[str, Mapping[str, Sequence[Any]]], T: int, lam
     """Every candidate of ``search.operators``, operator by operator, in the grid's order (SLERP needs T ≥ 2)."""
     out = []
     for method, grid in operators.items():
-        if method == "slerp" and T < 2:
+        found = spec(method)
+        if found.min_T > T:
             continue
         for values in itertools.product(*grid.values()):
             searched = dict(zip(grid, values))
-            if method == "dare":
-                searched.setdefault("seed", 0)
-            extra = {"lam": lam, "alpha": alpha} if method in ON_DISK else {}
+            for key in found.searched:  # a searched parameter left out takes its default (DARE's seed 0)
+                if found.param(key).default is not None:
+                    searched.setdefault(key, found.param(key).default)
+            extra = {"lam": lam, "alpha": alpha} if found.takes_choice else {}
             out.append(Candidate(method, searched, {**searched, **extra}))
     return out
 
@@ -124,7 +131,8 @@ def choose(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLik
             raise ItermergeError(f"{search_dir / DEV_RECORDS}: no {config.split} record of {missing[0]!r}; rerun "
                                  "the search to evaluate it")
         if not mine:  # SLERP with T = 1
-            chosen[method] = _none(method, "needs T ≥ 2", "it interpolates θ̄'s and θT's task vectors", [])
+            found = spec(method)
+            chosen[method] = _none(method, f"needs T ≥ {found.min_T}", f"it {found.why}", [])
             continue
         points = [{"lam": c.coordinates[0], "alpha": c.coordinates[1], "metrics": records[c.key]["metrics"]}
                   for c in mine]
@@ -192,7 +200,7 @@ def write_test(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.Pat
     for method, dev in choose(search_dir, checkpoints, eval_config, config).items():
         row = {"t": method, "name": dev["name"], **tested.get(dev["key"], untested)}
         out.append({
-            "operator": method, "title": NAMES[method], **{k: dev[k] for k in ("name", "label", "none", "key",
+            "operator": method, "title": spec(method).title, **{k: dev[k] for k in ("name", "label", "none", "key",
                                                                                "searched", "params")},
             "dev": {k: dev[k] for k in ("reason", "reward_gain", "metrics", "candidates")},
             **{k: row[k] for k in ("weights", "metrics", "seconds")},
@@ -209,9 +217,9 @@ def write_test(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.Pat
 
 
 def _kind(c: Candidate) -> int:
-    """0: in memory from θ0, θ̄, θT; 1: EMA (in memory from every θ_t: its k_t differ); 2: merged to disk. The
+    """0: in memory from θ0, θ̄, θT; 1: in memory from every θ_t (EMA's k_t differ); 2: merged to disk. The
     candidates go in this order, so that one basis at a time is in memory."""
-    return 2 if c.method in ON_DISK else 1 if c.method == "ema" else 0
+    return {"basis": 0, "each": 1, "disk": 2}[spec(c.method).search]
 
 
 def _evaluate(todo: Sequence[Candidate], search_dir: Path, reference: str | os.PathLike,
@@ -229,15 +237,16 @@ def _evaluate(todo: Sequence[Candidate], search_dir: Path, reference: str | os.P
     basis, each, rows = None, None, []
     for c in tqdm(todo, desc=f"merge operators ({split})", unit="model", disable=not progress):
         start, seconds = time.perf_counter(), {}
-        if c.method in ON_DISK:
+        how = spec(c.method).search
+        if how == "disk":
             basis, each = None, None  # the disk merges come last: no basis is needed any more
             with tempfile.TemporaryDirectory(prefix=".operator-", dir=search_dir) as tmp:
-                out = merge_checkpoints(reference, checkpoints, Path(tmp) / "merged", method=c.method,
-                                        progress=False, **c.params)
+                out = merge_checkpoints(reference, checkpoints, Path(tmp) / "merged", operator(c.method, **c.params),
+                                        progress=False)
                 load_weights_into(model, out)
         else:
-            if each != (c.method == "ema" and len(checkpoints) >= 3):  # EMA's k_t differ: it needs every θ_t
-                basis, each = None, c.method == "ema" and len(checkpoints) >= 3
+            if each != (how == "each" and len(checkpoints) >= 3):  # EMA's k_t differ: it needs every θ_t
+                basis, each = None, how == "each" and len(checkpoints) >= 3
                 release()
                 basis = MergeBasis.from_checkpoints(reference, checkpoints, mean_cache=mean_cache, each=each)
                 seconds["basis"] = time.perf_counter() - start
@@ -246,7 +255,7 @@ def _evaluate(todo: Sequence[Candidate], search_dir: Path, reference: str | os.P
         _refuse_non_finite(model, c)
         seconds["merge"] = time.perf_counter() - start
         metrics, timings = timed_eval(evaluate_fn, model)
-        op = resolve_operator(c.method, len(checkpoints), [], **c.params)
+        op = operator(c.method, **c.params).resolve(len(checkpoints), [])
         rows.append({"key": c.key, "operator": c.method, "name": c.name, "params": c.params,
                      "weights": None if op.weights is None else list(op.weights),
                      "metrics": metrics_to_dict(metrics), "seconds": {**seconds, **timings}})
@@ -269,7 +278,7 @@ def _refuse_non_finite(model: nn.Module, c: Candidate) -> None:
 
 def _none(method: str, short: str, reason: str, tried: list[dict[str, Any]]) -> dict[str, Any]:
     """An operator without a choice (``short`` says why in the table, ``reason`` in full): nothing to test."""
-    return {"key": None, "name": NAMES[method], "label": None, "none": short, "searched": None, "params": None,
+    return {"key": None, "name": spec(method).title, "label": None, "none": short, "searched": None, "params": None,
             "reason": reason, "reward_gain": None, "metrics": None, "candidates": tried}
 
 
