@@ -245,7 +245,7 @@ def _evaluate(todo: Sequence[Candidate], search_dir: Path, reference: str | os.P
                                         progress=False)
                 load_weights_into(model, out)
         else:
-            if each != (how == "each" and len(checkpoints) >= 3):  # EMA's k_t differ: it needs every θ_t
+            if each != (how == "each" and len(checkpoints) >= 3):  # EMA (its k_t), Model Stock (its angles)
                 basis, each = None, how == "each" and len(checkpoints) >= 3
                 release()
                 basis = MergeBasis.from_checkpoints(reference, checkpoints, mean_cache=mean_cache, each=each)
