@@ -77,35 +77,45 @@ def _growing_layer_class() -> type:
         def append_rows(self, keep: torch.Tensor, trim: int, other: GrowingLayer, length: int) -> None:
             """Rows ``keep`` of this layer without their first ``trim`` slots, then all rows of ``other``, each
             left-padded to ``length`` slots."""
-            assert self._keys is not None and self._values is not None and other._keys is not None
-            assert other._values is not None and length >= max(self.length - trim, other.length)
-            pad_mine, pad_theirs, n_mine = length - (self.length - trim), length - other.length, len(keep)
-            capacity = max(self.capacity, length + 1)
-            merged = []
-            for mine, theirs in ((self._keys, other._keys), (self._values, other._values)):
-                buf = mine.new_empty(n_mine + theirs.shape[0], mine.shape[1], capacity, mine.shape[3])
-                # Padded slots are masked out, but must hold finite numbers: 0 · NaN is NaN in attention.
-                buf[:n_mine, :, :pad_mine] = 0
-                buf[n_mine:, :, :pad_theirs] = 0
-                buf[:n_mine, :, pad_mine:length] = mine[keep, :, trim : self.length]
-                buf[n_mine:, :, pad_theirs:length] = theirs[:, :, : other.length]
-                merged.append(buf)
-            self._keys, self._values, self.capacity, self.length = merged[0], merged[1], capacity, length
-            self._publish()
+            _append_layer_rows(self, keep, trim, other, length)
 
         def expand_rows(self, rows: int) -> None:
             """The one row of this layer (a prefix shared by every row) written into ``rows`` rows: each row
             appends its own tokens in place after it, so the buffer holds one copy per row."""
-            assert self._keys is not None and self._values is not None and self._keys.shape[0] == 1
-            expanded = []
-            for buf in (self._keys, self._values):
-                grown = buf.new_empty(rows, buf.shape[1], self.capacity, buf.shape[3])
-                grown[:, :, : self.length] = buf[:, :, : self.length]  # broadcast over the rows
-                expanded.append(grown)
-            self._keys, self._values = expanded
-            self._publish()
+            _expand_layer_rows(self, rows)
 
     return GrowingLayer
+
+
+def _append_layer_rows(layer: Any, keep: torch.Tensor, trim: int, other: Any, length: int) -> None:
+    """``GrowingLayer.append_rows``: new buffers with the kept rows, then ``other``'s, each left-padded."""
+    assert layer._keys is not None and layer._values is not None and other._keys is not None
+    assert other._values is not None and length >= max(layer.length - trim, other.length)
+    pad_mine, pad_theirs, n_mine = length - (layer.length - trim), length - other.length, len(keep)
+    capacity = max(layer.capacity, length + 1)
+    merged = []
+    for mine, theirs in ((layer._keys, other._keys), (layer._values, other._values)):
+        buf = mine.new_empty(n_mine + theirs.shape[0], mine.shape[1], capacity, mine.shape[3])
+        # Padded slots are masked out, but must hold finite numbers: 0 · NaN is NaN in attention.
+        buf[:n_mine, :, :pad_mine] = 0
+        buf[n_mine:, :, :pad_theirs] = 0
+        buf[:n_mine, :, pad_mine:length] = mine[keep, :, trim : layer.length]
+        buf[n_mine:, :, pad_theirs:length] = theirs[:, :, : other.length]
+        merged.append(buf)
+    layer._keys, layer._values, layer.capacity, layer.length = merged[0], merged[1], capacity, length
+    layer._publish()
+
+
+def _expand_layer_rows(layer: Any, rows: int) -> None:
+    """``GrowingLayer.expand_rows``: the one row's filled part broadcast into a ``rows``-row buffer."""
+    assert layer._keys is not None and layer._values is not None and layer._keys.shape[0] == 1
+    expanded = []
+    for buf in (layer._keys, layer._values):
+        grown = buf.new_empty(rows, buf.shape[1], layer.capacity, buf.shape[3])
+        grown[:, :, : layer.length] = buf[:, :, : layer.length]  # broadcast over the rows
+        expanded.append(grown)
+    layer._keys, layer._values = expanded
+    layer._publish()
 
 
 def can_append_rows(cache: Any) -> bool:
