@@ -6,51 +6,22 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from itermerge.config.evaluation import EvalConfig
 from itermerge.config.search import SelectionRule
-from itermerge.devices import CPU, Placement, load_placed, release
 from itermerge.errors import ItermergeError
-from itermerge.evaluation import metrics_to_dict
 from itermerge.maths.merge import merge_weights
-from itermerge.merging import MergeBasis, merge_adapters, merge_checkpoints
+from itermerge.merging import merge_adapters, merge_checkpoints
 from itermerge.merging.lora import chain_adapters
 from itermerge.records import read_records
 from itermerge.rundir import Manifest, atomic_write_json
-from itermerge.runner import Shard
+from itermerge.search.context import Bench, SearchContext, evaluate_each
 from itermerge.search.grid import model_name
-from itermerge.search.points import EvaluateFn, build_evaluator, load_weights_into, timed_eval
 from itermerge.search.selection import select_checkpoint
-
-
-def finalize(
-    search_dir: str | os.PathLike,
-    reference: str | os.PathLike,
-    checkpoints: Sequence[str | os.PathLike],
-    eval_config: EvalConfig,
-    merged_dir: str | os.PathLike,
-    *,
-    mean_cache: str | os.PathLike | None = None,
-    test_split: str = "test",
-    evaluate_fn: EvaluateFn | None = None,
-    progress: bool = True,
-    where: Placement = CPU,
-    make_sampler: Callable[..., Any] | None = None,
-) -> dict[str, Any]:
-    """Write the chosen merge with the streaming ``merge_checkpoints`` and evaluate it once on test beside the
-    baselines (``test_models``), on one process: ``write_merge``, ``evaluate_test``, ``write_test``."""
-    write_merge(search_dir, reference, checkpoints, merged_dir, mean_cache=mean_cache, progress=progress)
-    done = evaluate_test(search_dir, reference, checkpoints, eval_config, merged_dir, test_split=test_split,
-                         mean_cache=mean_cache, evaluate_fn=evaluate_fn, progress=progress, where=where,
-                         make_sampler=make_sampler)
-    return write_test(search_dir, checkpoints, eval_config, [done], test_split=test_split, reference=reference,
-                      merged_dir=merged_dir)
 
 
 def chosen(search_dir: str | os.PathLike) -> tuple[float, float]:
@@ -62,13 +33,12 @@ def chosen(search_dir: str | os.PathLike) -> tuple[float, float]:
     return choice["lam"], choice["alpha"]
 
 
-def write_merge(search_dir: str | os.PathLike, reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
-                merged_dir: str | os.PathLike, *, mean_cache: str | os.PathLike | None = None,
-                progress: bool = True) -> dict[str, Any]:
-    """The chosen (λ, α) merged to ``merged_dir`` (streamed), unless it already holds this merge of these inputs; for a
-    LoRA run's θ_t (θ0 plus adapters), as one adapter on θ0 that ``merged_dir`` also reads as."""
-    lam, alpha = chosen(search_dir)
-    merged_dir, checkpoints = Path(merged_dir), [Path(c) for c in checkpoints]
+def write_merge(ctx: SearchContext) -> dict[str, Any]:
+    """The chosen (λ, α) merged to ``ctx.merged_dir`` (streamed), unless it already holds this merge of these inputs;
+    for a LoRA run's θ_t (θ0 plus adapters), as one adapter on θ0 that ``merged_dir`` also reads as."""
+    lam, alpha = chosen(ctx.search_dir)
+    merged_dir, checkpoints, reference = ctx.merged_dir, list(ctx.checkpoints), ctx.reference
+    mean_cache, progress = ctx.mean_cache, ctx.progress
     meta = merged_dir / "merge.json"
     if meta.exists():
         old = json.loads(meta.read_text())
@@ -159,44 +129,29 @@ def _same_model(a: TestModel, b: TestModel) -> bool:
     return all(abs(x - y) <= 1e-12 for x, y in zip(a.weights, b.weights))
 
 
-def evaluate_test(
-    search_dir: str | os.PathLike, reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
-    eval_config: EvalConfig, merged_dir: str | os.PathLike | None, *, test_split: str = "test",
-    mean_cache: str | os.PathLike | None = None, evaluate_fn: EvaluateFn | None = None, progress: bool = True,
-    where: Placement = CPU, make_sampler: Callable[..., Any] | None = None, shard: Shard | None = None,
-) -> list[dict[str, Any]]:
+def evaluate_test(ctx: SearchContext) -> list[dict[str, Any]]:
     """This process's share of the test table's models (``test_models``) that test.json does not hold yet, each
     evaluated once on the test split. A model equal to an earlier row (ExPO at α = 0 is θT) is not evaluated
     again: ``write_test`` copies that row's numbers. In-memory merges need ``mean_cache`` for T ≥ 3."""
-    shard, search_dir, checkpoints = shard or Shard(), Path(search_dir), [Path(c) for c in checkpoints]
-    record = _record(search_dir, eval_config, test_split)
+    split = ctx.test_split
+    record = _record(ctx.search_dir, ctx.eval_config, split)
     done = {m["t"] for m in record["models"]}
-    models = test_models(search_dir, reference, checkpoints, None if merged_dir is None else Path(merged_dir))
+    models = test_models(ctx.search_dir, ctx.reference, ctx.checkpoints, ctx.merged_dir)
     distinct = [m for i, m in enumerate(models) if not any(_same_model(m, o) for o in models[:i])]
-    todo = shard.take([m for m in distinct if m.key not in done])
-    if not todo:
-        return []
-    measured = _measured_elsewhere(search_dir, eval_config.fingerprint(), test_split)
+    todo = ctx.shard.take([m for m in distinct if m.key not in done])
+    measured = _measured_elsewhere(ctx.search_dir, ctx.eval_config.fingerprint(), split)
     out = [{**measured[str(m.path)], "t": m.key, "name": m.name, "weights": list(m.weights),
             "reused_from": measured[str(m.path)]["reused_from"]} for m in todo if str(m.path) in measured]
-    todo = [m for m in todo if str(m.path) not in measured]
-    if not todo:
-        return out
-    model = load_placed(checkpoints[-1], where)
-    if evaluate_fn is None:
-        evaluate_fn = build_evaluator(eval_config, test_split, checkpoints[-1], reference, where, make_sampler)
-    basis = (MergeBasis.from_checkpoints(reference, checkpoints, mean_cache=mean_cache)
-             if any(m.path is None for m in todo) else None)
-    for m in tqdm(todo, desc=f"{test_split} evaluation", unit="model", disable=not (progress and shard.is_main)):
-        if m.path is None:
-            basis.apply_to(model, m.lam, m.alpha)
-        else:
-            load_weights_into(model, m.path)
-        metrics, seconds = timed_eval(evaluate_fn, model)
-        out.append({"t": m.key, "name": m.name, "path": None if m.path is None else str(m.path),
-                    "weights": list(m.weights), "metrics": metrics_to_dict(metrics), "seconds": seconds})
-    release(model, basis)
-    return out
+
+    def set_weights(bench: Bench, m: TestModel) -> str:
+        return bench.load(m.path) if m.path is not None else bench.merge(m.lam, m.alpha)
+
+    def row(m: TestModel, metrics: dict[str, Any], seconds: dict[str, float]) -> dict[str, Any]:
+        return {"t": m.key, "name": m.name, "path": None if m.path is None else str(m.path),
+                "weights": list(m.weights), "metrics": metrics, "seconds": seconds}
+
+    return out + evaluate_each(ctx, split, [m for m in todo if str(m.path) not in measured], set_weights, row,
+                               desc=f"{split} evaluation")
 
 
 def _measured_elsewhere(search_dir: Path, fingerprint: str, split: str) -> dict[str, dict[str, Any]]:
@@ -215,19 +170,15 @@ def _measured_elsewhere(search_dir: Path, fingerprint: str, split: str) -> dict[
     return found
 
 
-def write_test(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], eval_config: EvalConfig,
-               parts: Sequence[Sequence[dict[str, Any]]], *, test_split: str = "test",
-               reference: str | os.PathLike | None = None, merged_dir: str | os.PathLike | None = None
-               ) -> dict[str, Any]:
+def write_test(ctx: SearchContext, parts: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:
     """test.json: what it held and the processes' new evaluations in the table's order (θ0, θ1..θT, best θt on dev,
     ExPO, uniform, merged; a row equal to an earlier one carries its numbers and ``same_as``), then ``paired``: the
     chosen merge against every other row, prompt by prompt (``maths.paired``), on each metric."""
-    search_dir = Path(search_dir)
-    record = _record(search_dir, eval_config, test_split)
+    search_dir = ctx.search_dir
+    record = _record(search_dir, ctx.eval_config, ctx.test_split)
     got = {m["t"]: m for m in record["models"]} | {m["t"]: m for part in parts for m in part}
     rows = []
-    for m in test_models(search_dir, reference or "θ0", [Path(c) for c in checkpoints],
-                         None if merged_dir is None else Path(merged_dir)):
+    for m in test_models(search_dir, ctx.reference, ctx.checkpoints, ctx.merged_dir):
         twin = next((o for o in rows if _same_model(m, o[0])), None)
         if m.key in got and got[m.key].get("same_as") is None:
             rows.append((m, got[m.key]))

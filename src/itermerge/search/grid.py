@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from itermerge.config.search import SearchConfig, resolve_lams
 from itermerge.errors import ItermergeError
 
 
@@ -27,3 +28,13 @@ def point_key(lam: float, alpha: float) -> tuple[float, float]:
 
 def model_name(t: int) -> str:
     return "θ0" if t == 0 else f"Iter {t}"
+
+
+def lams_at(T: int, config: SearchConfig) -> list[float]:
+    """The λ values searched for T checkpoints (``uniform`` resolved to (T−1)/T); θ̄ is undefined for T = 1."""
+    return [0.0] if T == 1 else resolve_lams(config.lams, T)
+
+
+def search_grid(T: int, config: SearchConfig) -> list[tuple[float, float]]:
+    """The (λ, α) points of ``config`` for T checkpoints, θT first."""
+    return grid(lams_at(T, config), config.alphas)
