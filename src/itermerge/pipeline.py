@@ -19,7 +19,7 @@ from itermerge.errors import ItermergeError
 from itermerge.integrity import LOCK_NAME, RunLock
 from itermerge.preflight import preflight
 from itermerge.prompts import repeated_prompts_note, training_prompts
-from itermerge.rundir import Manifest, atomic_write_text
+from itermerge.rundir import Manifest, RunLayout, atomic_write_text
 from itermerge.runner import StageRunner
 
 STUDIES = ("alpha", "accuracy", "ensemble", "lambda")
@@ -59,7 +59,8 @@ def algorithm_1(runner: StageRunner, cfg: RunConfig, root: Path, prefix: str = "
     tokenizer = load_tokenizer(theta0)
     thetas = [theta0]
     for t in range(1, cfg.iterations + 1):
-        out, prev, name = root / f"iter_{t:02d}", thetas[-1], f"{prefix}iter_{t:02d}"
+        out, prev = RunLayout(root).iteration(t), thetas[-1]
+        name = f"{prefix}{out.name}"
         out.mkdir(parents=True, exist_ok=True)
         # Alg. 1, lines 2-5: sample from π_θ{t−1}, label best vs worst, (θ0's log-probs), train θ_t.
         sample = partial(it.sample_shard, cfg, t, prev, training_prompts(cfg, t))
@@ -85,7 +86,7 @@ def second_criterion_run(runner: StageRunner, cfg: RunConfig, run_dir: Path) -> 
     """The λ study's θb: one iteration of Alg. 1 from θ0 labelled by the second criterion (studies/lambda/…)."""
     from itermerge.studies.stages import second_criterion
 
-    root = run_dir / "studies" / "lambda" / "second_criterion"
+    root = RunLayout(run_dir).study("lambda") / "second_criterion"
     return algorithm_1(runner, second_criterion(cfg), root, prefix="studies/lambda/second_criterion/")[1]
 
 
@@ -110,9 +111,10 @@ def run_studies(runner: StageRunner, cfg: RunConfig, run_dir: Path, thetas: list
     if "ensemble" in wanted and choice is None:
         raise ItermergeError(f"{run_dir}: the ensemble study measures the search's choice; run the search first "
                              "(itermerge search RUN_DIR)")
-    merged = run_dir / "merged" if (run_dir / "merged" / "config.json").exists() else thetas[-1]
+    layout = RunLayout(run_dir)
+    merged = layout.merged if (layout.merged / "config.json").exists() else thetas[-1]
     for name in wanted:
-        out = run_dir / "studies" / name
+        out = layout.study(name)
         if name == "alpha":
             runner.sharded("studies/alpha", partial(stages.alpha_work, cfg, run_dir, thetas),
                            partial(stages.alpha_finish, cfg, run_dir), outputs=[out])

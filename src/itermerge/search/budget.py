@@ -25,7 +25,7 @@ from itermerge.errors import ItermergeError
 from itermerge.evaluation.metric import mean_metric
 from itermerge.maths.merge import merge_weights
 from itermerge.records import append_record, read_records
-from itermerge.rundir import atomic_write_json
+from itermerge.rundir import SearchLayout, atomic_write_json
 from itermerge.search import points
 from itermerge.search.context import SearchContext, evaluate_each
 from itermerge.search.grid import check_split, point_key, search_grid
@@ -72,10 +72,6 @@ def dev_size(eval_config: EvalConfig, split: str) -> int:
     return len(split_prompts(eval_config.prompts, split))
 
 
-def round_path(search_dir: str | os.PathLike, r: int) -> Path:
-    return Path(search_dir) / "rounds" / f"round_{r}.jsonl"
-
-
 # --- the race ---------------------------------------------------------------------------------------------
 
 
@@ -108,12 +104,12 @@ def chunks_of(search_dir: str | os.PathLike, stamp: Mapping[str, str]) -> dict[t
     records in points.jsonl (start 0) measured by the same evaluators on the same split. The finalists' records
     that ``choose`` pieced together from the rounds are no measurement: a round redone after its file was removed
     (the stage runner redoes every stage after a changed one) evaluates them again."""
-    search_dir, found = Path(search_dir), {}
-    for path in sorted((search_dir / "rounds").glob("round_*.jsonl")):
+    files, found = SearchLayout(Path(search_dir)), {}
+    for path in files.round_files():
         for rec in read_records(path):
             if _same(rec, stamp):
                 found.setdefault(point_key(rec["lam"], rec["alpha"]), []).append(rec)
-    for rec in read_records(search_dir / "points.jsonl"):
+    for rec in read_records(files.points):
         n = {len(m["items"]) for m in rec["metrics"].values() if m.get("items") is not None}
         if _same(rec, stamp) and len(n) == 1 and rec.get("method") != "halving":
             found.setdefault(point_key(rec["lam"], rec["alpha"]), []).append({**rec, "start": 0, "stop": n.pop()})
@@ -181,12 +177,12 @@ def evaluate_round(ctx: SearchContext, r: int, n_prompts: int) -> int:
 
     return len(evaluate_each(ctx, config.split, mine, lambda bench, job: bench.merge(*job[0]), record,
                              desc=f"search round {r} ({rounds[r].prompts} prompts)", prompts=lambda job: job[1:],
-                             append_to=lambda job: round_path(ctx.search_dir, r)))
+                             append_to=lambda job: ctx.files.round(r)))
 
 
 def round_record(ctx: SearchContext, r: int, n_prompts: int, parts: Sequence[int]) -> dict[str, Any]:
     """The manifest's record of round r (its points, its prompts, who goes on), once every process finished it."""
-    path, T, config = round_path(ctx.search_dir, r), ctx.T, ctx.config
+    path, T, config = ctx.files.round(r), ctx.T, ctx.config
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch()  # a round that found everything measured still proves its (empty) file
     rounds, chunks = plan(T, config, n_prompts), chunks_of(ctx.search_dir, ctx.stamp())
@@ -204,7 +200,7 @@ def choose(ctx: SearchContext, n_prompts: int) -> dict[str, Any]:
     stamp, rounds = ctx.stamp(), plan(T, config, n_prompts)
     chunks = chunks_of(search_dir, stamp)
     finalists = survivors(chunks, T, config, rounds, len(rounds) - 1)
-    done = {point_key(p["lam"], p["alpha"]) for p in read_records(search_dir / "points.jsonl") if ctx.same(p)}
+    done = {point_key(p["lam"], p["alpha"]) for p in read_records(ctx.files.points) if ctx.same(p)}
     spent = costs(chunks)
     for lam, alpha in [THETA_T, *finalists]:
         if (lam, alpha) in done:
@@ -215,7 +211,7 @@ def choose(ctx: SearchContext, n_prompts: int) -> dict[str, Any]:
         for c in own:
             for k, v in c["seconds"].items():
                 seconds[k] = seconds.get(k, 0.0) + v
-        append_record(search_dir / "points.jsonl", {
+        append_record(ctx.files.points, {
             "lam": lam, "alpha": alpha, "weights": merge_weights(T, lam, alpha), **stamp,
             "metrics": metrics, "seconds": seconds, "rank": 0, "method": "halving",
             "rounds": sorted({c["round"] for c in own}), "cost": spent.get((lam, alpha)),
@@ -230,7 +226,7 @@ def choose(ctx: SearchContext, n_prompts: int) -> dict[str, Any]:
         "seconds": round(sum(c["seconds"] for c in spent.values()), 3),
         "grid_prompt_evaluations": (len(_contenders(T, config)) + 1) * n_prompts,
     }
-    atomic_write_json(search_dir / "choice.json", choice)
+    atomic_write_json(ctx.files.choice, choice)
     return choice
 
 

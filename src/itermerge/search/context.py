@@ -24,6 +24,7 @@ from itermerge.errors import ItermergeError
 from itermerge.evaluation import Metric, build_evaluator, metrics_to_dict
 from itermerge.merging import MergeBasis
 from itermerge.records import append_record
+from itermerge.rundir import SearchLayout
 from itermerge.runner import Shard
 
 EvaluateFn = Callable[[nn.Module, dict[str, float]], dict[str, Metric]]  # (model, timings) -> metrics
@@ -72,6 +73,11 @@ class SearchContext:
     @property
     def T(self) -> int:
         return len(self.checkpoints)
+
+    @property
+    def files(self) -> SearchLayout:
+        """Where this search's records go."""
+        return SearchLayout(self.search_dir)
 
     @property
     def show(self) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 
 from itermerge.config import RunConfig
 from itermerge.devices import placement
+from itermerge.rundir import RunLayout
 from itermerge.runner import Shard, StageRunner
 from itermerge.search import budget, points
 from itermerge.search import finalize as fin
@@ -26,11 +27,11 @@ def run_context(cfg: RunConfig, run_dir: Path, reference: str | os.PathLike | No
 
     theta0, checkpoints = fin.run_paths(run_dir, reference)
     checkpoints = checkpoints if at is None else checkpoints[:at]
-    tag, where = "" if at is None else f"_T{at}", placement(cfg.model)
-    return SearchContext(run_dir / f"search{tag}", theta0, tuple(checkpoints), cfg.evaluation, cfg.search,
-                         mean_cache=run_dir / "cache" / f"mean_intermediate{tag}",
-                         merged_dir=run_dir / "merged" if at is None else None, where=where,
-                         samplers=partial(evaluation_sampler, cfg, where, checkpoints[-1]), tag=tag)
+    run, where = RunLayout(run_dir), placement(cfg.model)
+    return SearchContext(run.search(at).dir, theta0, tuple(checkpoints), cfg.evaluation, cfg.search,
+                         mean_cache=run.mean_cache(at), merged_dir=run.merged if at is None else None, where=where,
+                         samplers=partial(evaluation_sampler, cfg, where, checkpoints[-1]),
+                         tag="" if at is None else f"_T{at}")
 
 
 def search(ctx: SearchContext, *, test: bool = False) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def search(ctx: SearchContext, *, test: bool = False) -> dict[str, Any]:
     import json
 
     search_and_test(StageRunner(ctx.search_dir.parent), ctx, test=test)
-    return json.loads((ctx.search_dir / "choice.json").read_text())
+    return json.loads(ctx.files.choice.read_text())
 
 
 def search_and_test(runner: StageRunner, ctx: SearchContext, *, test: bool = True) -> dict[str, Any]:
@@ -51,7 +52,7 @@ def search_and_test(runner: StageRunner, ctx: SearchContext, *, test: bool = Tru
     from itermerge.search.grid import check_split
 
     check_split(ctx.config.split)
-    out, tag, config = ctx.search_dir, ctx.tag, ctx.config
+    files, tag, config = ctx.files, ctx.tag, ctx.config
     if ctx.T >= 3 and ctx.mean_cache is not None:  # Alg. 2, line 1: θ̄ = mean(θ1..θ_{T−1}), once
         runner(f"mean{tag}", partial(mean_of, list(ctx.checkpoints[:-1]), ctx.mean_cache), outputs=[ctx.mean_cache])
     fingerprint = ctx.eval_config.fingerprint()
@@ -67,11 +68,10 @@ def search_and_test(runner: StageRunner, ctx: SearchContext, *, test: bool = Tru
            "evaluation": fingerprint}
     for r in range(len(budget.plan(ctx.T, config, n_dev)) if halving else 0):  # a barrier each
         runner.sharded(f"search{tag}/round_{r}", partial(work, evaluate=partial(_round, r=r, n=n_dev)),
-                       partial(budget.round_record, ctx, r, n_dev), key=key, outputs=[budget.round_path(out, r)])
+                       partial(budget.round_record, ctx, r, n_dev), key=key, outputs=[files.round(r)])
     points_of = partial(points.evaluate_points, among=() if halving else None)  # halving: θ0..θ_{T−1} only
     choice = runner.sharded(f"search{tag}", partial(work, evaluate=points_of), partial(_choose, ctx, n_dev), key=key,
-                            outputs=[out / n for n in ("points.jsonl", "checkpoints.jsonl", "choice.json",
-                                                       "eval_config.json")])
+                            outputs=[files.points, files.checkpoints, files.choice, files.eval_config])
     if not test:
         return choice
     key = {"lam": choice["lam"], "alpha": choice["alpha"]}
@@ -84,15 +84,15 @@ def search_and_test(runner: StageRunner, ctx: SearchContext, *, test: bool = Tru
 
     table = "baselines, best θt on dev"  # a new baseline row: a finished run rewrites test.json (nothing re-evaluated)
     runner.sharded(f"test_eval{tag}", partial(work, evaluate=fin.evaluate_test), write_test,
-                   key={**key, "evaluation": fingerprint, "table": table}, outputs=[out / "test.json"])
+                   key={**key, "evaluation": fingerprint, "table": table}, outputs=[files.test])
     if config.operators and not tag:  # other operators: each chosen on dev by the same rule, tested once
         from itermerge.search import operators as ops
 
         op_key = {**key, "operators": config.operators, "rule": config.rule.to_dict(), "evaluation": fingerprint}
         dev = runner.sharded("operators", partial(work, evaluate=ops.evaluate_dev), partial(ops.choice_record, ctx),
-                             key=op_key, outputs=[out / ops.DEV_RECORDS])
+                             key=op_key, outputs=[files.operator_records])
         runner.sharded("operators_test", partial(work, evaluate=ops.evaluate_test), partial(ops.write_test, ctx),
-                       key={**op_key, "chosen": dev["chosen"]}, outputs=[out / ops.RESULT])
+                       key={**op_key, "chosen": dev["chosen"]}, outputs=[files.operators])
     return choice
 
 

@@ -18,7 +18,7 @@ from itermerge.maths.merge import merge_weights
 from itermerge.merging import merge_adapters, merge_checkpoints
 from itermerge.merging.lora import chain_adapters
 from itermerge.records import read_records
-from itermerge.rundir import Manifest, atomic_write_json
+from itermerge.rundir import Manifest, RunLayout, SearchLayout, atomic_write_json
 from itermerge.search.context import Bench, SearchContext, evaluate_each
 from itermerge.search.grid import model_name
 from itermerge.search.selection import select_checkpoint
@@ -26,7 +26,7 @@ from itermerge.search.selection import select_checkpoint
 
 def chosen(search_dir: str | os.PathLike) -> tuple[float, float]:
     """(λ, α) of search_dir/choice.json."""
-    path = Path(search_dir) / "choice.json"
+    path = SearchLayout(Path(search_dir)).choice
     if not path.exists():
         raise ItermergeError(f"{path}: not found; run the search (itermerge search RUN_DIR) before the test")
     choice = json.loads(path.read_text())
@@ -56,7 +56,7 @@ def write_merge(ctx: SearchContext) -> dict[str, Any]:
 def _record(search_dir: Path, eval_config: EvalConfig, test_split: str) -> dict[str, Any]:
     """test.json as recorded for this choice and these evaluators, else a fresh one."""
     lam, alpha = chosen(search_dir)
-    path, fingerprint = search_dir / "test.json", eval_config.fingerprint()
+    path, fingerprint = SearchLayout(search_dir).test, eval_config.fingerprint()
     record = json.loads(path.read_text()) if path.exists() else {}
     if record.get("eval_fingerprint") != fingerprint or record.get("lam") != lam or record.get("alpha") != alpha:
         record = {"split": test_split, "eval_fingerprint": fingerprint, "lam": lam, "alpha": alpha, "models": []}
@@ -89,7 +89,7 @@ def test_models(search_dir: str | os.PathLike, reference: str | os.PathLike, che
     uniform average of θ1..θT (λ = (T−1)/T, α = 0) and the chosen merge (from ``merged_dir``, else built in memory).
     """
     T, (lam, alpha) = len(checkpoints), chosen(search_dir)
-    choice = json.loads((Path(search_dir) / "choice.json").read_text())
+    choice = json.loads(SearchLayout(Path(search_dir)).choice.read_text())
     unit = lambda t: tuple(float(i == t) for i in range(T + 1))  # noqa: E731
     models = [TestModel(0, model_name(0), unit(0), Path(reference)),
               *(TestModel(t, model_name(t), unit(t), Path(checkpoints[t - 1])) for t in range(1, T + 1))]
@@ -118,7 +118,7 @@ def best_checkpoint(search_dir: str | os.PathLike, choice: dict[str, Any]) -> di
     if "best_checkpoint" in choice:
         return choice["best_checkpoint"]
     stamp = {k: choice.get(k) for k in ("split", "eval_fingerprint")}
-    records = {r["t"]: r for r in read_records(Path(search_dir) / "checkpoints.jsonl")
+    records = {r["t"]: r for r in read_records(SearchLayout(Path(search_dir)).checkpoints)
                if all(r.get(k) == v for k, v in stamp.items())}
     if not any(t >= 1 for t in records):
         return None
@@ -158,15 +158,15 @@ def _measured_elsewhere(search_dir: Path, fingerprint: str, split: str) -> dict[
     """Checkpoints (θ0..θT, by path) already measured by the same evaluators on the same split in another search of
     this run (search_T3/ and search/ share θ0..θ3): their rows, so a checkpoint is tested once per run."""
     found: dict[str, dict[str, Any]] = {}
-    for other in sorted(search_dir.parent.glob("search*/test.json")):
-        if other.parent == search_dir:
+    for other in RunLayout(search_dir.parent).searches():
+        if other.dir == search_dir or not other.test.exists():
             continue
-        record = json.loads(other.read_text())
+        record = json.loads(other.test.read_text())
         if record.get("eval_fingerprint") != fingerprint or record.get("split") != split:
             continue
         for row in record.get("models", []):
             if isinstance(row.get("t"), int) and row.get("path") and row.get("same_as") is None:
-                found.setdefault(row["path"], {**row, "reused_from": other.parent.name})
+                found.setdefault(row["path"], {**row, "reused_from": other.dir.name})
     return found
 
 
@@ -187,7 +187,7 @@ def write_test(ctx: SearchContext, parts: Sequence[Sequence[dict[str, Any]]]) ->
                              "same_as": twin[1]["t"], "seconds": {}}))
     record["models"] = [row for _, row in rows]
     record["paired"] = paired_rows(record["models"])
-    atomic_write_json(search_dir / "test.json", record)
+    atomic_write_json(ctx.files.test, record)
     return record
 
 
@@ -217,11 +217,11 @@ def paired_rows(models: Sequence[dict[str, Any]], against: Any = "merged") -> li
 def run_paths(run_dir: str | os.PathLike, reference: str | os.PathLike | None = None) -> tuple[Path, list[Path]]:
     """θ0 (``reference``, else the manifest's ``reference``) and θ1..θT = iter_XX/model in order."""
     run_dir = Path(run_dir)
-    checkpoints = sorted(p for p in run_dir.glob("iter_*/model") if p.is_dir())
+    checkpoints = RunLayout(run_dir).checkpoints()
     if not checkpoints:
         raise ItermergeError(f"{run_dir}: no iter_XX/model checkpoints; run `itermerge iterate` first")
     if reference is None:
-        reference = Manifest(run_dir).data.get("reference")
+        reference = Manifest(run_dir).data.get("reference")  # run_dir/manifest.json
     if reference is None:
         raise ItermergeError(f"{run_dir}/manifest.json names no reference θ0; pass it (--reference THETA0)")
     return Path(reference), checkpoints

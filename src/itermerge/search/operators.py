@@ -22,7 +22,6 @@ from itermerge.search.finalize import paired_rows
 from itermerge.search.grid import check_split
 from itermerge.search.selection import oriented, regressions, select_point, value
 
-DEV_RECORDS, RESULT = "operators.jsonl", "operators.json"
 ON_DISK = ("ties", "dare")  # sparsified task vectors: not linear in (θ0, θ̄, θT), so merged to disk and loaded
 NAMES = {"expo": "ExPO", "ema": "EMA", "slerp": "SLERP", "ties": "TIES", "dare": "DARE"}
 SYMBOLS = {"alpha": "α", "gamma": "γ", "t": "t", "density": "density", "seed": "seed", "lam": "λ"}
@@ -81,28 +80,28 @@ def evaluate_dev(ctx: SearchContext) -> int:
     appended to operators.jsonl as it finishes (a rerun evaluates only what is missing); returns how many."""
     config = ctx.config
     check_split(config.split)
-    done = {r["key"] for r in read_records(ctx.search_dir / DEV_RECORDS) if ctx.same(r)}
+    done = {r["key"] for r in read_records(ctx.files.operator_records) if ctx.same(r)}
     choice = _choice(ctx)
     todo = [c for c in candidates(config.operators, ctx.T, choice["lam"], choice["alpha"]) if c.key not in done]
     stamp = {**ctx.stamp(), "rank": ctx.shard.rank}
     return len(_evaluate(ctx, ctx.shard.take(sorted(todo, key=_kind)), config.split, stamp,
-                         append_to=ctx.search_dir / DEV_RECORDS))
+                         append_to=ctx.files.operator_records))
 
 
 def choose(ctx: SearchContext) -> dict[str, dict[str, Any]]:
     """{operator: its dev choice}: the paper's rule (``select_point``) among the operator's candidates, against θT's
     dev record (choice.json's baseline), with why, and every candidate's dev numbers."""
-    search_dir, config = ctx.search_dir, ctx.config
+    config = ctx.config
     choice = _choice(ctx)
     base, rule = choice["baseline"], config.rule
-    records = {r["key"]: r for r in read_records(search_dir / DEV_RECORDS) if ctx.same(r)}
+    records = {r["key"]: r for r in read_records(ctx.files.operator_records) if ctx.same(r)}
     every = candidates(config.operators, ctx.T, choice["lam"], choice["alpha"])
     chosen: dict[str, dict[str, Any]] = {}
     for method in config.operators:
         mine = [c for c in every if c.method == method]
         missing = [c.key for c in mine if c.key not in records]
         if missing:
-            raise ItermergeError(f"{search_dir / DEV_RECORDS}: no {config.split} record of {missing[0]!r}; rerun "
+            raise ItermergeError(f"{ctx.files.operator_records}: no {config.split} record of {missing[0]!r}; rerun "
                                  "the search to evaluate it")
         if not mine:  # SLERP with T = 1
             chosen[method] = _none(method, "needs T ≥ 2", "it interpolates θ̄'s and θT's task vectors", [])
@@ -146,8 +145,8 @@ def evaluate_test(ctx: SearchContext) -> list[dict[str, Any]]:
 def write_test(ctx: SearchContext, parts: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:
     """operators.json: each operator's dev choice, its test row, and its paired differences (``maths.paired``, per
     metric held per prompt) against the chosen paper merge and θT, whose rows come from test.json."""
-    search_dir, T, eval_config, test_split = ctx.search_dir, ctx.T, ctx.eval_config, ctx.test_split
-    test_path = search_dir / "test.json"
+    T, eval_config, test_split = ctx.T, ctx.eval_config, ctx.test_split
+    test_path = ctx.files.test
     if not test_path.exists():
         raise ItermergeError(f"{test_path}: not found; the operators are compared with the tested merge, so run "
                              "the test first (itermerge search RUN_DIR without --no-test)")
@@ -171,7 +170,7 @@ def write_test(ctx: SearchContext, parts: Sequence[Sequence[dict[str, Any]]]) ->
     record = {"split": test_split, "eval_fingerprint": eval_config.fingerprint(), "lam": test["lam"],
               "alpha": test["alpha"], "operators": out,
               "baselines": [{k: r[k] for k in ("t", "name", "metrics")} for r in (theta_T, merged)]}
-    atomic_write_json(search_dir / RESULT, record)
+    atomic_write_json(ctx.files.operators, record)
     return record
 
 
@@ -246,7 +245,7 @@ def _reason(best: Candidate | None, mine: Sequence[Candidate], points: Sequence[
 
 def _choice(ctx: SearchContext) -> dict[str, Any]:
     """choice.json, made by the same evaluators on the same split: its (λ, α), rule and θT's record (baseline)."""
-    path = ctx.search_dir / "choice.json"
+    path = ctx.files.choice
     if not path.exists():
         raise ItermergeError(f"{path}: not found; the operators are chosen beside the search: run it first")
     choice = json.loads(path.read_text())
@@ -258,7 +257,7 @@ def _choice(ctx: SearchContext) -> dict[str, Any]:
 
 def _tested(ctx: SearchContext) -> dict[str, dict[str, Any]]:
     """{candidate key: its test row} of operators.json, when it was measured by these evaluators on the test split."""
-    path = ctx.search_dir / RESULT
+    path = ctx.files.operators
     record = json.loads(path.read_text()) if path.exists() else {}
     if not ctx.same(record, ctx.test_split):
         return {}

@@ -9,7 +9,7 @@ from typing import Any
 from itermerge.errors import ItermergeError
 from itermerge.maths.merge import merge_weights
 from itermerge.records import append_record, read_records
-from itermerge.rundir import atomic_write_json
+from itermerge.rundir import RunLayout, atomic_write_json
 from itermerge.search.context import Bench, SearchContext, evaluate_each
 from itermerge.search.grid import check_split, lams_at, model_name, point_key, search_grid
 from itermerge.search.selection import select_checkpoint, select_point
@@ -21,14 +21,14 @@ def evaluate_points(ctx: SearchContext, among: Collection[tuple[float, float]] |
     then evaluated; its record is appended to ``points.jsonl`` as it finishes (``checkpoints.jsonl`` for θ_t), so
     a rerun evaluates only what is missing. ``among``: only these points of the grid (``point_key``s; the budgeted
     search passes none: it measured its points itself)."""
-    config, shard, search_dir = ctx.config, ctx.shard, ctx.search_dir
+    config, shard = ctx.config, ctx.shard
     check_split(config.split)
     T, stamp = ctx.T, ctx.stamp()
-    points_path, ckpt_path = search_dir / "points.jsonl", search_dir / "checkpoints.jsonl"
+    points_path, ckpt_path = ctx.files.points, ctx.files.checkpoints
     done = {point_key(r["lam"], r["alpha"]) for r in read_records(points_path) if ctx.same(r)}
     done_ckpts = {r["t"] for r in read_records(ckpt_path) if ctx.same(r)}
     if shard.is_main:
-        atomic_write_json(search_dir / "eval_config.json", {"fingerprint": stamp["eval_fingerprint"],
+        atomic_write_json(ctx.files.eval_config, {"fingerprint": stamp["eval_fingerprint"],
                                                              **ctx.eval_config.to_dict()})
     paths = [ctx.reference, *ctx.checkpoints]
     elsewhere = _measured_elsewhere(ctx, paths[:T], done_ckpts)
@@ -63,21 +63,21 @@ def _measured_elsewhere(ctx: SearchContext, paths: Sequence[Path], done: set[int
     evaluators on the same split, matched by path; the record says where it came from (``reused_from``)."""
     wanted = {str(p): t for t, p in enumerate(paths) if t not in done}
     found: dict[int, dict[str, Any]] = {}
-    for other in sorted(ctx.search_dir.parent.glob("search*/checkpoints.jsonl")):
-        if other.parent == ctx.search_dir:
+    for other in RunLayout(ctx.search_dir.parent).searches():
+        if other.dir == ctx.search_dir:
             continue
-        for r in read_records(other):
+        for r in read_records(other.checkpoints):
             t = wanted.get(r.get("path"))
             if t is not None and t not in found and ctx.same(r) and r.get("same_as") is None:
-                found[t] = {**r, "reused_from": other.parent.name}
+                found[t] = {**r, "reused_from": other.dir.name}
     return found
 
 
 def choose(ctx: SearchContext, among: Collection[tuple[float, float]] | None = None) -> dict[str, Any]:
     """The paper's rule applied to the recorded points of the grid (``among`` them only, when given: the budgeted
     search's finalists): writes choice.json and returns it."""
-    config, search_dir, T, stamp = ctx.config, ctx.search_dir, ctx.T, ctx.stamp()
-    points_path, ckpt_path = search_dir / "points.jsonl", search_dir / "checkpoints.jsonl"
+    config, T, stamp = ctx.config, ctx.T, ctx.stamp()
+    points_path, ckpt_path = ctx.files.points, ctx.files.checkpoints
     points = [r for r in read_records(points_path) if ctx.same(r)]
     base = next((p for p in points if point_key(p["lam"], p["alpha"]) == (0.0, 0.0)), None)
     if base is None:
@@ -98,5 +98,5 @@ def choose(ctx: SearchContext, among: Collection[tuple[float, float]] | None = N
     # Early stopping, the practitioner's baseline: the best θt on dev by the same rule (tested as a row of its own).
     ckpts = {r["t"]: r for r in reversed(read_records(ckpt_path)) if ctx.same(r) and r["t"] <= T}
     choice["best_checkpoint"] = select_checkpoint(list(ckpts.values()), config.rule)
-    atomic_write_json(search_dir / "choice.json", choice)
+    atomic_write_json(ctx.files.choice, choice)
     return choice
