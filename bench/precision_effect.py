@@ -26,9 +26,9 @@ def main() -> None:
 
     from itermerge.config import load_config
     from itermerge.devices import Placement, cpu_precision, load_placed, release
+    from itermerge.evaluation import build_evaluator
     from itermerge.maths.paired import paired_difference
     from itermerge.sampling.backends import evaluation_sampler
-    from itermerge.search.points import build_evaluator
 
     run_dir = Path(args.run_dir)
     cfg = load_config(run_dir / "config.yaml")

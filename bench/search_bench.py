@@ -4,7 +4,7 @@
 
 Inputs: θ0 = SmolLM2-135M-Instruct (fp32) and θ1..θ3 from bench/merge_bench.py (θ0 + DPO-sized updates,
 built there on first use). Measures (1) ``MergeBasis.apply_to`` alone, median of repeats, against the
-memory-traffic floor of reading θ0, θ̄, θT and writing θ once; (2) a 2×2 ``run_search`` with greedy
+memory-traffic floor of reading θ0, θ̄, θT and writing θ once; (2) a 2×2 search (``search.driver.search``) with greedy
 accuracy, sampled reward and KL on the arithmetic dev split, per-point breakdown from points.jsonl.
 """
 
@@ -40,7 +40,8 @@ def main() -> None:
     from itermerge.config.search import SearchConfig
     from itermerge.merging import MergeBasis
     from itermerge.records import read_records
-    from itermerge.search.points import run_search
+    from itermerge.search.context import SearchContext
+    from itermerge.search.driver import search
 
     paths = build_inputs()
     reference, checkpoints = paths[0], paths[1:4]
@@ -73,10 +74,11 @@ def main() -> None:
         return
 
     shutil.rmtree(OUT / "run", ignore_errors=True)
+    (OUT / "manifest.json").unlink(missing_ok=True)  # the driver's stages are recorded beside the search
     evc = EvalConfig(prompts=PromptSource(n=args.prompts), max_new_tokens=args.max_new_tokens, kl=KLConfig())
     start = time.perf_counter()
-    run_search(OUT / "run", reference, checkpoints, evc, SearchConfig(lams=(0.0, 0.3), alphas=(0.0, 0.4)),
-               mean_cache=OUT / "mean_cache", progress=False)
+    search(SearchContext(OUT / "run", reference, checkpoints, evc, SearchConfig(lams=(0.0, 0.3), alphas=(0.0, 0.4)),
+                         mean_cache=OUT / "mean_cache", progress=False))
     search_s = time.perf_counter() - start
     points = read_records(OUT / "run" / "points.jsonl")
     phases = sorted({k for p in points for k in p["seconds"]})

@@ -3,13 +3,14 @@
     .venv/bin/python bench/search_budget_bench.py --run-dir runs/demo [--eta 3] [--min-prompts 8]
 
 On a run directory with T ≥ 2 (``itermerge demo`` makes one), with the run's evaluation config, rule, split and
-sampler: (1) the full 7 × 7 grid (``HALVING_LAMS`` × ``HALVING_ALPHAS``), every point on every dev prompt
-(``points.run_search``); (2) successive halving over the same grid (``budget.run_halving``). Prints both choices,
-the paired difference of the two chosen points' dev reward (``maths.paired.paired_difference`` on the grid's own
-per-prompt items of each: both points are in the grid), whether they are the same point or within one paired
-standard error, and the cost ratio of the (λ, α) points (θ0..θ_{T−1} aside: both evaluate them once, for the
-report; the halving run reuses the grid's) in prompt-evaluations and in seconds (merge + evaluation). Also checks
-that the halving choice's items, pieced together over the rounds, match the grid's single evaluation of it.
+sampler, both through the pipeline's search driver (``search.driver.search``): (1) the full 7 × 7 grid
+(``HALVING_LAMS`` × ``HALVING_ALPHAS``), every point on every dev prompt; (2) successive halving over the same grid
+(``search.method: halving``). Prints both choices, the paired difference of the two chosen points' dev reward
+(``maths.paired.paired_difference`` on the grid's own per-prompt items of each: both points are in the grid),
+whether they are the same point or within one paired standard error, and the cost ratio of the (λ, α) points
+(θ0..θ_{T−1} aside: both evaluate them once, for the report; the halving run reuses the grid's) in
+prompt-evaluations and in seconds (merge + evaluation). Also checks that the halving choice's items, pieced
+together over the rounds, match the grid's single evaluation of it.
 
 Writes under --out (default bench/out/search_budget): search_grid/, search_halving/ (started afresh unless
 --resume) and results.json. Nothing is written to the run directory.
@@ -23,6 +24,7 @@ import json
 import os
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +43,11 @@ def main() -> None:
     from itermerge.config.search import HALVING_ALPHAS, HALVING_LAMS, HalvingConfig
     from itermerge.devices import placement
     from itermerge.maths.paired import paired_difference
-    from itermerge.pipeline import mean_of
     from itermerge.records import read_records
     from itermerge.sampling.backends import evaluation_sampler
-    from itermerge.search.budget import run_halving
+    from itermerge.search.context import SearchContext
+    from itermerge.search.driver import search
     from itermerge.search.finalize import run_paths
-    from itermerge.search.points import run_search
 
     cfg = load_config(args.run_dir / "config.yaml")
     theta0, checkpoints = run_paths(args.run_dir)
@@ -61,18 +62,17 @@ def main() -> None:
     if not args.resume:
         for d in dirs.values():
             shutil.rmtree(d, ignore_errors=True)
+        (out / "manifest.json").unlink(missing_ok=True)  # the driver's stages are recorded beside the searches
     out.mkdir(parents=True, exist_ok=True)
-    cache = out / "mean_intermediate"
-    if len(checkpoints) >= 3:
-        mean_of(checkpoints[:-1], cache)
 
     wall, choices = {}, {}
-    with evaluation_sampler(cfg, where, checkpoints[-1]) as make_sampler:
-        kw = dict(mean_cache=cache, where=where, make_sampler=make_sampler)
-        for name, search, config in (("grid", run_search, grid_cfg), ("halving", run_halving, halving_cfg)):
-            start = time.perf_counter()
-            choices[name] = search(dirs[name], theta0, checkpoints, cfg.evaluation, config, **kw)
-            wall[name] = time.perf_counter() - start
+    samplers = partial(evaluation_sampler, cfg, where, checkpoints[-1])
+    for name, config in (("grid", grid_cfg), ("halving", halving_cfg)):
+        start = time.perf_counter()
+        choices[name] = search(SearchContext(dirs[name], theta0, checkpoints, cfg.evaluation, config,
+                                             mean_cache=out / "mean_intermediate", where=where, samplers=samplers,
+                                             tag=f"_{name}"))
+        wall[name] = time.perf_counter() - start
 
     reward = cfg.search.rule.reward
     grid_points = {(p["lam"], p["alpha"]): p for p in read_records(dirs["grid"] / "points.jsonl")}

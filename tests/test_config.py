@@ -68,7 +68,7 @@ SHIPPED = [files("itermerge") / "configs" / n for n in ("demo.yaml", "demo_quick
 def test_shipped_grids_hold_the_uniform_average_and_the_mean_alone(path):
     """Each shipped grid, resolved at its T, has λ = (T−1)/T and λ = 1 at α = 0: the uniform average of θ1..θT and
     θ̄ alone. The demo (T = 3): λ 0, 0.3, 0.5, 2/3, 1 × α 0, 0.4, 1 = 15 points; the quick one (T = 2): 0, ½, 1 × 2."""
-    from itermerge.search.points import _grid
+    from itermerge.search.grid import search_grid as _grid
 
     cfg = load_config(Path(str(path)))
     T = cfg.iterations
@@ -82,7 +82,7 @@ def test_shipped_grids_hold_the_uniform_average_and_the_mean_alone(path):
 def test_the_study_grid_resolves_uniform_for_each_searched_T():
     """study.yaml searches T = 6 and T' = 3 with one λ list: uniform is 5/6 at T = 6 and 2/3 at T' = 3."""
     from itermerge.replicates import load_study
-    from itermerge.search.points import _grid
+    from itermerge.search.grid import search_grid as _grid
 
     study = load_study(Path(str(files("itermerge") / "configs" / "study.yaml")))
     for by_seed in study.configs().values():

@@ -203,6 +203,29 @@ def test_cli_search_report_eval_reward_ensemble(finished_run, tmp_path, capsys):
     assert set(result["error"]["candidates"]) == {"merged", "theta_T", "uniform_average"}
 
 
+def test_eval_of_the_merged_model_gives_the_search_test_numbers(finished_run, tmp_path, capsys, monkeypatch):
+    """`itermerge eval RUN/merged --run-dir RUN --split test` builds its evaluators as the run's test stage does:
+    the same numbers, item for item. The run here measured bfloat16 as its CPU's precision (its manifest says so)
+    while this process would measure float32 (ITERMERGE_CPU_DTYPE): eval must compute in the run's precision."""
+    import shutil
+
+    from itermerge import devices
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["precision"] = {**manifest["precision"], "dtype": "bfloat16"}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(devices, "_settled", {})  # this process's own measurement is not the run's
+    small = ["--set", "evaluation.max_new_tokens=8", "--set", "evaluation.prompts.n=4"]
+    assert main(["search", str(run_dir), "--lams", "0,0.5", "--alphas", "0,0.5", *small]) == 0
+    rows = {m["t"]: m for m in json.loads((run_dir / "search" / "test.json").read_text())["models"]}
+    monkeypatch.setattr(devices, "_settled", {})  # a new process: it has measured nothing yet
+    capsys.readouterr()
+    assert main(["eval", str(run_dir / "merged"), "--run-dir", str(run_dir), "--split", "test", "--allow-test"]) == 0
+    assert json.loads(capsys.readouterr().out) == rows["merged"]["metrics"]
+
+
 def test_accelerate_launch_two_processes_gives_the_same_theta(finished_run, theta0, tmp_path):
     """`accelerate launch`, two CPU processes (gloo): both sample, score and train; θ1 equals one process's."""
     from test_distributed import launch

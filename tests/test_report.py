@@ -14,8 +14,8 @@ from itermerge.evaluation import Metric
 from itermerge.records import read_records
 from itermerge.report import fmt_metric, write_report
 from itermerge.rundir import Manifest
-from itermerge.search.finalize import finalize
-from itermerge.search.points import run_search
+from itermerge.search.context import SearchContext
+from itermerge.search.driver import search
 
 
 class PlaneEvaluator:
@@ -46,18 +46,9 @@ def run_dir(tiny_ckpts, tmp_path_factory):
 
     reference, checkpoints = run_paths(run)
     cfg = SearchConfig(lams=(0.0, 0.3, 0.6), alphas=(0.0, 0.4, 1.0))
-    run_search(
-        run / "search",
-        reference,
-        checkpoints,
-        EvalConfig(),
-        cfg,
-        mean_cache=run / "cache" / "mean_intermediate",
-        evaluate_fn=PlaneEvaluator(),
-        progress=False,
-    )
-    finalize(run / "search", reference, checkpoints, EvalConfig(), run / "merged", evaluate_fn=PlaneEvaluator(),
-             mean_cache=run / "cache" / "mean_intermediate", progress=False)
+    search(SearchContext(run / "search", reference, checkpoints, EvalConfig(), cfg,
+                         mean_cache=run / "cache" / "mean_intermediate", merged_dir=run / "merged",
+                         evaluators={"dev": PlaneEvaluator(), "test": PlaneEvaluator()}, progress=False), test=True)
     return run
 
 

@@ -14,9 +14,9 @@ from itermerge.errors import ItermergeError
 from itermerge.evaluation import Metric
 from itermerge.maths.merge import merge_weights
 from itermerge.records import read_records
-from itermerge.search.finalize import finalize
+from itermerge.search.context import SearchContext
+from itermerge.search.driver import search
 from itermerge.search.grid import grid
-from itermerge.search.points import run_search
 from itermerge.search.selection import pareto_frontier, select_checkpoint, select_point
 
 pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
@@ -35,7 +35,7 @@ def test_uniform_in_the_lams_is_the_uniform_average_of_each_T():
     one point with an explicit 0.5. The CLI takes the token too."""
     from itermerge.cli import build_parser
     from itermerge.config.search import resolve_lams
-    from itermerge.search.points import _grid
+    from itermerge.search.grid import search_grid as _grid
 
     cfg = SearchConfig(lams=(0.0, "uniform", 1.0), alphas=(0.0, 0.5))
     assert cfg.lams == (0.0, "uniform", 1.0) and resolve_lams(cfg.lams, 3) == [0.0, 2 / 3, 1.0]
@@ -139,7 +139,7 @@ def test_reward_gain_is_paired_when_the_points_keep_their_prompts():
 
 def test_search_refuses_test_split(tiny_ckpts, tmp_path):
     with pytest.raises(ItermergeError, match="refuses split 'test'"):
-        run_search(tmp_path / "s", tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), SearchConfig(split="test"))
+        _search(tmp_path / "s", tiny_ckpts, EvalConfig(), SearchConfig(split="test"))
     assert not (tmp_path / "s").exists()
 
 
@@ -161,6 +161,13 @@ class LinearEvaluator:
         return {"reward": Metric(value(R_TENSOR), 0.0, 1), "accuracy": Metric(value(A_TENSOR), 0.0, 1)}
 
 
+def _search(out, ckpts, evc, cfg, *, ev=None, test=False, **kw):
+    """The search driver (the pipeline's) on one process in ``out``'s parent, ``ev`` evaluating dev and test."""
+    evaluators = {} if ev is None else {"dev": ev, "test": ev}
+    return search(SearchContext(out, ckpts[0], ckpts[1:], evc, cfg, evaluators=evaluators, progress=False, **kw),
+                  test=test)
+
+
 def _linear(ckpts, name, k):
     vals = [float(CheckpointReader(p).get(name).double().sum()) for p in ckpts]
     return vals[0] + sum(kt * (v - vals[0]) for kt, v in zip(k, vals[1:]))
@@ -169,8 +176,7 @@ def _linear(ckpts, name, k):
 def test_search_end_to_end_on_a_3x3_grid(tiny_ckpts, tmp_path):
     cfg = SearchConfig(lams=(0.0, 0.3, 0.6), alphas=(0.0, 0.4, 1.0))
     ev, out = LinearEvaluator(), tmp_path / "search"
-    choice = run_search(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), cfg,
-                        mean_cache=tmp_path / "mean", evaluate_fn=ev, progress=False)
+    choice = _search(out, tiny_ckpts, EvalConfig(), cfg, mean_cache=tmp_path / "mean", ev=ev)
     points = read_records(out / "points.jsonl")
     assert (points[0]["lam"], points[0]["alpha"]) == (0.0, 0.0)
     assert len(points) == 9 and ev.calls == 9 + 3  # the grid, then θ0, θ1, θ2 (θ3 is the (0, 0) point)
@@ -191,42 +197,29 @@ def test_search_end_to_end_on_a_3x3_grid(tiny_ckpts, tmp_path):
     assert json.loads((out / "choice.json").read_text())["lam"] == choice["lam"]
 
     # a rerun evaluates nothing; a torn last line (crash mid-append) is cut off and only that point redone
-    run_search(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), cfg, mean_cache=tmp_path / "mean", evaluate_fn=ev,
-               progress=False)
+    _search(out, tiny_ckpts, EvalConfig(), cfg, mean_cache=tmp_path / "mean", ev=ev)
     assert ev.calls == 12
     lines = (out / "points.jsonl").read_text().splitlines(keepends=True)
     (out / "points.jsonl").write_text("".join(lines[:-1]) + lines[-1][:25])
-    run_search(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), cfg, mean_cache=tmp_path / "mean", evaluate_fn=ev,
-               progress=False)
+    _search(out, tiny_ckpts, EvalConfig(), cfg, mean_cache=tmp_path / "mean", ev=ev)
     assert ev.calls == 13 and len(read_records(out / "points.jsonl")) == 9
     # a wider grid evaluates only the new points; another evaluator config redoes everything
     wider = SearchConfig(lams=cfg.lams, alphas=(*cfg.alphas, 1.5))
-    run_search(
-        out,
-        tiny_ckpts[0],
-        tiny_ckpts[1:],
-        EvalConfig(),
-        wider,
-        mean_cache=tmp_path / "mean",
-        evaluate_fn=ev,
-        progress=False,
-    )
+    _search(out, tiny_ckpts, EvalConfig(), wider, mean_cache=tmp_path / "mean", ev=ev)
     assert ev.calls == 16
     other = EvalConfig(prompts=PromptSource(n=7))
-    run_search(
-        out, tiny_ckpts[0], tiny_ckpts[1:], other, cfg, mean_cache=tmp_path / "mean", evaluate_fn=ev, progress=False
-    )
+    _search(out, tiny_ckpts, other, cfg, mean_cache=tmp_path / "mean", ev=ev)
     assert ev.calls == 16 + 12
 
 
 def test_finalize_writes_the_chosen_merge_and_tests_it_once_beside_the_baselines(tiny_ckpts, tmp_path):
     cfg = SearchConfig(lams=(0.0, 0.5), alphas=(0.0, 0.5))
     ev, out = LinearEvaluator(), tmp_path / "search"
-    choice = run_search(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), cfg, mean_cache=tmp_path / "mean",
-                        evaluate_fn=ev, progress=False)
+    kw = dict(mean_cache=tmp_path / "mean", merged_dir=tmp_path / "merged", ev=ev)
+    choice = _search(out, tiny_ckpts, EvalConfig(), cfg, **kw)
     calls = ev.calls
-    record = finalize(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), tmp_path / "merged",
-                      mean_cache=tmp_path / "mean", evaluate_fn=ev, progress=False)
+    _search(out, tiny_ckpts, EvalConfig(), cfg, test=True, **kw)
+    record = json.loads((out / "test.json").read_text())
     rows = {m["t"]: m for m in record["models"]}
     assert list(rows) == [0, 1, 2, 3, "best", "expo", "uniform", "merged"]
     best = choice["best_checkpoint"]["t"]  # the best θt on dev is that θt's weights, its numbers not measured again
@@ -252,8 +245,7 @@ def test_finalize_writes_the_chosen_merge_and_tests_it_once_beside_the_baselines
     assert (merge_meta["lam"], merge_meta["alpha"]) == (choice["lam"], choice["alpha"])
     # the merge against every other row, paired (n = 1 here: no interval)
     assert [p["b"] for p in record["paired"]] == [0, 1, 2, 3, "best", "expo", "uniform"]
-    finalize(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), tmp_path / "merged", mean_cache=tmp_path / "mean",
-             evaluate_fn=ev, progress=False)
+    _search(out, tiny_ckpts, EvalConfig(), cfg, test=True, **kw)
     assert ev.calls == calls + len(distinct)  # test numbers are measured once
 
 
@@ -285,7 +277,8 @@ def test_best_theta_on_dev_is_a_test_row_and_the_merge_is_paired_against_it(tmp_
     (out / "points.jsonl").write_text("".join(
         json.dumps({"lam": lam, "alpha": a, **stamp, "metrics": _dev(*m), "seconds": {}}) + "\n"
         for lam, a, m in ((0.0, 0.0, (0.5, 0.32)), (0.0, 0.5, (0.4, 0.35)), (0.5, 0.0, (0.7, 0.33)))))
-    choice = choose(out, ckpts, ev, cfg)
+    ctx = SearchContext(out, tmp_path / "theta0", ckpts, ev, cfg)
+    choice = choose(ctx)
     assert (choice["lam"], choice["alpha"], choice["expo"]["alpha"]) == (0.5, 0.0, 0.0)
     best = json.loads((out / "choice.json").read_text())["best_checkpoint"]
     assert best["t"] == 2 and best["eligible"] == [2, 3] and best["excluded"][0]["t"] == 1
@@ -293,7 +286,7 @@ def test_best_theta_on_dev_is_a_test_row_and_the_merge_is_paired_against_it(tmp_
     measured = {0: [0, 0, 0, 0], 1: [0, 1, 0, 0], 2: [1, 1, 0, 0], 3: [1, 0, 0, 0], "uniform": [0, 1, 1, 0],
                 "merged": [1, 1, 1, 0]}
     parts = [[{"t": t, "name": str(t), "metrics": _acc(items), "seconds": {}} for t, items in measured.items()]]
-    record = write_test(out, ckpts, ev, parts, reference=tmp_path / "theta0")
+    record = write_test(ctx, parts)
     rows = {m["t"]: m for m in record["models"]}
     assert list(rows) == [0, 1, 2, 3, "best", "expo", "uniform", "merged"]
     assert rows["best"]["name"] == "Best θt on dev (Iter 2)" and rows["best"]["same_as"] == 2
@@ -309,15 +302,8 @@ def test_best_theta_on_dev_is_a_test_row_and_the_merge_is_paired_against_it(tmp_
 def test_search_with_the_real_evaluators(tiny_ckpts, tmp_path):
     """Greedy accuracy, reward and KL through the HF sampler on a 2×2 grid; θ0's KL to itself is exactly 0."""
     evc = EvalConfig(prompts=PromptSource(n=3), max_new_tokens=4, kl=KLConfig(samples=1))
-    choice = run_search(
-        tmp_path / "s",
-        tiny_ckpts[0],
-        tiny_ckpts[1:],
-        evc,
-        SearchConfig(lams=(0.0, 0.5), alphas=(0.0, 0.5)),
-        mean_cache=tmp_path / "mean",
-        progress=False,
-    )
+    choice = _search(tmp_path / "s", tiny_ckpts, evc, SearchConfig(lams=(0.0, 0.5), alphas=(0.0, 0.5)),
+                     mean_cache=tmp_path / "mean")
     points = read_records(tmp_path / "s" / "points.jsonl")
     assert len(points) == 4 and set(points[0]["metrics"]) == {"accuracy", "format", "reward", "kl"}
     assert all(p["metrics"]["reward"]["n"] == 3 for p in points)

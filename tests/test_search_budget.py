@@ -25,8 +25,9 @@ from itermerge.errors import ItermergeError
 from itermerge.evaluation import Evaluator, mean_metric
 from itermerge.merging import MergeBasis
 from itermerge.records import read_records
-from itermerge.search.budget import Round, covered, dev_size, run_halving, schedule
-from itermerge.search.points import run_search
+from itermerge.search.budget import Round, covered, dev_size, schedule
+from itermerge.search.context import SearchContext
+from itermerge.search.driver import search
 
 pytestmark = pytest.mark.numeric  # run again under a second kernel set: make test, ATEN_CPU_CAPABILITY=avx2
 
@@ -51,6 +52,9 @@ class PromptLinearEvaluator:
             return {"reward": mean_metric([r + (i * 37 % 11) / 10 for i in range(start, stop)]),
                     "accuracy": mean_metric([a + (i * 13 % 7) / 10 for i in range(start, stop)])}
         return evaluate
+
+    def __call__(self, model, timings):  # the whole split, as ``Evaluator`` measures one model
+        return self.subset(0, len(self.prompts))(model, timings)
 
     def prompt_evaluations(self) -> int:
         return sum(stop - start for start, stop in self.evaluated)
@@ -90,8 +94,8 @@ def test_covered_pieces_prompt_ranges_together():
 
 def test_budgeted_search_finds_the_grids_choice_for_a_third_of_the_prompts(tiny_ckpts, tmp_path):
     full = PromptLinearEvaluator(N)
-    grid_choice = run_search(tmp_path / "grid", tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), GRID,
-                             mean_cache=tmp_path / "mean", evaluate_fn=full.subset(0, N), progress=False)
+    grid_choice = search(SearchContext(tmp_path / "grid", tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), GRID,
+                                       mean_cache=tmp_path / "mean", evaluators={"dev": full}, progress=False))
     grid_points = read_records(tmp_path / "grid" / "points.jsonl")
     assert len(grid_points) == 49 and full.prompt_evaluations() == (49 + T) * N  # the points, then θ0..θ2
     # Unambiguous: no point's accuracy within 1e-6 of θT's, and the best eligible reward ahead of the next by 1e-6.
@@ -103,8 +107,9 @@ def test_budgeted_search_finds_the_grids_choice_for_a_third_of_the_prompts(tiny_
     assert rewards[0] - rewards[1] > 1e-6 and (grid_choice["lam"], grid_choice["alpha"]) != (0.0, 0.0)
 
     ev, out = PromptLinearEvaluator(N), tmp_path / "halving"
-    choice = run_halving(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), HALVING, mean_cache=tmp_path / "mean",
-                         evaluate_fn=ev, progress=False)
+    ctx = SearchContext(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), HALVING, mean_cache=tmp_path / "mean",
+                        evaluators={"dev": ev}, progress=False)
+    choice = search(ctx)
     assert (choice["lam"], choice["alpha"]) == (grid_choice["lam"], grid_choice["alpha"])
     assert choice["reward_gain"]["value"] == pytest.approx(grid_choice["reward_gain"]["value"], abs=1e-8)
     assert choice["expo"]["alpha"] == grid_choice["expo"]["alpha"]  # the λ = 0 line keeps a finalist of its own
@@ -135,16 +140,17 @@ def test_budgeted_search_finds_the_grids_choice_for_a_third_of_the_prompts(tiny_
     assert sum(r["stop"] - r["start"] for r in records) == points_cost
     assert all({"merge", "eval"} <= set(r["seconds"]) for r in records)
 
-    # A rerun evaluates nothing; a torn last record is evaluated again, alone, with the same choice.
+    # A rerun evaluates nothing. A torn last record of round 1 is evaluated again, alone in its round; the stages
+    # after it are redone from their records removed (as in any run: round 2's finalists on [27, 81), then θ0..θ2),
+    # with the same choice.
     calls = len(ev.evaluated)
-    assert run_halving(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), HALVING, mean_cache=tmp_path / "mean",
-                       evaluate_fn=ev, progress=False)["lam"] == choice["lam"]
+    assert search(ctx)["lam"] == choice["lam"]
     assert len(ev.evaluated) == calls
     lines = (out / "rounds" / "round_1.jsonl").read_text().splitlines(keepends=True)
     (out / "rounds" / "round_1.jsonl").write_text("".join(lines[:-1]) + lines[-1][:30])
-    again = run_halving(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), HALVING, mean_cache=tmp_path / "mean",
-                        evaluate_fn=ev, progress=False)
-    assert ev.evaluated[calls:] == [(9, 27)] and (again["lam"], again["alpha"]) == (choice["lam"], choice["alpha"])
+    again = search(ctx)
+    assert ev.evaluated[calls:] == [(9, 27)] + [(27, 81)] * budget["rounds"][2]["points"] + [(0, N)] * T
+    assert (again["lam"], again["alpha"]) == (choice["lam"], choice["alpha"])
     assert len(read_records(out / "points.jsonl")) == len(halving_points)
 
 
@@ -160,8 +166,9 @@ def test_bad_settings_get_named_errors(tiny_ckpts, tmp_path):
     with pytest.raises(ItermergeError, match="lm_eval"):
         dev_size(EvalConfig(lm_eval=LmEvalConfig(preset="paper")), "dev")
     with pytest.raises(ItermergeError, match="refuses split 'test'"):
-        run_halving(tmp_path / "s", tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(),
-                    SearchConfig(method="halving", split="test"), evaluate_fn=PromptLinearEvaluator(9))
+        search(SearchContext(tmp_path / "s", tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(),
+                             SearchConfig(method="halving", split="test"),
+                             evaluators={"dev": PromptLinearEvaluator(9)}))
     evaluator = Evaluator(EvalConfig(prompts=PromptSource(n=3)), load_tokenizer(tiny_ckpts[0]), "dev", progress=False)
     with pytest.raises(ItermergeError, match=r"prompts \[2, 5\) of split 'dev': it has 3"):
         evaluator.subset(2, 5)

@@ -3,6 +3,7 @@ choice per operator, the chosen one tested once with paired differences, resume,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 
@@ -22,8 +23,8 @@ from itermerge.operators import operator
 from itermerge.records import read_records
 from itermerge.results import write_results
 from itermerge.search import operators as ops
-from itermerge.search.finalize import finalize
-from itermerge.search.points import run_search
+from itermerge.search.context import SearchContext
+from itermerge.search.driver import search
 from itermerge.search.selection import regressions
 from itermerge.tables import fmt_difference, fmt_metric
 
@@ -74,22 +75,23 @@ GRIDS = {"expo": {"alpha": [0.3, 1.0]}, "ema": {"gamma": [0.5, 0.9]}, "slerp": {
 
 @pytest.fixture(scope="module")
 def searched(tiny_ckpts, tmp_path_factory):
-    """The paper's search and test on θ0..θ3 with the linear evaluators, then the operators' two stages."""
+    """The paper's search and test on θ0..θ3 with the linear evaluators (the pipeline's driver), then, with
+    ``search.operators`` added (which the search's stages are not keyed by), the operators' two stages."""
     root = tmp_path_factory.mktemp("operators")
     out, mean = root / "search", root / "mean"
     cfg = SearchConfig(lams=(0.0, 0.5), alphas=(0.0, 0.5), operators=GRIDS)
     dev, test = LinearItems(DEV), LinearItems(TEST)
-    run_search(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), cfg, mean_cache=mean, evaluate_fn=dev, progress=False)
-    finalize(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), root / "merged", mean_cache=mean, evaluate_fn=test,
-             progress=False)
+    ctx = SearchContext(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), dataclasses.replace(cfg, operators={}),
+                        mean_cache=mean, merged_dir=root / "merged", evaluators={"dev": dev, "test": test},
+                        progress=False)
+    search(ctx, test=True)
     calls = dev.calls, test.calls
-    new = ops.evaluate_dev(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), cfg, mean_cache=mean, evaluate_fn=dev,
-                           progress=False)
-    rows = ops.evaluate_test(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), cfg, mean_cache=mean,
-                             evaluate_fn=test, progress=False)
-    record = ops.write_test(out, tiny_ckpts[1:], EvalConfig(), cfg, [rows])
+    ctx = dataclasses.replace(ctx, config=cfg)
+    search(ctx, test=True)
+    new = json.loads((root / "manifest.json").read_text())["stages"]["operators"]["candidates_evaluated"]
+    record = json.loads((out / "operators.json").read_text())
     return {"out": out, "mean": mean, "cfg": cfg, "dev": dev, "test": test, "calls": calls, "new": new,
-            "record": record, "root": root}
+            "record": record, "root": root, "ctx": ctx}
 
 
 def test_every_candidate_on_dev_is_what_its_weights_predict(searched, tiny_ckpts):
@@ -122,7 +124,7 @@ def test_the_rule_chooses_per_operator_as_by_hand(searched, tiny_ckpts):
     out, cfg = searched["out"], searched["cfg"]
     base = json.loads((out / "choice.json").read_text())["baseline"]  # θT on dev
     records = read_records(out / "operators.jsonl")
-    chosen = ops.choose(out, tiny_ckpts[1:], EvalConfig(), cfg)
+    chosen = ops.choose(searched["ctx"])
     assert list(chosen) == list(GRIDS)
     for method, c in chosen.items():
         mine = [r for r in records if r["operator"] == method]
@@ -141,7 +143,7 @@ def test_the_rule_chooses_per_operator_as_by_hand(searched, tiny_ckpts):
     # a rule that lets every value through picks the highest dev reward of each operator
     loose = SearchConfig(lams=cfg.lams, alphas=cfg.alphas, operators=GRIDS,
                          rule=SelectionRule(tolerance=1e9))
-    for method, c in ops.choose(out, tiny_ckpts[1:], EvalConfig(), loose).items():
+    for method, c in ops.choose(dataclasses.replace(searched["ctx"], config=loose)).items():
         best = max((r for r in records if r["operator"] == method), key=lambda r: r["metrics"]["reward"]["value"])
         assert c["key"] == best["key"]
 
@@ -150,7 +152,7 @@ def test_the_chosen_operators_are_tested_once_with_paired_differences(searched, 
     out, record = searched["out"], searched["record"]
     test = json.loads((out / "test.json").read_text())
     rows = {r["t"]: r for r in test["models"]}
-    chosen = ops.choose(out, tiny_ckpts[1:], EvalConfig(), searched["cfg"])
+    chosen = ops.choose(searched["ctx"])
     tested = [o for o in record["operators"] if o["key"] is not None]
     assert searched["test"].calls == searched["calls"][1] + len(tested)
     assert [o["operator"] for o in record["operators"]] == list(GRIDS)
@@ -176,22 +178,18 @@ def test_the_chosen_operators_are_tested_once_with_paired_differences(searched, 
                 expected = paired_difference(a_items, b_items)
                 assert (d["ci_low"], d["ci_high"], d["p_value"]) == (expected["ci_low"], expected["ci_high"],
                                                                      expected["p_value"])
-    assert json.loads((out / "operators.json").read_text()) == json.loads(json.dumps(record))
+    assert record["operators"] == ops.write_test(searched["ctx"], [])["operators"]
 
 
 def test_a_rerun_evaluates_nothing_and_a_new_value_only_itself(searched, tiny_ckpts):
-    out, mean, cfg, dev, test = (searched[k] for k in ("out", "mean", "cfg", "dev", "test"))
+    ctx, cfg, dev, test = (searched[k] for k in ("ctx", "cfg", "dev", "test"))
     before = dev.calls, test.calls
-    assert ops.evaluate_dev(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), cfg, mean_cache=mean, evaluate_fn=dev,
-                            progress=False) == 0
-    assert ops.evaluate_test(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), cfg, mean_cache=mean,
-                             evaluate_fn=test, progress=False) == []
+    assert ops.evaluate_dev(ctx) == 0 and ops.evaluate_test(ctx) == []
     assert (dev.calls, test.calls) == before
-    wider = SearchConfig(lams=cfg.lams, alphas=cfg.alphas, operators={**GRIDS, "ema": {"gamma": [0.5, 0.9, 1.0]}})
-    assert ops.evaluate_dev(out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), wider, mean_cache=mean,
-                            evaluate_fn=dev, progress=False) == 1
-    record = ops.write_test(out, tiny_ckpts[1:], EvalConfig(), wider, [ops.evaluate_test(
-        out, tiny_ckpts[0], tiny_ckpts[1:], EvalConfig(), wider, mean_cache=mean, evaluate_fn=test, progress=False)])
+    wider = dataclasses.replace(ctx, config=SearchConfig(lams=cfg.lams, alphas=cfg.alphas,
+                                                         operators={**GRIDS, "ema": {"gamma": [0.5, 0.9, 1.0]}}))
+    assert ops.evaluate_dev(wider) == 1
+    record = ops.write_test(wider, [ops.evaluate_test(wider)])
     ema = next(o for o in record["operators"] if o["operator"] == "ema")
     assert test.calls - before[1] == (0 if ema["key"] == searched["record"]["operators"][1]["key"] else 1)
     assert len(ema["dev"]["candidates"]) == 3

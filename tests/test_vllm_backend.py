@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import weakref
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -239,16 +240,17 @@ def test_the_search_loads_every_point_into_one_engine_in_place_and_tears_it_down
     from itermerge.config import from_dict
     from itermerge.devices import CPU
     from itermerge.sampling.backends import evaluation_sampler
-    from itermerge.search.points import run_search
+    from itermerge.search.context import SearchContext
+    from itermerge.search.driver import search
 
     built, init = [], fake.LLM.__init__
     monkeypatch.setattr(fake.LLM, "__init__", lambda self, model, **kw: built.append(self) or init(self, model, **kw))
     cfg = from_dict({"model": {"path": str(tiny_ckpts[0])}, "sampling": {"backend": "vllm"},
                      "evaluation": {"prompts": {"n": 3}, "max_new_tokens": 4},
                      "search": {"lams": [0.0, 0.5], "alphas": [0.0, 0.5]}})
-    with evaluation_sampler(cfg, CPU, tiny_ckpts[-1]) as make_sampler:
-        choice = run_search(tmp_path / "search", tiny_ckpts[0], tiny_ckpts[1:], cfg.evaluation, cfg.search,
-                            mean_cache=tmp_path / "mean", make_sampler=make_sampler, progress=False)
+    choice = search(SearchContext(tmp_path / "search", tiny_ckpts[0], tiny_ckpts[1:], cfg.evaluation, cfg.search,
+                                  mean_cache=tmp_path / "mean", progress=False,
+                                  samplers=partial(evaluation_sampler, cfg, CPU, tiny_ckpts[-1])))
     assert (choice["lam"], choice["alpha"]) in {(0.0, 0.0), (0.0, 0.5), (0.5, 0.0), (0.5, 0.5)}
     (engine,) = built
     assert engine.init_kwargs["model"] == str(tiny_ckpts[-1])

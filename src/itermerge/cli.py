@@ -232,7 +232,8 @@ def _eval_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="config whose evaluation: section is used (default: built-in arithmetic task)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--split", default="dev", choices=["dev", "test"])
-    p.add_argument("--reference", help="θ0, for the KL evaluator")
+    p.add_argument("--reference", help="θ0, for the KL evaluator (default: the run's, with --run-dir)")
+    p.add_argument("--run-dir", help="a run: its config.yaml, the precision it measured and its θ0 (as its test)")
     p.add_argument("--allow-test", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_eval)
 

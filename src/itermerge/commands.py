@@ -137,18 +137,28 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    """The run's evaluators on one checkpoint, built as the run's search and test build them (``run_evaluation``):
+    with ``--run-dir`` (or a ``--config`` that is a run's config.yaml), in the precision the run measured."""
     import json
 
-    from itermerge.checkpoint import load_model, load_tokenizer
     from itermerge.config import from_dict, load_config
-    from itermerge.evaluation import evaluate, metrics_to_dict
+    from itermerge.evaluation import metrics_to_dict, run_evaluation
+    from itermerge.rundir import Manifest
 
-    cfg = load_config(args.config, args.set) if args.config else from_dict({})
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if run_dir is None and args.config and (Path(args.config).parent / "manifest.json").exists():
+        run_dir = Path(args.config).parent
+    if args.config or run_dir is not None:
+        cfg = _config_of(run_dir, args.config, args.set) if run_dir is not None else load_config(args.config, args.set)
+    else:
+        cfg = from_dict({})
     if args.split == "test" and not args.allow_test:
         print("note: evaluating on test; report test numbers once, after choosing on dev", file=sys.stderr)
-    reference = load_model(args.reference) if args.reference else None
-    metrics = evaluate(load_model(args.checkpoint), load_tokenizer(args.checkpoint), cfg.evaluation, args.split,
-                       reference_model=reference)
+    manifest = Manifest(run_dir).data if run_dir is not None else {}
+    reference = args.reference or (manifest.get("reference") if cfg.evaluation.kl is not None else None)
+    with run_evaluation(cfg, args.split, args.checkpoint, reference=reference,
+                        precision=manifest.get("precision")) as (model, evaluator):
+        metrics = evaluator(model)
     print(json.dumps(metrics_to_dict(metrics), indent=2))
 
 

@@ -19,9 +19,8 @@ from itermerge.errors import ItermergeError
 from itermerge.integrity import LOCK_NAME, RunLock
 from itermerge.preflight import preflight
 from itermerge.prompts import repeated_prompts_note, training_prompts
-from itermerge.rundir import Manifest, atomic_write_text
-from itermerge.runner import Shard, StageRunner
-from itermerge.sampling.backends import evaluation_sampler
+from itermerge.rundir import Manifest, RunLayout, atomic_write_text
+from itermerge.runner import StageRunner
 
 STUDIES = ("alpha", "accuracy", "ensemble", "lambda")
 # Sections whose change alters what the finished iterations computed; the others (T, search,
@@ -60,7 +59,8 @@ def algorithm_1(runner: StageRunner, cfg: RunConfig, root: Path, prefix: str = "
     tokenizer = load_tokenizer(theta0)
     thetas = [theta0]
     for t in range(1, cfg.iterations + 1):
-        out, prev, name = root / f"iter_{t:02d}", thetas[-1], f"{prefix}iter_{t:02d}"
+        out, prev = RunLayout(root).iteration(t), thetas[-1]
+        name = f"{prefix}{out.name}"
         out.mkdir(parents=True, exist_ok=True)
         # Alg. 1, lines 2-5: sample from π_θ{t−1}, label best vs worst, (θ0's log-probs), train θ_t.
         sample = partial(it.sample_shard, cfg, t, prev, training_prompts(cfg, t))
@@ -86,107 +86,18 @@ def second_criterion_run(runner: StageRunner, cfg: RunConfig, run_dir: Path) -> 
     """The λ study's θb: one iteration of Alg. 1 from θ0 labelled by the second criterion (studies/lambda/…)."""
     from itermerge.studies.stages import second_criterion
 
-    root = run_dir / "studies" / "lambda" / "second_criterion"
+    root = RunLayout(run_dir).study("lambda") / "second_criterion"
     return algorithm_1(runner, second_criterion(cfg), root, prefix="studies/lambda/second_criterion/")[1]
 
 
 def search_and_test(runner: StageRunner, cfg: RunConfig, run_dir: Path, *, test: bool = True,
                     reference: str | os.PathLike | None = None, at: int | None = None) -> dict[str, Any]:
-    """Algorithm 2: θ̄ cached, the (λ, α) grid on dev (each point merged in memory, the points shared out among the
-    processes), the paper's rule; then the chosen merge written and tested once beside the baselines (the models
-    shared out likewise); with ``search.operators``, each other operator chosen on dev by the same rule and tested once
-    beside it (search/operators.json). ``at`` = T' < T: the same for θ1..θ_T' alone, in search_T{T'}/, the merge kept
-    in memory, no other operators."""
-    from itermerge.search import budget, points
-    from itermerge.search import finalize as fin
+    """Algorithm 2 (``search.driver``): θ̄ cached, the (λ, α) grid on dev merged in memory, the paper's rule; then
+    the chosen merge written and tested once beside the baselines, and the other operators (``search.operators``).
+    ``at`` = T' < T: the same for θ1..θ_T' alone, in search_T{T'}/, the merge kept in memory, no other operators."""
+    from itermerge.search import driver
 
-    theta0, checkpoints = fin.run_paths(run_dir, reference)
-    tag = "" if at is None else f"_T{at}"
-    checkpoints = checkpoints if at is None else checkpoints[:at]
-    cache, out, where = run_dir / "cache" / f"mean_intermediate{tag}", run_dir / f"search{tag}", placement(cfg.model)
-    merged = run_dir / "merged" if at is None else None
-    if len(checkpoints) >= 3:  # Alg. 2, line 1: θ̄ = mean(θ1..θ_{T−1}), once
-        runner(f"mean{tag}", partial(mean_of, checkpoints[:-1], cache), outputs=[cache])
-    fingerprint = cfg.evaluation.fingerprint()
-
-    halving = cfg.search.method == "halving"
-    n_dev = budget.dev_size(cfg.evaluation, cfg.search.split) if halving else 0
-
-    def search(shard: Shard, round_: int | None = None) -> int:
-        with evaluation_sampler(cfg, where, checkpoints[-1]) as make_sampler:
-            if round_ is not None:  # one round of successive halving, its points shared out
-                return budget.evaluate_round(out, theta0, checkpoints, cfg.evaluation, cfg.search, round_, n_dev,
-                                             mean_cache=cache, where=where, make_sampler=make_sampler, shard=shard)
-            return points.evaluate_points(out, theta0, checkpoints, cfg.evaluation, cfg.search, mean_cache=cache,
-                                          where=where, make_sampler=make_sampler, shard=shard,
-                                          among=() if halving else None)  # halving: θ0..θ_{T−1} only
-
-    def choose(parts: list[int]) -> dict[str, Any]:
-        if halving:
-            choice = budget.choose(out, checkpoints, cfg.evaluation, cfg.search, n_dev)
-            return {"lam": choice["lam"], "alpha": choice["alpha"], "points_evaluated": sum(parts),
-                    "prompt_evaluations": choice["budget"]["prompt_evaluations"]}
-        choice = points.choose(out, checkpoints, cfg.evaluation, cfg.search)
-        return {"lam": choice["lam"], "alpha": choice["alpha"], "points_evaluated": sum(parts)}
-
-    unkeyed = {"at", "operators"} | (set() if halving else {"method", "halving"})  # as before these existed
-    search_key = {k: v for k, v in dataclasses.asdict(cfg.search).items() if k not in unkeyed}
-    key = {"search": search_key, "evaluation": fingerprint}
-    for r in range(len(budget.plan(len(checkpoints), cfg.search, n_dev)) if halving else 0):  # a barrier each
-        runner.sharded(f"search{tag}/round_{r}", partial(search, round_=r),
-                       partial(budget.round_record, out, checkpoints, cfg.evaluation, cfg.search, r, n_dev),
-                       key=key, outputs=[budget.round_path(out, r)])
-    choice = runner.sharded(f"search{tag}", search, choose, key=key,
-                            outputs=[out / n for n in ("points.jsonl", "checkpoints.jsonl", "choice.json",
-                                                       "eval_config.json")])
-    if not test:
-        return choice
-    key = {"lam": choice["lam"], "alpha": choice["alpha"]}
-    if merged is not None:
-        runner("merge", partial(fin.write_merge, out, theta0, checkpoints, merged, mean_cache=cache),
-               key=key, outputs=[merged])
-
-    def test_eval(shard: Shard) -> list[dict[str, Any]]:
-        with evaluation_sampler(cfg, where, checkpoints[-1]) as make_sampler:
-            return fin.evaluate_test(out, theta0, checkpoints, cfg.evaluation, merged, where=where,
-                                     mean_cache=cache, make_sampler=make_sampler, shard=shard)
-
-    def write_test(parts: list[list[dict[str, Any]]]) -> dict[str, Any]:
-        record = fin.write_test(out, checkpoints, cfg.evaluation, parts, reference=theta0, merged_dir=merged)
-        return {"lam": record["lam"], "alpha": record["alpha"], "models": [m["name"] for m in record["models"]]}
-
-    table = "baselines, best θt on dev"  # a new baseline row: a finished run rewrites test.json (nothing re-evaluated)
-    runner.sharded(f"test_eval{tag}", test_eval, write_test,
-                   key={**key, "evaluation": fingerprint, "table": table}, outputs=[out / "test.json"])
-    if cfg.search.operators and at is None:  # other operators: each chosen on dev by the same rule, tested once
-        from itermerge.search import operators as ops
-
-        args = (checkpoints, cfg.evaluation, cfg.search)
-
-        def operators_work(shard: Shard, evaluate: Any) -> Any:
-            with evaluation_sampler(cfg, where, checkpoints[-1]) as make_sampler:
-                return evaluate(out, theta0, *args, mean_cache=cache, where=where, make_sampler=make_sampler,
-                                shard=shard)
-
-        op_key = {**key, "operators": cfg.search.operators, "rule": cfg.search.rule.to_dict(),
-                  "evaluation": fingerprint}
-        dev = runner.sharded("operators", partial(operators_work, evaluate=ops.evaluate_dev),
-                             partial(ops.choice_record, out, *args), key=op_key, outputs=[out / ops.DEV_RECORDS])
-        runner.sharded("operators_test", partial(operators_work, evaluate=ops.evaluate_test),
-                       partial(ops.write_test, out, *args), key={**op_key, "chosen": dev["chosen"]},
-                       outputs=[out / ops.RESULT])
-    return choice
-
-
-def mean_of(intermediates: list[Path], cache: Path) -> dict[str, Any]:
-    """θ̄ written to ``cache`` unless it already holds the mean of exactly these checkpoints."""
-    from itermerge.checkpoint import CheckpointReader
-    from itermerge.merging.mean import mean_cache_hashes, mean_checkpoint
-
-    reused = mean_cache_hashes(cache, [CheckpointReader(p) for p in intermediates]) is not None
-    if not reused:
-        mean_checkpoint(intermediates, cache, force=True)
-    return {"checkpoints": len(intermediates), "reused": reused}
+    return driver.search_and_test(runner, driver.run_context(cfg, run_dir, reference, at), test=test)
 
 
 def run_studies(runner: StageRunner, cfg: RunConfig, run_dir: Path, thetas: list[Path], choice: dict[str, Any] | None,
@@ -200,9 +111,10 @@ def run_studies(runner: StageRunner, cfg: RunConfig, run_dir: Path, thetas: list
     if "ensemble" in wanted and choice is None:
         raise ItermergeError(f"{run_dir}: the ensemble study measures the search's choice; run the search first "
                              "(itermerge search RUN_DIR)")
-    merged = run_dir / "merged" if (run_dir / "merged" / "config.json").exists() else thetas[-1]
+    layout = RunLayout(run_dir)
+    merged = layout.merged if (layout.merged / "config.json").exists() else thetas[-1]
     for name in wanted:
-        out = run_dir / "studies" / name
+        out = layout.study(name)
         if name == "alpha":
             runner.sharded("studies/alpha", partial(stages.alpha_work, cfg, run_dir, thetas),
                            partial(stages.alpha_finish, cfg, run_dir), outputs=[out])

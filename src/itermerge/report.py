@@ -11,7 +11,7 @@ from typing import Any
 from itermerge.errors import ItermergeError
 from itermerge.plots import annotate_apart, pyplot, save_figure
 from itermerge.records import read_records
-from itermerge.rundir import atomic_write_text
+from itermerge.rundir import RunLayout, atomic_write_text
 from itermerge.search.selection import LOWER_IS_BETTER, pareto_frontier
 from itermerge.tables import fmt_ci, fmt_metric, metrics_table, operators_table, paired_table
 
@@ -21,42 +21,43 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ItermergeError(f"{run_dir}: no such run directory")
-    search = run_dir / "search"
-    choice = _json(search / "choice.json")
+    layout = RunLayout(run_dir)
+    search = layout.search()
+    choice = _json(search.choice)
     parts = [f"# itermerge report: {run_dir.name}\n"]
     if choice is None:
         parts.append("No search results (search/choice.json is absent): run `itermerge search RUN_DIR`.\n")
     else:
         stamp = {"split": choice["split"], "eval_fingerprint": choice["eval_fingerprint"]}
         checkpoints = sorted(
-            (r for r in read_records(search / "checkpoints.jsonl") if _same(r, stamp)), key=lambda r: r["t"]
+            (r for r in read_records(search.checkpoints) if _same(r, stamp)), key=lambda r: r["t"]
         )
         considered = {(lam, alpha) for lam, alpha in choice["eligible"]} | {
             (e["lam"], e["alpha"]) for e in choice["excluded"]
         }
         points = [
-            p for p in read_records(search / "points.jsonl") if _same(p, stamp) and (p["lam"], p["alpha"]) in considered
+            p for p in read_records(search.points) if _same(p, stamp) and (p["lam"], p["alpha"]) in considered
         ]
         parts += [_choice_section(choice), _dev_table(checkpoints, choice)]
-        test = _json(search / "test.json")
+        test = _json(search.test)
         if test is not None:
             parts.append(_test_table(test))
-        parts.append(_operators_section(_json(search / "operators.json"), choice))
-        pareto = search / "pareto.png"
+        parts.append(_operators_section(_json(search.operators), choice))
+        pareto = search.pareto
         plot_pareto(points, checkpoints, choice, pareto)
         parts.append(f"## Reward against capability (Fig. 5)\n\n![pareto]({pareto.relative_to(run_dir)})\n\n"
                      "Each point is one (λ, α) merge evaluated on the dev split; colour is λ, the label α; lines join "
                      "points of equal λ in order of α. The dashed line is the Pareto frontier, the star the choice.\n")
         parts.append(_timing_section(points, checkpoints))
-    for sub in sorted(run_dir.glob("search_T*"), key=lambda p: int(p.name[len("search_T"):] or 0)):
-        test, choice_at = _json(sub / "test.json"), _json(sub / "choice.json")
+    for sub in (s for s in layout.searches() if s.at is not None):
+        test, choice_at = _json(sub.test), _json(sub.choice)
         if test is not None and choice_at is not None:
-            T = sub.name[len("search_T"):]
-            parts.append(f"## At T = {T}: the first {T} iterations alone ({sub.name}/)\n\n"
+            T = sub.at
+            parts.append(f"## At T = {T}: the first {T} iterations alone ({sub.dir.name}/)\n\n"
                          f"Rule on dev: {choice_at['reason']}.\n\n"
                          + _test_table(test).split("\n\n", 1)[1])
     parts += [_studies_section(run_dir), _iterations_section(run_dir), _config_section(run_dir)]
-    out = run_dir / "report.md"
+    out = layout.report
     atomic_write_text(out, "\n".join(p for p in parts if p))
     return out
 
@@ -222,7 +223,8 @@ def plot_pareto(
 def _studies_section(run_dir: Path) -> str:
     """The induced-reward and ensemble studies, when their JSON exists: numbers tabulated, their PNG shown."""
     # studies/NAME/NAME.json: a study's result (the λ study's θb run lies deeper, under second_criterion/).
-    files = sorted((run_dir / "studies").glob("*/*.json")) if (run_dir / "studies").is_dir() else []
+    studies = RunLayout(run_dir).studies
+    files = sorted(studies.glob("*/*.json")) if studies.is_dir() else []
     if not files:
         return ""
     out = ["## Studies\n"]
@@ -281,7 +283,7 @@ def _study_numbers(data: Any) -> str:
 
 def _iterations_section(run_dir: Path) -> str:
     """Each iteration's metrics.json (the numbers and seconds the loop recorded), one column per iteration."""
-    files = sorted(run_dir.glob("iter_*/metrics.json"))
+    files = [d / "metrics.json" for d in RunLayout(run_dir).iterations() if (d / "metrics.json").exists()]
     if not files:
         return ""
     cols = {f.parent.name: _flatten(_json(f) or {}) for f in files}
@@ -293,10 +295,10 @@ def _iterations_section(run_dir: Path) -> str:
 
 def _config_section(run_dir: Path) -> str:
     out = []
-    config = run_dir / "config.yaml"
+    config = RunLayout(run_dir).config
     if config.exists():
         out.append("## Configuration\n\n```yaml\n" + config.read_text().rstrip() + "\n```\n")
-    manifest = _json(run_dir / "manifest.json")
+    manifest = _json(RunLayout(run_dir).manifest)
     precision = manifest.get("precision") if isinstance(manifest, dict) else None
     if isinstance(precision, dict):  # model.dtype auto on a CPU: what was measured, and so chosen
         how = (f"bf16 {precision.get('bfloat16_gflops')} vs fp32 {precision.get('float32_gflops')} GFLOP/s matmul"

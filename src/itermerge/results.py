@@ -33,7 +33,7 @@ from itermerge.claims import (
 )
 from itermerge.errors import ItermergeError
 from itermerge.replicates import mde_under_rule
-from itermerge.rundir import atomic_write_text
+from itermerge.rundir import RunLayout, atomic_write_text
 from itermerge.tables import fmt_ci, metric_names, operators_table
 
 PAPER_EFFECT = 0.025  # the size of effect the paper's Table 2 reports for the merge: 2.5 accuracy points
@@ -184,7 +184,7 @@ def _limitations_section(agg: dict[str, Any], meta: dict[str, Any]) -> str:
 def _operators_section(demo: Path) -> str:
     """The demo run's other merge operators (search/operators.json), each chosen on dev and tested once, against the
     paper's merge; empty when the run compared none."""
-    path = demo / "search" / "operators.json"
+    path = RunLayout(demo).search().operators
     if not path.exists():
         return ""
     record = json.loads(path.read_text())

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +157,88 @@ class Manifest:
     def set_meta(self, key: str, value: Any) -> None:
         self.data[key] = value
         atomic_write_json(self.path, self.data)
+
+
+# --- where each file of a run lives -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchLayout:
+    """The files of one search directory: search/ (θ1..θT), or search_T{T'}/ (θ1..θ_T' alone)."""
+
+    dir: Path
+
+    points = property(lambda self: self.dir / "points.jsonl")  # the (λ, α) points on dev, one record each
+    checkpoints = property(lambda self: self.dir / "checkpoints.jsonl")  # θ0..θT on dev
+    choice = property(lambda self: self.dir / "choice.json")  # the rule's choice, ExPO's α, the best θt on dev
+    test = property(lambda self: self.dir / "test.json")  # the test table
+    eval_config = property(lambda self: self.dir / "eval_config.json")  # what measured them
+    operator_records = property(lambda self: self.dir / "operators.jsonl")  # other operators' candidates on dev
+    operators = property(lambda self: self.dir / "operators.json")  # each operator's choice, tested once
+    pareto = property(lambda self: self.dir / "pareto.png")
+    rounds = property(lambda self: self.dir / "rounds")  # successive halving's rounds
+
+    def round(self, r: int) -> Path:
+        return self.rounds / f"round_{r}.jsonl"
+
+    def round_files(self) -> list[Path]:
+        return sorted(self.rounds.glob("round_*.jsonl"))
+
+    @property
+    def at(self) -> int | None:
+        """T' of a search_T{T'}/ directory; None for the search of every iteration."""
+        tail = self.dir.name[len(SEARCH):]
+        return int(tail[2:]) if tail.startswith("_T") and tail[2:].isdigit() else None
+
+
+SEARCH = "search"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every name in a run directory, so that no module spells one: iter_XX/ per iteration of Algorithm 1, the
+    searches, the merge, the caches, the studies, the manifest, the config and the report."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    config = property(lambda self: self.root / "config.yaml")
+    manifest = property(lambda self: self.root / "manifest.json")
+    report = property(lambda self: self.root / "report.md")
+    merged = property(lambda self: self.root / "merged")  # the chosen merge, written once
+    cache = property(lambda self: self.root / "cache")  # what can be recomputed (θ̄)
+    studies = property(lambda self: self.root / "studies")
+
+    def iteration(self, t: int) -> Path:
+        """iter_XX/: iteration t's prompts, samples, pairs, θ0's log-probs, θ_t (model/, adapter/) and metrics."""
+        return self.root / f"iter_{t:02d}"
+
+    def iterations(self) -> list[Path]:
+        """The iteration directories present, in order."""
+        return sorted(p for p in self.root.glob("iter_*") if p.is_dir())
+
+    def checkpoints(self) -> list[Path]:
+        """θ1..θT present: iter_XX/model, in order."""
+        return [p / "model" for p in self.iterations() if (p / "model").is_dir()]
+
+    def mean_cache(self, at: int | None = None) -> Path:
+        """θ̄ = mean(θ1..θ_{T−1}) (of θ1..θ_{T'−1} for the search of the first T' iterations)."""
+        return self.cache / f"mean_intermediate{_tag(at)}"
+
+    def search(self, at: int | None = None) -> SearchLayout:
+        return SearchLayout(self.root / f"{SEARCH}{_tag(at)}")
+
+    def searches(self) -> list[SearchLayout]:
+        """The search directories present (search*/): every iteration's first, then each T' in increasing order,
+        then any other (a bench's search_grid/ beside its search_halving/), by name."""
+        found = [SearchLayout(p) for p in self.root.glob(f"{SEARCH}*") if p.is_dir()]
+        return sorted(found, key=lambda s: (s.dir.name != SEARCH, s.at is None, s.at or 0, s.dir.name))
+
+    def study(self, name: str) -> Path:
+        return self.studies / name
+
+
+def _tag(at: int | None) -> str:
+    return "" if at is None else f"_T{at}"

@@ -3,6 +3,7 @@
 Their settings are ``itermerge.config.evaluation``.
 """
 
+from itermerge.evaluation.build import build_evaluator, run_evaluation
 from itermerge.evaluation.kl import sequence_kl
 from itermerge.evaluation.metric import Metric, clustered_mean, mean_metric
 from itermerge.evaluation.suite import Evaluator, evaluate, metrics_to_dict
@@ -12,12 +13,14 @@ __all__ = [
     "Evaluator",
     "Metric",
     "accuracy_metrics",
+    "build_evaluator",
     "clustered_mean",
     "evaluate",
     "is_bare_number",
     "mean_metric",
     "mean_reward",
     "metrics_to_dict",
+    "run_evaluation",
     "sequence_kl",
     "task_accuracy",
 ]

@@ -14,38 +14,24 @@ from __future__ import annotations
 
 import math
 import os
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-from tqdm.auto import tqdm
+from typing import Any
 
 from itermerge.config.evaluation import EvalConfig
 from itermerge.config.search import HalvingConfig, SearchConfig, SelectionRule
-from itermerge.devices import CPU, Placement, load_placed, release
 from itermerge.errors import ItermergeError
 from itermerge.evaluation.metric import mean_metric
-from itermerge.evaluation.suite import metrics_to_dict
 from itermerge.maths.merge import merge_weights
-from itermerge.merging import MergeBasis
 from itermerge.records import append_record, read_records
-from itermerge.rundir import atomic_write_json
-from itermerge.runner import Shard
+from itermerge.rundir import SearchLayout, atomic_write_json
 from itermerge.search import points
-from itermerge.search.grid import check_split, point_key
+from itermerge.search.context import SearchContext, evaluate_each
+from itermerge.search.grid import check_split, point_key, search_grid
 from itermerge.search.selection import oriented, regressions
 
 THETA_T = (0.0, 0.0)  # the rule's baseline: evaluated on every dev prompt in round 0
-
-
-class RangeEvaluator(Protocol):
-    """What measures a model on the prompts [start, stop) of the dev split (``evaluation.Evaluator``)."""
-
-    prompts: Sequence[Any]
-
-    def subset(self, start: int, stop: int) -> points.EvaluateFn: ...
 
 
 @dataclass(frozen=True)
@@ -86,10 +72,6 @@ def dev_size(eval_config: EvalConfig, split: str) -> int:
     return len(split_prompts(eval_config.prompts, split))
 
 
-def round_path(search_dir: str | os.PathLike, r: int) -> Path:
-    return Path(search_dir) / "rounds" / f"round_{r}.jsonl"
-
-
 # --- the race ---------------------------------------------------------------------------------------------
 
 
@@ -119,15 +101,17 @@ def rank(point: Mapping[str, Any], base: Mapping[str, Any], rule: SelectionRule)
 
 def chunks_of(search_dir: str | os.PathLike, stamp: Mapping[str, str]) -> dict[tuple[float, float], list[dict]]:
     """{(λ, α): [records of prompt ranges [start, stop)]} from every round's file, and the grid's whole-split
-    records in points.jsonl (start 0) measured by the same evaluators on the same split."""
-    search_dir, found = Path(search_dir), {}
-    for path in sorted((search_dir / "rounds").glob("round_*.jsonl")):
+    records in points.jsonl (start 0) measured by the same evaluators on the same split. The finalists' records
+    that ``choose`` pieced together from the rounds are no measurement: a round redone after its file was removed
+    (the stage runner redoes every stage after a changed one) evaluates them again."""
+    files, found = SearchLayout(Path(search_dir)), {}
+    for path in files.round_files():
         for rec in read_records(path):
-            if points._same(rec, stamp):
+            if _same(rec, stamp):
                 found.setdefault(point_key(rec["lam"], rec["alpha"]), []).append(rec)
-    for rec in read_records(search_dir / "points.jsonl"):
+    for rec in read_records(files.points):
         n = {len(m["items"]) for m in rec["metrics"].values() if m.get("items") is not None}
-        if points._same(rec, stamp) and len(n) == 1:
+        if _same(rec, stamp) and len(n) == 1 and rec.get("method") != "halving":
             found.setdefault(point_key(rec["lam"], rec["alpha"]), []).append({**rec, "start": 0, "stop": n.pop()})
     return found
 
@@ -160,62 +144,48 @@ def _measured(chunks: Mapping[tuple[float, float], list[dict]], p: tuple[float, 
     return {"lam": p[0], "alpha": p[1], "metrics": {k: mean_metric(v).to_dict() for k, v in items.items()}}
 
 
+def _same(record: Mapping[str, Any], stamp: Mapping[str, str]) -> bool:
+    return all(record.get(k) == v for k, v in stamp.items())
+
+
 def _contenders(T: int, config: SearchConfig) -> list[tuple[float, float]]:
-    return [point_key(*p) for p in points._grid(T, config) if point_key(*p) != THETA_T]
+    return [point_key(*p) for p in search_grid(T, config) if point_key(*p) != THETA_T]
 
 
 # --- the stages -------------------------------------------------------------------------------------------
 
 
-def evaluate_round(
-    search_dir: str | os.PathLike, reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
-    eval_config: EvalConfig, config: SearchConfig, r: int, n_prompts: int, *,
-    mean_cache: str | os.PathLike | None = None, evaluate_fn: RangeEvaluator | None = None, progress: bool = True,
-    where: Placement = CPU, make_sampler: Callable[..., Any] | None = None, shard: Shard | None = None,
-) -> int:
+def evaluate_round(ctx: SearchContext, r: int, n_prompts: int) -> int:
     """This process's share of round r: each surviving point on the prompts of [0, n_r) it lacks (θT on all
     ``n_prompts`` in round 0), merged in memory as in the grid; one record per point appended to round_{r}.jsonl
     as it finishes. Returns how many points it evaluated."""
-    shard, search_dir = shard or Shard(), Path(search_dir)
+    config, shard = ctx.config, ctx.shard
     check_split(config.split)
-    T, stamp = len(checkpoints), points._stamp(config, eval_config)
+    T, stamp = ctx.T, ctx.stamp()
     rounds = plan(T, config, n_prompts)
-    chunks = chunks_of(search_dir, stamp)
+    chunks = chunks_of(ctx.search_dir, stamp)
     jobs = [(THETA_T, n_prompts)] if r == 0 else []
     jobs += [(p, rounds[r].prompts) for p in survivors(chunks, T, config, rounds, r)]
     jobs = [(p, covered(chunks.get(p, []), stop)[0], stop) for p, stop in jobs]
     mine = shard.take([job for job in jobs if job[1] < job[2]])
-    if not mine:
-        return 0
-    model = load_placed(checkpoints[-1], where)
-    evaluator = evaluate_fn or points.build_evaluator(eval_config, config.split, Path(checkpoints[-1]), reference,
-                                                      where, make_sampler)
-    if len(evaluator.prompts) != n_prompts:
-        raise ItermergeError(f"round {r}: the evaluators have {len(evaluator.prompts)} {config.split} prompts, the "
-                             f"rounds were planned for {n_prompts}; pass the split's size")
-    basis = MergeBasis.from_checkpoints(reference, checkpoints, mean_cache=mean_cache)
-    for (lam, alpha), start, stop in tqdm(mine, desc=f"search round {r} ({rounds[r].prompts} prompts)", unit="model",
-                                          disable=not (progress and shard.is_main)):
-        begun = time.perf_counter()
-        basis.apply_to(model, lam, alpha)
-        points.refuse_non_finite(model, lam, alpha)
-        merge_s = time.perf_counter() - begun
-        metrics, seconds = points.timed_eval(evaluator.subset(start, stop), model)
-        append_record(round_path(search_dir, r), {
-            "lam": lam, "alpha": alpha, "round": r, "start": start, "stop": stop, **stamp,
-            "metrics": metrics_to_dict(metrics), "seconds": {"merge": merge_s, **seconds}, "rank": shard.rank,
-        })
-    release(model, basis)
-    return len(mine)
+
+    def record(job: tuple[tuple[float, float], int, int], metrics: dict[str, Any], seconds: dict[str, float]
+               ) -> dict[str, Any]:
+        (lam, alpha), start, stop = job
+        return {"lam": lam, "alpha": alpha, "round": r, "start": start, "stop": stop, **stamp, "metrics": metrics,
+                "seconds": seconds, "rank": shard.rank}
+
+    return len(evaluate_each(ctx, config.split, mine, lambda bench, job: bench.merge(*job[0]), record,
+                             desc=f"search round {r} ({rounds[r].prompts} prompts)", prompts=lambda job: job[1:],
+                             append_to=lambda job: ctx.files.round(r)))
 
 
-def round_record(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], eval_config: EvalConfig,
-                 config: SearchConfig, r: int, n_prompts: int, parts: Sequence[int]) -> dict[str, Any]:
+def round_record(ctx: SearchContext, r: int, n_prompts: int, parts: Sequence[int]) -> dict[str, Any]:
     """The manifest's record of round r (its points, its prompts, who goes on), once every process finished it."""
-    path, T = round_path(search_dir, r), len(checkpoints)
+    path, T, config = ctx.files.round(r), ctx.T, ctx.config
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch()  # a round that found everything measured still proves its (empty) file
-    rounds, chunks = plan(T, config, n_prompts), chunks_of(search_dir, points._stamp(config, eval_config))
+    rounds, chunks = plan(T, config, n_prompts), chunks_of(ctx.search_dir, ctx.stamp())
     alive = survivors(chunks, T, config, rounds, r)
     record = {"round": r, "prompts": rounds[r].prompts, "points": len(alive), "evaluated": sum(parts)}
     if r + 1 < len(rounds):
@@ -223,16 +193,14 @@ def round_record(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.P
     return record
 
 
-def choose(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], eval_config: EvalConfig,
-           config: SearchConfig, n_prompts: int) -> dict[str, Any]:
+def choose(ctx: SearchContext, n_prompts: int) -> dict[str, Any]:
     """The paper's rule among the finalists and θT, each pieced together over every dev prompt and written to
     points.jsonl as a grid point (``cost``: what it took); choice.json gains ``budget``: the rounds and the cost."""
-    search_dir, T = Path(search_dir), len(checkpoints)
-    stamp, rounds = points._stamp(config, eval_config), plan(T, config, n_prompts)
+    search_dir, T, config = ctx.search_dir, ctx.T, ctx.config
+    stamp, rounds = ctx.stamp(), plan(T, config, n_prompts)
     chunks = chunks_of(search_dir, stamp)
     finalists = survivors(chunks, T, config, rounds, len(rounds) - 1)
-    done = {point_key(p["lam"], p["alpha"]) for p in read_records(search_dir / "points.jsonl")
-            if points._same(p, stamp)}
+    done = {point_key(p["lam"], p["alpha"]) for p in read_records(ctx.files.points) if ctx.same(p)}
     spent = costs(chunks)
     for lam, alpha in [THETA_T, *finalists]:
         if (lam, alpha) in done:
@@ -243,12 +211,12 @@ def choose(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLik
         for c in own:
             for k, v in c["seconds"].items():
                 seconds[k] = seconds.get(k, 0.0) + v
-        append_record(search_dir / "points.jsonl", {
+        append_record(ctx.files.points, {
             "lam": lam, "alpha": alpha, "weights": merge_weights(T, lam, alpha), **stamp,
             "metrics": metrics, "seconds": seconds, "rank": 0, "method": "halving",
             "rounds": sorted({c["round"] for c in own}), "cost": spent.get((lam, alpha)),
         })
-    choice = points.choose(search_dir, checkpoints, eval_config, config, among=[THETA_T, *finalists])
+    choice = points.choose(ctx, among=[THETA_T, *finalists])
     choice["budget"] = {
         "method": "halving", **config.halving.to_dict(), "dev_prompts": n_prompts,
         "rounds": [{"round": q, "prompts": rnd.prompts, "points": len(survivors(chunks, T, config, rounds, q))}
@@ -258,7 +226,7 @@ def choose(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLik
         "seconds": round(sum(c["seconds"] for c in spent.values()), 3),
         "grid_prompt_evaluations": (len(_contenders(T, config)) + 1) * n_prompts,
     }
-    atomic_write_json(search_dir / "choice.json", choice)
+    atomic_write_json(ctx.files.choice, choice)
     return choice
 
 
@@ -271,21 +239,3 @@ def costs(chunks: Mapping[tuple[float, float], list[dict]]) -> dict[tuple[float,
             out[p] = {"prompts": sum(c["stop"] - c["start"] for c in own),
                       "seconds": round(sum(c["seconds"].get("merge", 0.0) + c["seconds"]["eval"] for c in own), 3)}
     return out
-
-
-def run_halving(
-    search_dir: str | os.PathLike, reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
-    eval_config: EvalConfig, config: SearchConfig, *, mean_cache: str | os.PathLike | None = None,
-    evaluate_fn: RangeEvaluator | None = None, progress: bool = True, where: Placement = CPU,
-    make_sampler: Callable[..., Any] | None = None,
-) -> dict[str, Any]:
-    """The whole budgeted search on one process: every round, θ0..θ_{T−1} on the dev split (for the report, as in
-    the grid), the rule among the finalists; returns the choice. ``evaluate_fn`` replaces the evaluators built
-    from ``eval_config`` (whose fingerprint still keys the records)."""
-    n = len(evaluate_fn.prompts) if evaluate_fn is not None else dev_size(eval_config, config.split)
-    kw = dict(mean_cache=mean_cache, progress=progress, where=where, make_sampler=make_sampler)
-    for r in range(len(plan(len(checkpoints), config, n))):
-        evaluate_round(search_dir, reference, checkpoints, eval_config, config, r, n, evaluate_fn=evaluate_fn, **kw)
-    points.evaluate_points(search_dir, reference, checkpoints, eval_config, config, among=(),
-                           evaluate_fn=None if evaluate_fn is None else evaluate_fn.subset(0, n), **kw)
-    return choose(search_dir, checkpoints, eval_config, config, n)

@@ -6,70 +6,40 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from itermerge.config.evaluation import EvalConfig
 from itermerge.config.search import SelectionRule
-from itermerge.devices import CPU, Placement, load_placed, release
 from itermerge.errors import ItermergeError
-from itermerge.evaluation import metrics_to_dict
 from itermerge.maths.merge import merge_weights
-from itermerge.merging import MergeBasis, merge_adapters, merge_checkpoints
+from itermerge.merging import merge_adapters, merge_checkpoints
 from itermerge.merging.lora import chain_adapters
 from itermerge.operators import operator
 from itermerge.records import read_records
-from itermerge.rundir import Manifest, atomic_write_json
-from itermerge.runner import Shard
+from itermerge.rundir import Manifest, RunLayout, SearchLayout, atomic_write_json
+from itermerge.search.context import Bench, SearchContext, evaluate_each
 from itermerge.search.grid import model_name
-from itermerge.search.points import EvaluateFn, build_evaluator, load_weights_into, timed_eval
 from itermerge.search.selection import select_checkpoint
-
-
-def finalize(
-    search_dir: str | os.PathLike,
-    reference: str | os.PathLike,
-    checkpoints: Sequence[str | os.PathLike],
-    eval_config: EvalConfig,
-    merged_dir: str | os.PathLike,
-    *,
-    mean_cache: str | os.PathLike | None = None,
-    test_split: str = "test",
-    evaluate_fn: EvaluateFn | None = None,
-    progress: bool = True,
-    where: Placement = CPU,
-    make_sampler: Callable[..., Any] | None = None,
-) -> dict[str, Any]:
-    """Write the chosen merge with the streaming ``merge_checkpoints`` and evaluate it once on test beside the
-    baselines (``test_models``), on one process: ``write_merge``, ``evaluate_test``, ``write_test``."""
-    write_merge(search_dir, reference, checkpoints, merged_dir, mean_cache=mean_cache, progress=progress)
-    done = evaluate_test(search_dir, reference, checkpoints, eval_config, merged_dir, test_split=test_split,
-                         mean_cache=mean_cache, evaluate_fn=evaluate_fn, progress=progress, where=where,
-                         make_sampler=make_sampler)
-    return write_test(search_dir, checkpoints, eval_config, [done], test_split=test_split, reference=reference,
-                      merged_dir=merged_dir)
 
 
 def chosen(search_dir: str | os.PathLike) -> tuple[float, float]:
     """(λ, α) of search_dir/choice.json."""
-    path = Path(search_dir) / "choice.json"
+    path = SearchLayout(Path(search_dir)).choice
     if not path.exists():
         raise ItermergeError(f"{path}: not found; run the search (itermerge search RUN_DIR) before the test")
     choice = json.loads(path.read_text())
     return choice["lam"], choice["alpha"]
 
 
-def write_merge(search_dir: str | os.PathLike, reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
-                merged_dir: str | os.PathLike, *, mean_cache: str | os.PathLike | None = None,
-                progress: bool = True) -> dict[str, Any]:
-    """The chosen (λ, α) merged to ``merged_dir`` (streamed), unless it already holds this merge of these inputs; for a
-    LoRA run's θ_t (θ0 plus adapters), as one adapter on θ0 that ``merged_dir`` also reads as."""
-    lam, alpha = chosen(search_dir)
-    merged_dir, checkpoints = Path(merged_dir), [Path(c) for c in checkpoints]
+def write_merge(ctx: SearchContext) -> dict[str, Any]:
+    """The chosen (λ, α) merged to ``ctx.merged_dir`` (streamed), unless it already holds this merge of these inputs;
+    for a LoRA run's θ_t (θ0 plus adapters), as one adapter on θ0 that ``merged_dir`` also reads as."""
+    lam, alpha = chosen(ctx.search_dir)
+    merged_dir, checkpoints, reference = ctx.merged_dir, list(ctx.checkpoints), ctx.reference
+    mean_cache, progress = ctx.mean_cache, ctx.progress
     meta = merged_dir / "merge.json"
     if meta.exists():
         old = json.loads(meta.read_text())
@@ -88,7 +58,7 @@ def write_merge(search_dir: str | os.PathLike, reference: str | os.PathLike, che
 def _record(search_dir: Path, eval_config: EvalConfig, test_split: str) -> dict[str, Any]:
     """test.json as recorded for this choice and these evaluators, else a fresh one."""
     lam, alpha = chosen(search_dir)
-    path, fingerprint = search_dir / "test.json", eval_config.fingerprint()
+    path, fingerprint = SearchLayout(search_dir).test, eval_config.fingerprint()
     record = json.loads(path.read_text()) if path.exists() else {}
     if record.get("eval_fingerprint") != fingerprint or record.get("lam") != lam or record.get("alpha") != alpha:
         record = {"split": test_split, "eval_fingerprint": fingerprint, "lam": lam, "alpha": alpha, "models": []}
@@ -121,7 +91,7 @@ def test_models(search_dir: str | os.PathLike, reference: str | os.PathLike, che
     uniform average of θ1..θT (λ = (T−1)/T, α = 0) and the chosen merge (from ``merged_dir``, else built in memory).
     """
     T, (lam, alpha) = len(checkpoints), chosen(search_dir)
-    choice = json.loads((Path(search_dir) / "choice.json").read_text())
+    choice = json.loads(SearchLayout(Path(search_dir)).choice.read_text())
     unit = lambda t: tuple(float(i == t) for i in range(T + 1))  # noqa: E731
     models = [TestModel(0, model_name(0), unit(0), Path(reference)),
               *(TestModel(t, model_name(t), unit(t), Path(checkpoints[t - 1])) for t in range(1, T + 1))]
@@ -150,7 +120,7 @@ def best_checkpoint(search_dir: str | os.PathLike, choice: dict[str, Any]) -> di
     if "best_checkpoint" in choice:
         return choice["best_checkpoint"]
     stamp = {k: choice.get(k) for k in ("split", "eval_fingerprint")}
-    records = {r["t"]: r for r in read_records(Path(search_dir) / "checkpoints.jsonl")
+    records = {r["t"]: r for r in read_records(SearchLayout(Path(search_dir)).checkpoints)
                if all(r.get(k) == v for k, v in stamp.items())}
     if not any(t >= 1 for t in records):
         return None
@@ -161,75 +131,56 @@ def _same_model(a: TestModel, b: TestModel) -> bool:
     return all(abs(x - y) <= 1e-12 for x, y in zip(a.weights, b.weights))
 
 
-def evaluate_test(
-    search_dir: str | os.PathLike, reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
-    eval_config: EvalConfig, merged_dir: str | os.PathLike | None, *, test_split: str = "test",
-    mean_cache: str | os.PathLike | None = None, evaluate_fn: EvaluateFn | None = None, progress: bool = True,
-    where: Placement = CPU, make_sampler: Callable[..., Any] | None = None, shard: Shard | None = None,
-) -> list[dict[str, Any]]:
+def evaluate_test(ctx: SearchContext) -> list[dict[str, Any]]:
     """This process's share of the test table's models (``test_models``) that test.json does not hold yet, each
     evaluated once on the test split. A model equal to an earlier row (ExPO at α = 0 is θT) is not evaluated
     again: ``write_test`` copies that row's numbers. In-memory merges need ``mean_cache`` for T ≥ 3."""
-    shard, search_dir, checkpoints = shard or Shard(), Path(search_dir), [Path(c) for c in checkpoints]
-    record = _record(search_dir, eval_config, test_split)
+    split = ctx.test_split
+    record = _record(ctx.search_dir, ctx.eval_config, split)
     done = {m["t"] for m in record["models"]}
-    models = test_models(search_dir, reference, checkpoints, None if merged_dir is None else Path(merged_dir))
+    models = test_models(ctx.search_dir, ctx.reference, ctx.checkpoints, ctx.merged_dir)
     distinct = [m for i, m in enumerate(models) if not any(_same_model(m, o) for o in models[:i])]
-    todo = shard.take([m for m in distinct if m.key not in done])
-    if not todo:
-        return []
-    measured = _measured_elsewhere(search_dir, eval_config.fingerprint(), test_split)
+    todo = ctx.shard.take([m for m in distinct if m.key not in done])
+    measured = _measured_elsewhere(ctx.search_dir, ctx.eval_config.fingerprint(), split)
     out = [{**measured[str(m.path)], "t": m.key, "name": m.name, "weights": list(m.weights),
             "reused_from": measured[str(m.path)]["reused_from"]} for m in todo if str(m.path) in measured]
-    todo = [m for m in todo if str(m.path) not in measured]
-    if not todo:
-        return out
-    model = load_placed(checkpoints[-1], where)
-    if evaluate_fn is None:
-        evaluate_fn = build_evaluator(eval_config, test_split, checkpoints[-1], reference, where, make_sampler)
-    basis = (MergeBasis.from_checkpoints(reference, checkpoints, mean_cache=mean_cache)
-             if any(m.path is None for m in todo) else None)
-    for m in tqdm(todo, desc=f"{test_split} evaluation", unit="model", disable=not (progress and shard.is_main)):
-        if m.path is None:
-            basis.apply_to(model, m.lam, m.alpha)
-        else:
-            load_weights_into(model, m.path)
-        metrics, seconds = timed_eval(evaluate_fn, model)
-        out.append({"t": m.key, "name": m.name, "path": None if m.path is None else str(m.path),
-                    "weights": list(m.weights), "metrics": metrics_to_dict(metrics), "seconds": seconds})
-    release(model, basis)
-    return out
+
+    def set_weights(bench: Bench, m: TestModel) -> str:
+        return bench.load(m.path) if m.path is not None else bench.merge(m.lam, m.alpha)
+
+    def row(m: TestModel, metrics: dict[str, Any], seconds: dict[str, float]) -> dict[str, Any]:
+        return {"t": m.key, "name": m.name, "path": None if m.path is None else str(m.path),
+                "weights": list(m.weights), "metrics": metrics, "seconds": seconds}
+
+    return out + evaluate_each(ctx, split, [m for m in todo if str(m.path) not in measured], set_weights, row,
+                               desc=f"{split} evaluation")
 
 
 def _measured_elsewhere(search_dir: Path, fingerprint: str, split: str) -> dict[str, dict[str, Any]]:
     """Checkpoints (θ0..θT, by path) already measured by the same evaluators on the same split in another search of
     this run (search_T3/ and search/ share θ0..θ3): their rows, so a checkpoint is tested once per run."""
     found: dict[str, dict[str, Any]] = {}
-    for other in sorted(search_dir.parent.glob("search*/test.json")):
-        if other.parent == search_dir:
+    for other in RunLayout(search_dir.parent).searches():
+        if other.dir == search_dir or not other.test.exists():
             continue
-        record = json.loads(other.read_text())
+        record = json.loads(other.test.read_text())
         if record.get("eval_fingerprint") != fingerprint or record.get("split") != split:
             continue
         for row in record.get("models", []):
             if isinstance(row.get("t"), int) and row.get("path") and row.get("same_as") is None:
-                found.setdefault(row["path"], {**row, "reused_from": other.parent.name})
+                found.setdefault(row["path"], {**row, "reused_from": other.dir.name})
     return found
 
 
-def write_test(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], eval_config: EvalConfig,
-               parts: Sequence[Sequence[dict[str, Any]]], *, test_split: str = "test",
-               reference: str | os.PathLike | None = None, merged_dir: str | os.PathLike | None = None
-               ) -> dict[str, Any]:
+def write_test(ctx: SearchContext, parts: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:
     """test.json: what it held and the processes' new evaluations in the table's order (θ0, θ1..θT, best θt on dev,
     ExPO, uniform, merged; a row equal to an earlier one carries its numbers and ``same_as``), then ``paired``: the
     chosen merge against every other row, prompt by prompt (``maths.paired``), on each metric."""
-    search_dir = Path(search_dir)
-    record = _record(search_dir, eval_config, test_split)
+    search_dir = ctx.search_dir
+    record = _record(search_dir, ctx.eval_config, ctx.test_split)
     got = {m["t"]: m for m in record["models"]} | {m["t"]: m for part in parts for m in part}
     rows = []
-    for m in test_models(search_dir, reference or "θ0", [Path(c) for c in checkpoints],
-                         None if merged_dir is None else Path(merged_dir)):
+    for m in test_models(search_dir, ctx.reference, ctx.checkpoints, ctx.merged_dir):
         twin = next((o for o in rows if _same_model(m, o[0])), None)
         if m.key in got and got[m.key].get("same_as") is None:
             rows.append((m, got[m.key]))
@@ -238,7 +189,7 @@ def write_test(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.Pat
                              "same_as": twin[1]["t"], "seconds": {}}))
     record["models"] = [row for _, row in rows]
     record["paired"] = paired_rows(record["models"])
-    atomic_write_json(search_dir / "test.json", record)
+    atomic_write_json(ctx.files.test, record)
     return record
 
 
@@ -268,11 +219,11 @@ def paired_rows(models: Sequence[dict[str, Any]], against: Any = "merged") -> li
 def run_paths(run_dir: str | os.PathLike, reference: str | os.PathLike | None = None) -> tuple[Path, list[Path]]:
     """θ0 (``reference``, else the manifest's ``reference``) and θ1..θT = iter_XX/model in order."""
     run_dir = Path(run_dir)
-    checkpoints = sorted(p for p in run_dir.glob("iter_*/model") if p.is_dir())
+    checkpoints = RunLayout(run_dir).checkpoints()
     if not checkpoints:
         raise ItermergeError(f"{run_dir}: no iter_XX/model checkpoints; run `itermerge iterate` first")
     if reference is None:
-        reference = Manifest(run_dir).data.get("reference")
+        reference = Manifest(run_dir).data.get("reference")  # run_dir/manifest.json
     if reference is None:
         raise ItermergeError(f"{run_dir}/manifest.json names no reference θ0; pass it (--reference THETA0)")
     return Path(reference), checkpoints

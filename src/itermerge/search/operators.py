@@ -6,34 +6,22 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import tempfile
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-from tqdm.auto import tqdm
-
-from itermerge.config.evaluation import EvalConfig
-from itermerge.config.search import SearchConfig, SelectionRule
-from itermerge.devices import CPU, Placement, load_placed, release
+from itermerge.config.search import SelectionRule
 from itermerge.errors import ItermergeError
-from itermerge.evaluation import metrics_to_dict
-from itermerge.merging import MergeBasis, merge_checkpoints
+from itermerge.merging import merge_checkpoints
 from itermerge.operators import operator, parameters, spec
-from itermerge.records import append_record, read_records
+from itermerge.records import read_records
 from itermerge.rundir import atomic_write_json
-from itermerge.runner import Shard
+from itermerge.search.context import Bench, SearchContext, evaluate_each, refuse_non_finite
 from itermerge.search.finalize import paired_rows
 from itermerge.search.grid import check_split
-from itermerge.search.points import EvaluateFn, build_evaluator, load_weights_into, timed_eval
 from itermerge.search.selection import oriented, regressions, select_point, value
-
-DEV_RECORDS, RESULT = "operators.jsonl", "operators.json"
 
 
 def _symbol(key: str) -> str:
@@ -93,42 +81,33 @@ def candidates(operators: Mapping[str, Mapping[str, Sequence[Any]]], T: int, lam
     return out
 
 
-def evaluate_dev(
-    search_dir: str | os.PathLike, reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
-    eval_config: EvalConfig, config: SearchConfig, *, mean_cache: str | os.PathLike | None = None,
-    evaluate_fn: EvaluateFn | None = None, progress: bool = True, where: Placement = CPU,
-    make_sampler: Callable[..., Any] | None = None, shard: Shard | None = None,
-) -> int:
+def evaluate_dev(ctx: SearchContext) -> int:
     """This process's share of the candidates not yet recorded, each merged and evaluated on the search's split and
     appended to operators.jsonl as it finishes (a rerun evaluates only what is missing); returns how many."""
+    config = ctx.config
     check_split(config.split)
-    shard, search_dir, stamp = shard or Shard(), Path(search_dir), _stamp(eval_config, config.split)
-    done = {r["key"] for r in read_records(search_dir / DEV_RECORDS) if _same(r, stamp)}
-    choice = _choice(search_dir, stamp)
-    todo = [c for c in candidates(config.operators, len(checkpoints), choice["lam"], choice["alpha"])
-            if c.key not in done]
-    rows = _evaluate(shard.take(sorted(todo, key=_kind)), search_dir, reference, checkpoints, eval_config,
-                     config.split, mean_cache, evaluate_fn, progress and shard.is_main, where, make_sampler)
-    for row in rows:
-        append_record(search_dir / DEV_RECORDS, {**row, **stamp, "rank": shard.rank})
-    return len(rows)
+    done = {r["key"] for r in read_records(ctx.files.operator_records) if ctx.same(r)}
+    choice = _choice(ctx)
+    todo = [c for c in candidates(config.operators, ctx.T, choice["lam"], choice["alpha"]) if c.key not in done]
+    stamp = {**ctx.stamp(), "rank": ctx.shard.rank}
+    return len(_evaluate(ctx, ctx.shard.take(sorted(todo, key=_kind)), config.split, stamp,
+                         append_to=ctx.files.operator_records))
 
 
-def choose(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], eval_config: EvalConfig,
-           config: SearchConfig) -> dict[str, dict[str, Any]]:
+def choose(ctx: SearchContext) -> dict[str, dict[str, Any]]:
     """{operator: its dev choice}: the paper's rule (``select_point``) among the operator's candidates, against θT's
     dev record (choice.json's baseline), with why, and every candidate's dev numbers."""
-    search_dir, stamp = Path(search_dir), _stamp(eval_config, config.split)
-    choice = _choice(search_dir, stamp)
+    config = ctx.config
+    choice = _choice(ctx)
     base, rule = choice["baseline"], config.rule
-    records = {r["key"]: r for r in read_records(search_dir / DEV_RECORDS) if _same(r, stamp)}
-    every = candidates(config.operators, len(checkpoints), choice["lam"], choice["alpha"])
+    records = {r["key"]: r for r in read_records(ctx.files.operator_records) if ctx.same(r)}
+    every = candidates(config.operators, ctx.T, choice["lam"], choice["alpha"])
     chosen: dict[str, dict[str, Any]] = {}
     for method in config.operators:
         mine = [c for c in every if c.method == method]
         missing = [c.key for c in mine if c.key not in records]
         if missing:
-            raise ItermergeError(f"{search_dir / DEV_RECORDS}: no {config.split} record of {missing[0]!r}; rerun "
+            raise ItermergeError(f"{ctx.files.operator_records}: no {config.split} record of {missing[0]!r}; rerun "
                                  "the search to evaluate it")
         if not mine:  # SLERP with T = 1
             found = spec(method)
@@ -154,38 +133,27 @@ def choose(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLik
     return chosen
 
 
-def choice_record(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], eval_config: EvalConfig,
-                  config: SearchConfig, parts: Sequence[int]) -> dict[str, Any]:
+def choice_record(ctx: SearchContext, parts: Sequence[int]) -> dict[str, Any]:
     """The dev stage's record: how many candidates it evaluated, and each operator's choice (what the test stage is
     keyed by)."""
-    chosen = choose(search_dir, checkpoints, eval_config, config)
+    chosen = choose(ctx)
     return {"candidates_evaluated": sum(parts), "chosen": {m: c["key"] for m, c in chosen.items()}}
 
 
-def evaluate_test(
-    search_dir: str | os.PathLike, reference: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
-    eval_config: EvalConfig, config: SearchConfig, *, test_split: str = "test",
-    mean_cache: str | os.PathLike | None = None, evaluate_fn: EvaluateFn | None = None, progress: bool = True,
-    where: Placement = CPU, make_sampler: Callable[..., Any] | None = None, shard: Shard | None = None,
-) -> list[dict[str, Any]]:
+def evaluate_test(ctx: SearchContext) -> list[dict[str, Any]]:
     """This process's share of the operators' dev choices that operators.json does not hold yet, each evaluated once
     on the test split; returns their rows."""
-    shard, search_dir = shard or Shard(), Path(search_dir)
-    chosen = choose(search_dir, checkpoints, eval_config, config)
-    done = set(_tested(search_dir, eval_config, test_split))
-    todo = [Candidate(m, c["searched"], c["params"]) for m, c in chosen.items()
+    done = set(_tested(ctx))
+    todo = [Candidate(m, c["searched"], c["params"]) for m, c in choose(ctx).items()
             if c["key"] is not None and c["key"] not in done]
-    return _evaluate(shard.take(sorted(todo, key=_kind)), search_dir, reference, checkpoints, eval_config,
-                     test_split, mean_cache, evaluate_fn, progress and shard.is_main, where, make_sampler)
+    return _evaluate(ctx, ctx.shard.take(sorted(todo, key=_kind)), ctx.test_split)
 
 
-def write_test(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], eval_config: EvalConfig,
-               config: SearchConfig, parts: Sequence[Sequence[dict[str, Any]]], *, test_split: str = "test"
-               ) -> dict[str, Any]:
+def write_test(ctx: SearchContext, parts: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:
     """operators.json: each operator's dev choice, its test row, and its paired differences (``maths.paired``, per
     metric held per prompt) against the chosen paper merge and θT, whose rows come from test.json."""
-    search_dir, T = Path(search_dir), len(checkpoints)
-    test_path = search_dir / "test.json"
+    T, eval_config, test_split = ctx.T, ctx.eval_config, ctx.test_split
+    test_path = ctx.files.test
     if not test_path.exists():
         raise ItermergeError(f"{test_path}: not found; the operators are compared with the tested merge, so run "
                              "the test first (itermerge search RUN_DIR without --no-test)")
@@ -194,10 +162,10 @@ def write_test(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.Pat
         raise ItermergeError(f"{test_path}: measured with other evaluators or on another split; rerun the test")
     rows = {r["t"]: r for r in test["models"]}
     merged, theta_T = rows["merged"], rows[T]
-    tested = _tested(search_dir, eval_config, test_split) | {r["key"]: r for part in parts for r in part}
+    tested = _tested(ctx) | {r["key"]: r for part in parts for r in part}
     out = []
     untested = {"weights": None, "metrics": None, "seconds": None}  # an operator without a choice
-    for method, dev in choose(search_dir, checkpoints, eval_config, config).items():
+    for method, dev in choose(ctx).items():
         row = {"t": method, "name": dev["name"], **tested.get(dev["key"], untested)}
         out.append({
             "operator": method, "title": spec(method).title, **{k: dev[k] for k in ("name", "label", "none", "key",
@@ -209,7 +177,7 @@ def write_test(search_dir: str | os.PathLike, checkpoints: Sequence[str | os.Pat
     record = {"split": test_split, "eval_fingerprint": eval_config.fingerprint(), "lam": test["lam"],
               "alpha": test["alpha"], "operators": out,
               "baselines": [{k: r[k] for k in ("t", "name", "metrics")} for r in (theta_T, merged)]}
-    atomic_write_json(search_dir / RESULT, record)
+    atomic_write_json(ctx.files.operators, record)
     return record
 
 
@@ -222,55 +190,35 @@ def _kind(c: Candidate) -> int:
     return {"basis": 0, "each": 1, "disk": 2}[spec(c.method).search]
 
 
-def _evaluate(todo: Sequence[Candidate], search_dir: Path, reference: str | os.PathLike,
-              checkpoints: Sequence[str | os.PathLike], eval_config: EvalConfig, split: str,
-              mean_cache: str | os.PathLike | None, evaluate_fn: EvaluateFn | None, progress: bool,
-              where: Placement, make_sampler: Callable[..., Any] | None) -> list[dict[str, Any]]:
+def _evaluate(ctx: SearchContext, todo: Sequence[Candidate], split: str, stamp: Mapping[str, Any] | None = None,
+              append_to: Path | None = None) -> list[dict[str, Any]]:
     """Each candidate merged into one loaded model (in memory, or written to a temporary directory and loaded),
-    then evaluated; its row holds eq. (9)'s weights where it has them, its metrics and its seconds."""
-    if not todo:
-        return []
-    checkpoints = [Path(c) for c in checkpoints]
-    model = load_placed(checkpoints[-1], where)
-    if evaluate_fn is None:
-        evaluate_fn = build_evaluator(eval_config, split, checkpoints[-1], reference, where, make_sampler)
-    basis, each, rows = None, None, []
-    for c in tqdm(todo, desc=f"merge operators ({split})", unit="model", disable=not progress):
-        start, seconds = time.perf_counter(), {}
+    then evaluated; its row holds eq. (9)'s weights where it has them, its metrics and its seconds (and ``stamp``,
+    when given, appended to ``append_to`` as it finishes)."""
+    each_theta = ctx.T >= 3  # EMA's k_t, Model Stock's angles: with θ̄ in between they need every θ_t
+
+    def set_weights(bench: Bench, c: Candidate) -> str:
         how = spec(c.method).search
         if how == "disk":
-            basis, each = None, None  # the disk merges come last: no basis is needed any more
-            with tempfile.TemporaryDirectory(prefix=".operator-", dir=search_dir) as tmp:
-                out = merge_checkpoints(reference, checkpoints, Path(tmp) / "merged", operator(c.method, **c.params),
-                                        progress=False)
-                load_weights_into(model, out)
+            bench.drop_basis()  # the disk merges come last: no basis is needed any more
+            with tempfile.TemporaryDirectory(prefix=".operator-", dir=ctx.search_dir) as tmp:
+                out = merge_checkpoints(ctx.reference, list(ctx.checkpoints), Path(tmp) / "merged",
+                                        operator(c.method, **c.params), progress=False)
+                bench.load(out)
         else:
-            if each != (how == "each" and len(checkpoints) >= 3):  # EMA (its k_t), Model Stock (its angles)
-                basis, each = None, how == "each" and len(checkpoints) >= 3
-                release()
-                basis = MergeBasis.from_checkpoints(reference, checkpoints, mean_cache=mean_cache, each=each)
-                seconds["basis"] = time.perf_counter() - start
-                start = time.perf_counter()
-            basis.apply_operator(model, c.method, **c.params)
-        _refuse_non_finite(model, c)
-        seconds["merge"] = time.perf_counter() - start
-        metrics, timings = timed_eval(evaluate_fn, model)
-        op = operator(c.method, **c.params).resolve(len(checkpoints), [])
-        rows.append({"key": c.key, "operator": c.method, "name": c.name, "params": c.params,
-                     "weights": None if op.weights is None else list(op.weights),
-                     "metrics": metrics_to_dict(metrics), "seconds": {**seconds, **timings}})
-    release(model, basis)
-    return rows
+            bench.basis(each=how == "each" and each_theta).apply_operator(bench.model, c.method, **c.params)
+        refuse_non_finite(bench.model, f"search.operators.{c.method} {c.label}",
+                          "take this value out of the grid or evaluate in float32 (model.dtype: float32)")
+        return "merge"
 
+    def row(c: Candidate, metrics: dict[str, Any], seconds: dict[str, float]) -> dict[str, Any]:
+        op = operator(c.method, **c.params).resolve(ctx.T, [])
+        return {"key": c.key, "operator": c.method, "name": c.name, "params": c.params,
+                "weights": None if op.weights is None else list(op.weights), "metrics": metrics, "seconds": seconds,
+                **(stamp or {})}
 
-@torch.no_grad()
-def _refuse_non_finite(model: nn.Module, c: Candidate) -> None:
-    """A candidate whose weights overflowed (a large α or t, in 16 bits) is refused by name, never evaluated."""
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            raise ItermergeError(f"search.operators.{c.method} {c.label}: tensor {name!r} of the merge holds NaN or "
-                                 f"Inf (it overflows {p.dtype}); take this value out of the grid or evaluate in "
-                                 "float32 (model.dtype: float32)")
+    return evaluate_each(ctx, split, todo, set_weights, row, desc=f"merge operators ({split})",
+                         append_to=None if append_to is None else lambda c: append_to)
 
 
 # --- records -------------------------------------------------------------------------------------------
@@ -303,31 +251,23 @@ def _reason(best: Candidate | None, mine: Sequence[Candidate], points: Sequence[
     return text
 
 
-def _choice(search_dir: Path, stamp: dict[str, str]) -> dict[str, Any]:
+def _choice(ctx: SearchContext) -> dict[str, Any]:
     """choice.json, made by the same evaluators on the same split: its (λ, α), rule and θT's record (baseline)."""
-    path = search_dir / "choice.json"
+    path = ctx.files.choice
     if not path.exists():
         raise ItermergeError(f"{path}: not found; the operators are chosen beside the search: run it first")
     choice = json.loads(path.read_text())
-    if not _same(choice, stamp):
+    if not ctx.same(choice):
         raise ItermergeError(f"{path}: made with other evaluators or on another split than search.operators'; "
                              "rerun the search first")
     return choice
 
 
-def _tested(search_dir: Path, eval_config: EvalConfig, split: str) -> dict[str, dict[str, Any]]:
-    """{candidate key: its test row} of operators.json, when it was measured by these evaluators on this split."""
-    path = search_dir / RESULT
+def _tested(ctx: SearchContext) -> dict[str, dict[str, Any]]:
+    """{candidate key: its test row} of operators.json, when it was measured by these evaluators on the test split."""
+    path = ctx.files.operators
     record = json.loads(path.read_text()) if path.exists() else {}
-    if not _same(record, _stamp(eval_config, split)):
+    if not ctx.same(record, ctx.test_split):
         return {}
     return {o["key"]: {k: o[k] for k in ("weights", "metrics", "seconds")} for o in record.get("operators", [])
             if o["key"] is not None}
-
-
-def _stamp(eval_config: EvalConfig, split: str) -> dict[str, str]:
-    return {"split": split, "eval_fingerprint": eval_config.fingerprint()}
-
-
-def _same(record: Mapping[str, Any], stamp: Mapping[str, str]) -> bool:
-    return all(record.get(k) == v for k, v in stamp.items())

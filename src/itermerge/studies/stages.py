@@ -17,6 +17,7 @@ from itermerge.config import RunConfig
 from itermerge.devices import load_placed, placement, release
 from itermerge.labeling import make_scorer
 from itermerge.records import PreferencePair, Prompt, read_jsonl, write_jsonl
+from itermerge.rundir import RunLayout
 from itermerge.runner import Shard, unshard
 from itermerge.sampling import SamplingParams
 from itermerge.sampling.backends import evaluation_sampler, scorer_spec
@@ -67,7 +68,7 @@ def alpha_work(cfg: RunConfig, run_dir: Path, thetas: list[Path], shard: Shard) 
     with evaluation_sampler(cfg, where, thetas[-1]) as make_sampler:  # entered by every process (vLLM's build)
         if not alphas:
             return []
-        basis = MergeBasis.from_checkpoints(theta0, thetas[1:], mean_cache=run_dir / "cache" / "mean_intermediate")
+        basis = MergeBasis.from_checkpoints(theta0, thetas[1:], mean_cache=RunLayout(run_dir).mean_cache())
         model, reference, theta_T = (load_placed(p, where) for p in (theta0, theta0, thetas[-1]))
         per_alpha = alpha_points(basis, model, load_tokenizer(theta0), dev_prompts(cfg, cfg.studies.prompts),
                                  _scorer(cfg), alphas, reference, theta_T, cfg.dpo.beta, study_params(cfg),
@@ -81,7 +82,7 @@ def alpha_finish(cfg: RunConfig, run_dir: Path, parts: list[list[dict[str, list[
 
     alphas = list(cfg.studies.alphas)
     result = alpha_result(alphas, unshard(parts, len(alphas)), cfg.dpo.beta, len(dev_prompts(cfg, cfg.studies.prompts)),
-                          cfg.studies.n, run_dir / "studies" / "alpha")
+                          cfg.studies.n, RunLayout(run_dir).study("alpha"))
     return {"correlations": _correlations(result)}
 
 
@@ -105,12 +106,12 @@ def accuracy_sets_work(cfg: RunConfig, thetas: list[Path], shard: Shard) -> dict
 def accuracy_sets_finish(run_dir: Path, parts: list[dict[str, list[PreferencePair]]]) -> dict[str, Any]:
     sets = {name: pairs for part in parts for name, pairs in part.items()}
     for name, pairs in sets.items():
-        write_jsonl(run_dir / "studies" / "accuracy" / "sets" / f"{name}.jsonl", pairs)
+        write_jsonl(RunLayout(run_dir).study("accuracy") / "sets" / f"{name}.jsonl", pairs)
     return {"pairs": {name: len(pairs) for name, pairs in sorted(sets.items())}}
 
 
 def _sets(run_dir: Path, thetas: list[Path]) -> dict[str, list[PreferencePair]]:
-    folder = run_dir / "studies" / "accuracy" / "sets"
+    folder = RunLayout(run_dir).study("accuracy") / "sets"
     return {f"theta{t}": read_jsonl(folder / f"theta{t}.jsonl", PreferencePair) for t in range(1, len(thetas))}
 
 
@@ -132,7 +133,7 @@ def accuracy_finish(cfg: RunConfig, run_dir: Path, thetas: list[Path], parts: li
 
     logps = {column: value for part in parts for column, value in part.items()}
     columns = [f"theta{t}" for t in range(1, len(thetas))] + ["merged"]
-    result = accuracy_result(_sets(run_dir, thetas), logps, columns, cfg.dpo.beta, run_dir / "studies" / "accuracy")
+    result = accuracy_result(_sets(run_dir, thetas), logps, columns, cfg.dpo.beta, RunLayout(run_dir).study("accuracy"))
     return {"rows": len(result["rows"]), "columns": len(columns), "merged_column": [r[-1] for r in result["accuracy"]]}
 
 
@@ -174,7 +175,7 @@ def ensemble_finish(cfg: RunConfig, run_dir: Path, thetas: list[Path], lam: floa
 
     setup, why = _ensemble_setup(cfg, thetas, lam, alpha), measured_point(cfg, lam, alpha)[2]
     result = approximation_write(thetas[0], thetas[1:], len(dev_prompts(cfg, max(2, cfg.studies.prompts // 4))),
-                                 run_dir / "studies" / "ensemble", [p for p in parts if p is not None], note=why,
+                                 RunLayout(run_dir).study("ensemble"), [p for p in parts if p is not None], note=why,
                                  **setup)
     kl = {name: c["kl_ensemble_to_model_per_token"] for name, c in result["error"]["candidates"].items()}
     return {"lam": result["lam"], "alpha": result["alpha"], "measured": why, "kl_ensemble_to_model_per_token": kl,
@@ -203,7 +204,7 @@ def lambda_finish(cfg: RunConfig, run_dir: Path, thetas: list[Path], theta_b: Pa
     from itermerge.studies.lambdas import LAMBDAS, lambda_result
 
     result = lambda_result(thetas[0], thetas[1], theta_b, LAMBDAS, unshard(parts, len(LAMBDAS)),
-                           run_dir / "studies" / "lambda", beta=cfg.dpo.beta, names=("criterion", "second"),
+                           RunLayout(run_dir).study("lambda"), beta=cfg.dpo.beta, names=("criterion", "second"),
                            prompts=len(dev_prompts(cfg, cfg.studies.prompts)), samples_per_prompt=cfg.studies.n)
     return {"correlations": _correlations(result), "reward_correlation": result["reward_correlation"]["pearson_r"]}
 
