@@ -115,7 +115,7 @@ LAYERS = [
     {"callables", "maths", "rundir"},
     {"checkpoint", "config", "logprobs", "records"},
     {"devices", "integrity", "merging", "plan", "tasks", "tokenization"},
-    {"labeling", "prompts", "runner", "sampling", "training"},
+    {"integrations", "labeling", "prompts", "runner", "sampling", "training"},
     {"evaluation", "iteration", "studies"},
     {"preflight", "search"},
     {"tables"},

@@ -247,3 +247,22 @@ def test_soft_and_hard_are_refused_where_the_weights_are_sharded():
 def test_bad_reference_settings_are_named(kwargs, match):
     with pytest.raises(ItermergeError, match=match):
         DPOConfig(**kwargs)
+
+
+def test_the_shipped_reference_study_compares_the_four_policies_on_one_run():
+    """configs/study_reference.yaml: one regime per dpo.reference, the runs otherwise identical (same prompts,
+    seeds and search), so the regimes' test tables compare the references and the merge on each."""
+    from dataclasses import replace
+    from importlib.resources import files
+
+    from itermerge.replicates import load_study
+
+    study = load_study(files("itermerge") / "configs" / "study_reference.yaml")
+    configs = study.configs()
+    assert {r: next(iter(c.values())).dpo.reference for r, c in configs.items()} == {
+        "fixed": "fixed", "previous": "previous", "soft": "soft", "hard": "hard"}
+    assert len(study.seeds) >= 5
+    neutral = DPOConfig().reference_alpha, DPOConfig().reference_sync_steps
+    plain = [replace(c[0], dpo=replace(c[0].dpo, reference="fixed", reference_alpha=neutral[0],
+                                       reference_sync_steps=neutral[1])) for c in configs.values()]
+    assert all(p == plain[0] for p in plain)  # nothing but the reference differs
