@@ -11,6 +11,7 @@ import pytest
 import torch
 from _dist_worker import make_pairs
 from conftest import adam_rounding_atol, save_tiny, tiny_model
+from test_dpo import one_thread  # noqa: F401  (autouse: tiny matrices run on one thread)
 
 from itermerge.config import DPOConfig
 from itermerge.errors import ItermergeError
@@ -28,14 +29,6 @@ F32 = 4 * torch.finfo(torch.float32).eps
 # One optimizer step per epoch (global batch = all 4 pairs), constant lr: step s of a run is step s of a shorter one.
 FULL_BATCH = dict(global_batch_size=4, micro_batch_size=2, learning_rate=1e-2, warmup_ratio=0.0,
                   lr_scheduler="constant", weight_decay=0.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_soft_update_hand_computed():

@@ -198,7 +198,7 @@ def _setup_data(pairs: Sequence[PreferencePair], cfg: DPOConfig) -> list[PairTok
         if math.isnan(t.ref_chosen) or math.isnan(t.ref_rejected):
             raise ItermergeError(
                 f"pair {i} (prompt_id {pairs[i].prompt_id!r}) has no reference log-probs (ref_chosen_logp / "
-                "ref_rejected_logp); compute them once under θ0 with "
+                "ref_rejected_logp); compute them once under the reference (θ0 for dpo.reference = fixed) with "
                 "itermerge.training.reference.add_reference_logprobs"
             )
     return tokens
