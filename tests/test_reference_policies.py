@@ -259,3 +259,36 @@ def test_the_shipped_reference_study_compares_the_four_policies_on_one_run():
     plain = [replace(c[0], dpo=replace(c[0].dpo, reference="fixed", reference_alpha=neutral[0],
                                        reference_sync_steps=neutral[1])) for c in configs.values()]
     assert all(p == plain[0] for p in plain)  # nothing but the reference differs
+
+
+def test_iterate_with_a_soft_reference_stores_theta_t_minus_1_and_records_every_step(tmp_path):
+    """`itermerge iterate`, T = 2, dpo.reference = soft: iteration 2's stored log-probs are θ1's (its start), the
+    stage says so, and θ2's training metrics name the reference of every step (θ1, then the moving mix)."""
+    import yaml
+    from test_lora import tiny_lora_config
+
+    from itermerge.checkpoint import load_model, load_tokenizer
+    from itermerge.cli import main
+    from itermerge.iteration import pairs_with_reference
+    from itermerge.logprobs import score_sequences
+
+    theta0 = save_tiny(tmp_path / "theta0", tiny_model(0))
+    cfg = tiny_lora_config(theta0)
+    cfg["dpo"] = {**{k: v for k, v in cfg["dpo"].items() if k != "peft"}, "reference": "soft"}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "run"
+    assert main(["iterate", str(tmp_path / "cfg.yaml"), "--run-dir", str(run_dir)]) == 0
+    theta1 = run_dir / "iter_01" / "model"
+    pairs, tok = pairs_with_reference(run_dir / "iter_02"), load_tokenizer(theta0)
+    xs, ys = [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs]
+    under = {name: score_sequences(load_model(path), xs, ys, tok.pad_token_id, eos_ids=(tok.eos_token_id,))
+             for name, path in (("theta0", theta0), ("theta1", theta1))}
+    stored = [p.ref_chosen_logp for p in pairs]
+    assert stored == pytest.approx(under["theta1"], abs=1e-4)
+    assert stored != pytest.approx(under["theta0"], abs=1e-4)
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert stages["iter_02/reference_logprobs"]["reference"] == str(theta1)
+    metrics = json.loads((run_dir / "iter_02" / "model" / "training_metrics.json").read_text())
+    steps = [h["reference"] for h in metrics["history"]]
+    assert steps[0] == "theta_{t-1}" and steps[1].startswith("soft(alpha=0.5) after 1 updates")
+    assert metrics["reference"]["policy"] == "soft" and metrics["speed_settings"]["lean_activations"] is True
