@@ -1,5 +1,6 @@
 """From TRL: examples/trl/dpo_then_merge.py on the tiny model — a real DPOTrainer whose epochs IterMergeCallback
-keeps as itermerge checkpoints, merged by the callback (the paper's rule) and by `itermerge merge` (EMA)."""
+keeps as itermerge checkpoints, merged by the callback (the paper's rule) and by `itermerge merge` (EMA), then
+searched by `itermerge search`."""
 
 from __future__ import annotations
 
@@ -48,6 +49,20 @@ def test_the_trl_example_saves_each_epoch_and_merges_them(tmp_path):
     assert log["epoch"] == pytest.approx(1.0) and any("loss" in row for row in log["log_history"])
     ema = json.loads((out / "merged_ema" / "merge.json").read_text())
     assert ema["operator"] == {"method": "ema", "gamma": 0.5} and ema["weights"] == pytest.approx([1 / 3, 2 / 3])
+
+    # `itermerge search` picks (λ, α) on dev among the TRL run's checkpoints as among Algorithm 1's
+    import yaml
+    from test_lora import tiny_lora_config
+
+    from itermerge.cli import main
+
+    cfg = tiny_lora_config(out / "theta0")
+    cfg["dpo"].pop("peft")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({**cfg, "iterations": 2}))
+    assert main(["search", str(out), "--config", str(tmp_path / "cfg.yaml"), "--reference", str(out / "theta0"),
+                 "--no-test"]) == 0
+    choice = json.loads((out / "search" / "choice.json").read_text())
+    assert {choice["lam"], choice["alpha"]} <= {0.0, 0.5} and len(choice["weights"]) == 2  # k_1, k_2 of θ1, θ2
 
 
 def test_a_bad_merge_is_refused_before_training(tmp_path):
