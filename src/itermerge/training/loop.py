@@ -173,7 +173,7 @@ def train_dpo(
     accumulation = _setup_accelerator(accelerator, cfg)
     batches = _global_batches(len(pairs), cfg)
     was_training = model.training
-    lean = contextlib.ExitStack()
+    lean, recipe = contextlib.ExitStack(), None
     try:
         recipe = _setup_recipe(model, cfg, accelerator, accumulation, compute_dtype, master_weights_from)
         if recipe.speed["lean_activations"]:
@@ -183,7 +183,7 @@ def train_dpo(
             state_dict.update(gather_full_weights(accelerator, recipe.scorer, model))  # a collective: every process
     finally:
         lean.close()
-        _release(model, cfg, accelerator, was_training)
+        _release(model, cfg, accelerator, was_training, flat_grads=recipe is not None and recipe.flat_grads is not None)
     wall = time.perf_counter() - start
     metrics = run_metrics(history, sum(tokens[i].num_tokens for batch in batches for i in batch), wall)
     return {**metrics, "reference": recipe.reference.summary(), "speed_settings": recipe.speed}
@@ -317,12 +317,12 @@ def _train_step(
     return {**metrics, "reference": reference}
 
 
-def _release(model: nn.Module, cfg: DPOConfig, accelerator: Accelerator, was_training: bool) -> None:
+def _release(model: nn.Module, cfg: DPOConfig, accelerator: Accelerator, was_training: bool, flat_grads: bool) -> None:
     """Undo the setup: checkpointing off, the caller's mode back, the flat gradient views and prepared objects freed."""
     if cfg.gradient_checkpointing:
         _set_checkpointing(model, False)
     model.train(was_training)
-    if cfg.flat_buffers:
+    if flat_grads:
         for p in model.parameters():
             p.grad = None  # views: they would keep the whole flat buffer alive
     accelerator.free_memory()
