@@ -116,7 +116,7 @@ LAYERS = [
     {"operators"},
     {"checkpoint", "config", "logprobs", "records"},
     {"devices", "integrity", "merging", "plan", "tasks", "tokenization"},
-    {"labeling", "prompts", "runner", "sampling", "training"},
+    {"integrations", "labeling", "prompts", "runner", "sampling", "training"},
     {"evaluation", "iteration", "studies"},
     {"preflight", "search"},
     {"tables"},

@@ -254,7 +254,7 @@ def _builtin_or_path(name: str) -> Path:
     if shipped.exists():
         return shipped
     raise ItermergeError(f"{name}: no such file, and no built-in config of that name (built-in: demo, demo_quick, "
-                         "study)")
+                         "study, study_reference)")
 
 
 def cmd_replicate(args: argparse.Namespace) -> None:

@@ -132,39 +132,51 @@ def make_pairs(prompts_path: Path, samples_path: Path, tokenizer, cfg: RunConfig
             "mean_rejected_score": sum(p.rejected_score for p in pairs) / len(pairs)}
 
 
+def reference_path(cfg: RunConfig, theta0: Path, sampler_path: Path) -> Path:
+    """Whose log-probs of D_t the reference stage stores: θ0's for dpo.reference = fixed (Alg. 1), else the
+    iteration's start θ_{t−1}'s (previous uses them throughout; soft and hard until their first update)."""
+    return theta0 if cfg.dpo.reference == "fixed" else sampler_path
+
+
 def reference_shard(cfg: RunConfig, theta0: Path, sampler_path: Path, out: Path, t: int,
                     shard: Shard) -> dict[str, Any]:
-    """log π_θ0 of this process's share of the pairs' chosen and rejected completions, once (the reference is θ0,
-    never θ_{t−1}); and its share of the KL(π_θ{t−1} ‖ π_θ0) estimate from each prompt's first sample (an
-    unbiased draw of π_θ{t−1})."""
+    """log π_ref of this process's share of the pairs' chosen and rejected completions, once (π_ref as
+    `reference_path` says: θ0 under the paper's fixed reference); and its share of the KL(π_θ{t−1} ‖ π_θ0) estimate
+    from each prompt's first sample (an unbiased draw of π_θ{t−1})."""
     pairs = shard.take(read_jsonl(out / "pairs.jsonl", PreferencePair))
     where = placement(cfg.model)
     start = time.perf_counter()
-    reference = load_placed(theta0, where, cfg.model.trust_remote_code)
+    source = reference_path(cfg, theta0, sampler_path)
+    reference = load_placed(source, where, cfg.model.trust_remote_code)
     pairs = add_reference_logprobs(reference, pairs, dpo_config(cfg, t), batch_size=cfg.sampling.batch_size // 4 or 1,
                                    progress=shard.is_main)
     seconds = time.perf_counter() - start
+    if source != theta0:
+        release(reference)
+        reference = None
     prompt_ids = {p.prompt_id: p.prompt_ids for p in pairs}
     first = [c for c in read_jsonl(out / "samples.jsonl", Completion) if c.index == 0 and c.prompt_id in prompt_ids]
     kl_terms: list[float] = []
     if t > 1 and first:
         xs, ys = [prompt_ids[c.prompt_id] for c in first], [c.token_ids for c in first]
         pad = pad_id(load_tokenizer(theta0))
+        reference = reference or load_placed(theta0, where, cfg.model.trust_remote_code)
         ref_lp = score_sequences(reference, xs, ys, pad, batch_size=16)
         release(reference)
         del reference
         policy = load_placed(sampler_path, where, cfg.model.trust_remote_code)
         kl_terms = [a - b for a, b in zip(score_sequences(policy, xs, ys, pad, batch_size=16), ref_lp)]
     return {"refs": [ReferenceLogprobs(p.prompt_id, p.ref_chosen_logp, p.ref_rejected_logp) for p in pairs],
-            "kl_terms": kl_terms, "seconds": seconds}
+            "kl_terms": kl_terms, "seconds": seconds, "source": str(source)}
 
 
 def write_reference(out: Path, theta0: Path, parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """θ0's log-probs in pair order: writes reference_logprobs.jsonl."""
+    """The reference's log-probs in pair order: writes reference_logprobs.jsonl."""
     refs = unshard([part["refs"] for part in parts], sum(len(part["refs"]) for part in parts))
     write_jsonl(out / "reference_logprobs.jsonl", refs)
     terms = [x for part in parts for x in part["kl_terms"]]
-    return {"reference": str(theta0), "reference_seconds": round(max(part["seconds"] for part in parts), 2),
+    return {"reference": parts[0].get("source", str(theta0)),
+            "reference_seconds": round(max(part["seconds"] for part in parts), 2),
             "kl_sampler_to_reference": sum(terms) / len(terms) if terms else 0.0, "kl_samples": len(terms)}
 
 

@@ -10,6 +10,7 @@ Nothing here loads a model's weights.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,11 @@ def preflight(cfg: RunConfig) -> None:
         from itermerge.checkpoint import resolve_model
 
         check("dpo.peft.target_modules", lambda: _check_targets(resolve_model(cfg.model.path), cfg.dpo.peft))
+    sharding = [v for v in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP") if os.environ.get(v) == "true"]
+    if cfg.dpo.reference in ("soft", "hard") and sharding:
+        problems.append(f"dpo.reference = {cfg.dpo.reference} under {sharding[0]}: the reference update needs the "
+                        "whole trained weights on every process (ZeRO-3 and FSDP shard them, TRL issue 1971); launch "
+                        "with DDP or on one process, or use dpo.reference: fixed or previous")
     produced = ev.metrics()
     rule = cfg.search.rule
     for metric in rule.metrics:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from itermerge.errors import ItermergeError
 
 _SCHEDULES = ("cosine", "linear", "constant")
+REFERENCES = ("fixed", "previous", "soft", "hard")
 _LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -73,6 +74,19 @@ class DPOConfig:
         default=False, metadata={"help": "Recompute activations in backward: less memory, ~30% more compute."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the pair shuffle (the same on every process)."})
+    reference: str = field(
+        default="fixed",
+        metadata={"help": "π_ref of eq. (4): fixed = θ0 (the paper's Alg. 1); previous = θ_{t−1}, the iteration's "
+                          "start (RLHFlow's iterative DPO); soft = TR-DPO's θ_ref ← α θ + (1 − α) θ_ref after every "
+                          "optimizer step, from θ_{t−1}; hard = TR-DPO's θ_ref ← θ every reference_sync_steps "
+                          "steps, from θ_{t−1}."},
+    )
+    reference_alpha: float = field(
+        default=0.5, metadata={"help": "α of dpo.reference = soft, in (0, 1] (TR-DPO's best: 0.5-0.6)."}
+    )
+    reference_sync_steps: int = field(
+        default=64, metadata={"help": "τ of dpo.reference = hard: optimizer steps between copies of θ into θ_ref."}
+    )
     # Speed and memory settings: each is on by default and gives the plain path's result up to float rounding;
     # turn one off (or all, with `--plain`) to compare against the plain path. Measured in docs/benchmarks.md.
     lean_activations: bool = field(
@@ -121,6 +135,13 @@ class DPOConfig:
             raise bad("lr_scheduler", f"must be one of {_SCHEDULES}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise bad("adam_betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        if self.reference not in REFERENCES:
+            raise bad("reference", f"must be one of {REFERENCES} (fixed is the paper's θ0)")
+        if not 0 < self.reference_alpha <= 1:
+            raise bad("reference_alpha", "must be in (0, 1], e.g. 0.5 (1 copies θ into θ_ref every step)")
+        if (isinstance(self.reference_sync_steps, bool) or not isinstance(self.reference_sync_steps, int)
+                or self.reference_sync_steps < 1):
+            raise bad("reference_sync_steps", "must be a positive integer, e.g. 64")
         if self.max_prompt_length >= self.max_length:
             raise bad(
                 "max_prompt_length", f"must be < dpo.max_length = {self.max_length} to leave room for completions"

@@ -82,7 +82,8 @@ def add_reference_logprobs(
     ``batch_size`` counts pairs (2 sequences each, the prompt run once).
 
     The tokens scored are exactly those `train_dpo` scores (same truncation, same EOS masking), so the
-    log-ratios of eq. (4) compare like with like. Pass θ0 itself, never θ_{t-1}.
+    log-ratios of eq. (4) compare like with like. Pass θ0 itself under the paper's ``dpo.reference = fixed``;
+    θ_{t-1} (the iteration's start) only for the other reference policies (iteration.reference_path).
     """
     tokens = [pair_tokens(pair, i, cfg) for i, pair in enumerate(pairs)]
     scores = score_grouped(
