@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
+from itermerge.tasks.arithmetic import SPLITS, hash_split
 
-SPLITS = ("train", "dev", "test")
-SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, dev, test share of the base instructions
+__all__ = ["AUDIENCES", "FORMS", "SPLITS", "TOPICS", "base_instructions", "split_of"]
 
 FORMS = (
     "Write a short story about {topic} for {audience}.",
@@ -37,19 +36,9 @@ AUDIENCES = (
 )
 
 
-def _hash_unit(key: str) -> float:
-    """A stable number in [0, 1) per key (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
-
-
 def split_of(text: str) -> str:
-    """The split a base instruction belongs to, fixed by a hash of its text: disjoint whatever the seed."""
-    u, edge = _hash_unit("base:" + text), 0.0
-    for split, fraction in zip(SPLITS, SPLIT_FRACTIONS):
-        edge += fraction
-        if u < edge:
-            return split
-    return SPLITS[-1]
+    """The split a base instruction belongs to, by a hash of its text (the arithmetic task's 80/10/10 rule)."""
+    return hash_split("base:" + text)
 
 
 def base_instructions(split: str) -> list[str]:
