@@ -265,3 +265,19 @@ def test_example_config_resolves_to_our_scorer_and_three_axes():
     assert [a.name for a in ev.axes] == ["ifeval", "ifbench", "arithmetic"]
     assert all(a.splits == ("test",) for a in ev.axes)
     assert cfg.iterations == 3 and cfg.sampling.n == 4
+
+
+def test_preflight_checks_the_axes_before_anything_runs():
+    import dataclasses
+
+    from itermerge.preflight import preflight
+
+    cfg = load_config(EXAMPLE / "config.yaml")
+    preflight(cfg)  # the example as written passes
+    broken = (*cfg.evaluation.axes[:2], AxisConfig("arithmetic", "itermerge.tasks.instruction_following:nothing",
+                                                   prompts="itermerge.tasks.instruction_following.ifbench:ifbench_prompts",
+                                                   splits=("dev", "test")))
+    bad = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, axes=broken))
+    with pytest.raises(ItermergeError) as e:
+        preflight(bad)
+    assert "evaluation.axes 'arithmetic'" in str(e.value) and "no attribute 'nothing'" in str(e.value)
