@@ -131,6 +131,7 @@ def test_in_domain_verdicts_equal_ifbench_evaluation_lib_run_on_ifevals_checkers
     monkeypatch.setattr(lib, "instructions_registry", types.SimpleNamespace(INSTRUCTION_DICT=checkers))
     prompts = read_prompts_jsonl(EXAMPLE / "test.jsonl")[:16]
     replies = [COMPLETIONS[i % len(COMPLETIONS)] for i in range(len(prompts))]
+    official = []
     for p, reply in zip(prompts, replies):
         text = p.messages[-1]["content"]
         example = lib.InputExample(key=p.id, instruction_id_list=p.meta["instruction_id_list"], prompt=text,
@@ -139,9 +140,12 @@ def test_in_domain_verdicts_equal_ifbench_evaluation_lib_run_on_ifevals_checkers
         loose = lib.test_instruction_following_loose(example, {text: reply})
         assert is_correct(p, reply) == strict.follow_all_instructions, (p.id, reply)
         assert score(p, reply) == pytest.approx(sum(loose.follow_instruction_list) / len(p.meta["kwargs"]))
+        official.append((strict, loose))
     metrics = ifeval_metrics(prompts, replies)
-    assert metrics["prompt_strict"] == [float(is_correct(p, r)) for p, r in zip(prompts, replies)]
-    assert len(metrics["inst_loose"]) == sum(len(p.meta["kwargs"]) for p in prompts)
+    for mode, i in (("strict", 0), ("loose", 1)):
+        assert metrics[f"prompt_{mode}"] == [float(o[i].follow_all_instructions) for o in official]
+        assert metrics[f"inst_{mode}"] == [float(v) for o in official for v in o[i].follow_instruction_list]
+    assert 0 < sum(metrics["inst_loose"]) < len(metrics["inst_loose"])  # the fixed replies pass some, fail some
 
 
 def test_ifbench_axis_is_ifbench_own_run_eval():

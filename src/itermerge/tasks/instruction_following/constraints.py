@@ -96,9 +96,10 @@ def write_splits(out_dir: str | Path, counts: dict[str, int], seed: int = 0) -> 
     return paths
 
 
-def evaluate(prompt: Prompt, completion: str) -> Any:
-    """IFEval's strict and loose verdicts on one reply (``if_verifiable.common.evaluate_instructions``: the
-    reply as written, and for loose also without its first and/or last line and without asterisks)."""
+def judge(prompt: Prompt, completion: str) -> tuple[list[Any], Any]:
+    """IFEval's strict and loose verdicts on one reply, per constraint and pooled
+    (``if_verifiable.common.evaluate_instructions``: the reply as written, and for loose also without its first
+    and/or last line and without asterisks)."""
     from if_verifiable.common import evaluate_instructions
 
     ids, kwargs = prompt.meta.get("instruction_id_list"), prompt.meta.get("kwargs")
@@ -111,23 +112,24 @@ def evaluate(prompt: Prompt, completion: str) -> Any:
         raise ItermergeError(f"prompt {prompt.id!r}: instruction ids {unknown} are not IFEval's; known: "
                              f"{sorted(checkers)}")
     text = prompt.messages[-1]["content"] if prompt.messages else ""
-    return evaluate_instructions(completion, ids, kwargs, text, checkers)[1]
+    return evaluate_instructions(completion, ids, kwargs, text, checkers)
+
+
+def evaluate(prompt: Prompt, completion: str) -> Any:
+    """The pooled verdicts (``partial_loose``, ``binary_strict``, …) of ``judge``."""
+    return judge(prompt, completion)[1]
 
 
 def ifeval_metrics(prompts: Sequence[Prompt], completions: Sequence[str]) -> dict[str, list[float]]:
     """IFEval's four numbers: prompt-level strict/loose (one value per prompt: all its constraints met) and
-    instruction-level strict/loose (one value per constraint, pooled over prompts as IFEval pools them)."""
-    from if_verifiable.common import evaluate_instructions
-
-    checkers, _ = registry()
+    instruction-level strict/loose (one value per constraint, pooled over prompts as IFEval pools them). An empty
+    reply meets no constraint."""
     out: dict[str, list[float]] = {"prompt_strict": [], "prompt_loose": [], "inst_strict": [], "inst_loose": []}
     for prompt, completion in zip(prompts, completions, strict=True):
-        evaluate(prompt, completion)  # validates the row
-        text = prompt.messages[-1]["content"]
-        results, _ = evaluate_instructions(completion, prompt.meta["instruction_id_list"], prompt.meta["kwargs"],
-                                           text, checkers)
-        strict = [float(r.strict_pass) for r in results] or [0.0] * len(prompt.meta["instruction_id_list"])
-        loose = [float(r.loose_pass) for r in results] or strict
+        results, _ = judge(prompt, completion)
+        empty = [0.0] * len(prompt.meta["instruction_id_list"])
+        strict = [float(r.strict_pass) for r in results] or empty
+        loose = [float(r.loose_pass) for r in results] or empty
         out["prompt_strict"].append(float(all(strict)))
         out["prompt_loose"].append(float(all(loose)))
         out["inst_strict"] += strict
