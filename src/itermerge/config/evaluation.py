@@ -117,6 +117,27 @@ class LmEvalConfig:
 
 
 @dataclass(frozen=True)
+class AxisConfig:
+    """An extra evaluation axis: a user's metrics on greedy replies to its own prompts (or to the split's)."""
+
+    name: str = field(metadata={"help": "the metrics' prefix: NAME/<metric> in every table"})
+    metrics: str = field(
+        metadata={"help": "module:function(prompts, completions) -> {metric: [value per unit]} (a unit is a prompt, "
+                          "or e.g. a constraint; each metric is the mean over its units)"}
+    )
+    prompts: str | None = field(
+        default=None, metadata={"help": "module:function(split, n, seed) -> list[Prompt]; None: the split's own "
+                                        "prompts and their accuracy replies (nothing generated twice)"}
+    )
+    n: int | None = field(default=None, metadata={"help": "prompts asked of the prompts function (None: its all)"})
+    splits: tuple[str, ...] = field(
+        default=("test",), metadata={"help": "the splits it runs on; test only by default, so the search never "
+                                             "pays for it and never chooses by it"}
+    )
+    max_new_tokens: int | None = field(default=None, metadata={"help": "None: evaluation.max_new_tokens"})
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Every evaluator the search, ``itermerge eval`` and the report use; None turns one off."""
 
@@ -127,6 +148,10 @@ class EvalConfig:
     reward: RewardConfig | None = field(default_factory=RewardConfig)
     kl: KLConfig | None = None
     lm_eval: LmEvalConfig | None = None
+    axes: tuple[AxisConfig, ...] = field(
+        default=(), metadata={"help": "extra axes beside accuracy and reward, e.g. another benchmark scored by its "
+                                      "own code (examples/instruction_following/config.yaml)"}
+    )
 
     def __post_init__(self) -> None:
         positive = [
@@ -172,6 +197,23 @@ class EvalConfig:
             raise ItermergeError("eval.reward.scorer is unset and there is no task to score with; give a scorer spec")
         if self.lm_eval is not None and not (self.lm_eval.preset or self.lm_eval.tasks):
             raise ItermergeError("eval.lm_eval: give a preset (paper) or a list of tasks")
+        self._check_axes()
+
+    def _check_axes(self) -> None:
+        names = [axis.name for axis in self.axes]
+        for i, axis in enumerate(self.axes):
+            where = f"eval.axes[{i}] ({axis.name!r})"
+            if not axis.name or "/" in axis.name or names.count(axis.name) > 1:
+                raise ItermergeError(f"{where}: a name must be non-empty, without '/', and unique among {names}")
+            if not axis.splits or any(s not in ("dev", "test") for s in axis.splits):
+                raise ItermergeError(f"{where}.splits = {list(axis.splits)}: use dev and/or test")
+            if axis.prompts is None and self.accuracy is None:
+                raise ItermergeError(f"{where}: without its own prompts it reads the accuracy replies; turn "
+                                     "eval.accuracy on or give the axis a prompts function")
+            for key in ("n", "max_new_tokens"):
+                value = getattr(axis, key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                    raise ItermergeError(f"{where}.{key} = {value!r}: must be an integer >= 1 or null")
 
     def metrics(self) -> list[str]:
         """The names of the metrics these evaluators produce (what a selection rule may name)."""

@@ -10,11 +10,11 @@ from typing import Any
 from torch import nn
 
 from itermerge.callables import load_callable
-from itermerge.config.evaluation import EvalConfig
+from itermerge.config.evaluation import AxisConfig, EvalConfig
 from itermerge.devices import Placement, scorer_spec
 from itermerge.errors import ItermergeError
 from itermerge.evaluation.kl import sequence_kl
-from itermerge.evaluation.metric import Metric
+from itermerge.evaluation.metric import Metric, mean_metric
 from itermerge.evaluation.task import accuracy_metrics, format_check, load_task, mean_reward
 from itermerge.labeling import Scorer, VerifierScorer, make_scorer
 from itermerge.prompts import split_prompts
@@ -62,6 +62,8 @@ class Evaluator:
             )
         self.reference_model = reference_model
         self.make_sampler = make_sampler
+        self.axes = [_load_axis(axis, split, config.prompts.seed, tokenizer) for axis in config.axes
+                     if split in axis.splits]
         self.is_correct, self.follows_format = self._accuracy_checks() if config.accuracy is not None else (None, None)
 
     def _accuracy_checks(self) -> tuple[Callable[[Prompt, str], bool], Callable[[Prompt, str], bool] | None]:
@@ -90,6 +92,10 @@ class Evaluator:
         if self.config.lm_eval is not None:
             raise ItermergeError("evaluation.lm_eval measures benchmark documents, not the split's prompts, so it "
                                  "cannot be evaluated on a prompt subset; use search.method: grid with lm_eval")
+        if any(prompts is not None for _, prompts, _ in self.axes):
+            raise ItermergeError(f"evaluation.axes with prompts of their own run on split {self.split!r}, so it "
+                                 "cannot be evaluated on a prompt subset; use search.method: grid, or run the axes "
+                                 "on test only (splits: [test])")
         part = copy.copy(self)
         part.prompts, part.prompt_ids = self.prompts[start:stop], self.prompt_ids[start:stop]
         return part
@@ -136,6 +142,11 @@ class Evaluator:
         if cfg.reward is not None:
             out["reward"] = mean_reward(self.scorer, self.prompts, texts(cfg.reward.sampling, cfg.reward.samples))
         timings["score_s"] = time.perf_counter() - start
+        if self.axes:
+            start = time.perf_counter()
+            replies = texts(cfg.accuracy.sampling, 1) if cfg.accuracy is not None else None
+            out.update(self._axis_metrics(sampler, replies))
+            timings["axes_s"] = time.perf_counter() - start
         if cfg.kl is not None:
             start = time.perf_counter()
             ys = [[s.token_ids for s in row] for row in samples["exact"]]
@@ -160,6 +171,36 @@ class Evaluator:
             )
             timings["lm_eval_s"] = time.perf_counter() - start
         return out
+
+
+    def _axis_metrics(self, sampler: Sampler, replies: list[list[str]] | None) -> dict[str, Metric]:
+        """``NAME/metric`` of every axis on this split: greedy replies to its prompts (or the accuracy replies to the
+        split's), passed to its metrics function; each metric the mean over the units it returned."""
+        out: dict[str, Metric] = {}
+        for axis, prompts, prompt_ids in self.axes:
+            if prompts is None:
+                prompts, completions = self.prompts, [row[0] for row in replies]
+            else:
+                params = SamplingParams(temperature=0.0, n=1, seed=self.config.prompts.seed,
+                                        max_new_tokens=axis.max_new_tokens or self.config.max_new_tokens)
+                completions = [row[0].text for row in sampler.generate(prompt_ids, params)]
+            values = load_callable(axis.metrics)(prompts, completions)
+            if not isinstance(values, dict) or not values:
+                raise ItermergeError(f"evaluation axis {axis.name!r}: {axis.metrics} returned {values!r:.80}; it must "
+                                     "return {metric: [value per unit]}")
+            out.update({f"{axis.name}/{name}": mean_metric([float(v) for v in vs]) for name, vs in values.items()})
+        return out
+
+
+def _load_axis(axis: AxisConfig, split: str, seed: int, tokenizer: Any
+               ) -> tuple[AxisConfig, list[Prompt] | None, list[list[int]] | None]:
+    """An axis with its prompts and their token ids (None for both when it reads the split's own replies)."""
+    if axis.prompts is None:
+        return axis, None, None
+    prompts = load_callable(axis.prompts)(split, axis.n, seed)
+    if not prompts:
+        raise ItermergeError(f"evaluation axis {axis.name!r}: {axis.prompts} gave no {split} prompts")
+    return axis, prompts, [encode_prompt(tokenizer, p.messages) for p in prompts]
 
 
 def evaluate(

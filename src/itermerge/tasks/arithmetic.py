@@ -94,14 +94,20 @@ def _hash_unit(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 
-def split_of(a: int, op: str, b: int) -> str:
-    """The split a problem belongs to, fixed by a hash of (a, op, b): disjoint whatever the seed."""
-    u, edge = _hash_unit(problem_id(a, op, b)), 0.0
+def hash_split(key: str) -> str:
+    """The split ``key`` belongs to (train 80%, dev 10%, test 10%), fixed by a hash of it: disjoint whatever the
+    seed, the same on every machine."""
+    u, edge = _hash_unit(key), 0.0
     for split, fraction in zip(SPLITS, SPLIT_FRACTIONS):
         edge += fraction
         if u < edge:
             return split
     return SPLITS[-1]
+
+
+def split_of(a: int, op: str, b: int) -> str:
+    """The split a problem belongs to, fixed by a hash of (a, op, b)."""
+    return hash_split(problem_id(a, op, b))
 
 
 def make_prompt(a: int, op: str, b: int, split: str) -> Prompt:
