@@ -120,8 +120,7 @@ class SamplingConfig:
                                         "prefilled once, its KV cache expanded to the rows"})
 
     def __post_init__(self) -> None:
-        if self.backend not in ("hf", "vllm"):
-            raise ItermergeError(f"sampling.backend = {self.backend!r}: use hf or vllm")
+        # backend: the registered names are checked by preflight (sampling/backends.py holds them)
         if self.n < 2:
             raise ItermergeError(f"sampling.n = {self.n}: K must be at least 2 to form a best-vs-worst pair")
         if self.batch_size < 1:
