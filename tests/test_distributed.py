@@ -24,12 +24,12 @@ SHARED = ["iter_01/samples", "iter_02/reference_logprobs", "search", "test_eval"
           "studies/accuracy/sets", "studies/accuracy", "studies/ensemble", "studies/lambda"]
 
 
-def launch(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+def launch(args: list[str], processes: int = 2, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`accelerate launch` of the itermerge CLI on CPU processes talking over gloo. (accelerate's own --cpu flag
     starts a single process; its multi-process launcher with ACCELERATE_USE_CPU gives MULTI_CPU.)"""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "itermerge.cli"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=900, env=env)
 
 

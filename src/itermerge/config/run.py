@@ -103,6 +103,10 @@ class SamplingConfig:
     max_new_tokens: int = field(default=1024, metadata={"help": "completion maximum length"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vllm only"})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm only"})
+    vllm_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "vllm only: more keyword arguments of vllm.LLM, e.g. {enforce_eager: true, "
+                          "max_model_len: 4096}"})
     # Speed settings of the hf backend: each on by default, same samples up to float rounding; off (or `--plain`)
     # to compare against the plain path. Measured in docs/benchmarks.md.
     blocked_output_layer: bool = field(

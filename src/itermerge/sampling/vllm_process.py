@@ -196,7 +196,8 @@ class VLLMSampler:
 def engine_settings(cfg: RunConfig, where: Placement) -> dict[str, Any]:
     """``VLLMSampler``'s keyword arguments from the run's config."""
     return dict(tensor_parallel_size=cfg.sampling.tensor_parallel_size,
-                gpu_memory_utilization=cfg.sampling.gpu_memory_utilization, dtype=where.dtype)
+                gpu_memory_utilization=cfg.sampling.gpu_memory_utilization, dtype=where.dtype,
+                engine_options=dict(cfg.sampling.vllm_options))
 
 
 class VLLMBackend:
