@@ -88,28 +88,19 @@ class VLLMSampler:
     ``close()`` (or the end of a ``with`` block) ends the process and returns the device memory seen afterwards.
     """
 
-    def __init__(
-        self,
-        model_path: str,
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.9,
-        dtype: str = "bfloat16",
-        progress: bool = True,
-        engine_options: Mapping[str, Any] | None = None,
-        *,
-        reloadable: bool = False,
-    ) -> None:
+    def __init__(self, model_path: str, *, progress: bool = True, reloadable: bool = False, **engine: Any) -> None:
+        """``engine``: ``VLLMEngine``'s settings (tensor_parallel_size, gpu_memory_utilization, dtype,
+        engine_options); its seed is the rank."""
         self.world_size, self.rank, local_rank = launch_env()
+        tensor_parallel_size = engine.get("tensor_parallel_size", 1)
         if self.world_size > 1 and tensor_parallel_size != 1:
             raise ItermergeError(
                 f"sampling.tensor_parallel_size = {tensor_parallel_size} under a {self.world_size}-process launch: "
                 "each process runs its own engine on its own GPU, so set it to 1 (or launch one process "
                 "to split a model too large for one GPU)"
             )
-        options = dict(model_path=str(model_path), tensor_parallel_size=tensor_parallel_size,
-                       gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
-                       progress=progress and self.rank == 0, engine_options=dict(engine_options or {}),
-                       seed=self.rank, reloadable=reloadable)
+        options = dict(engine, model_path=str(model_path), progress=progress and self.rank == 0, seed=self.rank,
+                       reloadable=reloadable)
         env = engine_env(os.environ, self.world_size, local_rank)
         ours, theirs = socket.socketpair()
         with theirs:
