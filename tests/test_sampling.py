@@ -448,3 +448,14 @@ def test_a_new_backend_is_one_module_and_one_registry_line(tiny_ckpts, monkeypat
         assert make(torch.nn.Linear(2, 2), None, 1, False).generate([[4, 9]], SamplingParams(n=1)) == [
             [Sample(text="", token_ids=[9, 9], finished=False)]]
     assert fake_backend.BACKEND.samplers[-1].closed
+
+
+def test_preflight_names_an_unknown_backend(tiny_ckpts):
+    from itermerge.config import from_dict
+    from itermerge.preflight import preflight
+
+    cfg = from_dict({"model": {"path": str(tiny_ckpts[0])}, "sampling": {"backend": "sglang"}})
+    with pytest.raises(ItermergeError, match=r"sampling.backend: sampling backend 'sglang' is unknown: use 'hf' or "
+                                             r"'vllm'"):
+        preflight(cfg)
+    preflight(from_dict({"model": {"path": str(tiny_ckpts[0])}, "sampling": {"backend": "vllm"}}))
