@@ -265,6 +265,10 @@ def test_closing_the_engine_leaves_the_runs_process_group(fake_vllm, checkpoint,
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    with VLLMEngine(checkpoint) as here:  # the engine in this process, as before: its finalizer ends the group
+        here.generate(PROMPTS[:1], PARAMS)
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg2'}", rank=0, world_size=1)
     try:
         with VLLMSampler(checkpoint) as s:
             s.generate(PROMPTS[:1], PARAMS)
