@@ -1,6 +1,8 @@
 """The CUDA path in one short run: bf16 sampling against HF ``generate``, Alg. 1 on one GPU, and Alg. 1 under
-``accelerate launch`` with DeepSpeed ZeRO-3 (examples/accelerate_zero3.yaml), the weights checked after each.
+``accelerate launch`` with DeepSpeed ZeRO-3 (examples/accelerate_zero3.yaml), the weights checked after each; and
+the paper's path (``--real-path``): the vLLM backend, an ArmoRM-shaped judge at random init, every process.
 
+    python bench/gpu_check.py --tokenizer DIR --out DIR --real-path [--processes N] [--dry-run]   # <= 10 min
     python bench/gpu_check.py --tokenizer DIR --out DIR [--skip-zero3]
     python bench/gpu_check.py --tokenizer DIR --out DIR --graphs-only   # the CUDA-graph sampling table alone
     python bench/gpu_check.py --tokenizer DIR --out DIR --run-only      # `itermerge run` on one GPU, per stage
@@ -314,6 +316,112 @@ def run_one_gpu(config: Path, work: Path, theta0: Path) -> dict:
             "test_models": [m["name"] for m in test["models"]]}
 
 
+REAL_PATH = """\
+name: gpu-check-real-path
+seed: 0
+iterations: 2
+model: {{path: {theta0}, device: {device}, dtype: {dtype}}}
+prompts: {{source: task, task: arithmetic, per_iteration: 32, dev: 8, test: 8, max_prompt_length: 256}}
+sampling: {{backend: vllm, n: 4, temperature: 1.0, max_new_tokens: 32, batch_size: 128,
+           gpu_memory_utilization: {utilization}, vllm_options: {{enforce_eager: {eager}}}}}
+scorer: {{type: reward_model, path: {judge}, batch_size: 8}}
+dpo: {{learning_rate: 5.0e-7, global_batch_size: {batch}, micro_batch_size: 2, warmup_ratio: 0.1,
+       max_length: 320, max_prompt_length: 256}}
+evaluation: {{max_new_tokens: 32, batch_size: 64}}
+search: {{lams: {lams}, alphas: [0.5]}}
+studies: {{alpha_study: false, accuracy_matrix: true, ensemble: false, lambda_study: false, prompts: 8, n: 2}}
+"""
+
+
+def make_armorm_judge(tokenizer_dir: Path, out: Path, layers: int) -> dict:
+    """A random ArmoRM (``LlamaForRewardModelWithGating``: Llama-3-8B's widths, 19 objectives, a 3-layer gating MLP
+    of 1024) with ``layers`` decoder layers (32 is ArmoRM's), on θ0's tokenizer, its gating marker the chat
+    template's assistant turn. Written as published (config.json + safetensors), in bf16."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from itermerge.labeling.armorm import ArmoRM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    user = [{"role": "user", "content": "x"}]
+    turn = tok.apply_chat_template(user, tokenize=False)
+    header = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False)[len(turn):]
+    # the user turn's end and the assistant header, as ArmoRM's Llama-3 marker is
+    pattern = tok.encode(turn[turn.rindex(tok.eos_token):] + header, add_special_tokens=False)
+    config = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                  num_hidden_layers=layers, vocab_size=len(tok), max_position_embeddings=8192, rms_norm_eps=1e-5,
+                  rope_theta=500000.0, tie_word_embeddings=False, architectures=["LlamaForRewardModelWithGating"],
+                  model_type="llama", num_objectives=19, gating_hidden_dim=1024, gating_n_hidden=3,
+                  gating_temperature=10, gating_token_pattern=pattern, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = ArmoRM(LlamaConfig(**config), gating_pattern=tuple(pattern)).to(torch.bfloat16)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config))
+    tok.save_pretrained(out)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "gating_pattern": pattern}
+
+
+def planned(config: Path, gpus: int, device_bytes: float | None) -> dict[str, float]:
+    """``itermerge plan``'s per-device peak of each stage, GiB."""
+    from itermerge.config import load_config
+    from itermerge.plan import plan
+
+    return {s.name: round(s.device_bytes / 2**30, 3) for s in plan(load_config(config), gpus, device_bytes).stages}
+
+
+@step("real_path")
+def real_path(tokenizer_dir: Path, work: Path, theta0: Path, device: str, processes: int, judge_layers: int,
+              dry_run: bool) -> dict:
+    """`itermerge run` with the vLLM backend and an ArmoRM-shaped judge on ``processes`` processes (a grid of one
+    point fewer than processes when there are several), each stage's measured device memory against the plan's.
+
+    Measured: the most device memory torch held in the run's processes (the manifest's ``device_peak_gib``) and the
+    device's used memory after the run; the vLLM engine runs in a process of its own per rank, so its share is the
+    plan's ``gpu_memory_utilization × total``, not in torch's figure. On a CPU (``--device cpu``, vLLM's CPU build)
+    the run is the same and there is no device memory to compare."""
+    import torch
+
+    judge = work / "judge"
+    built = make_armorm_judge(tokenizer_dir, judge, judge_layers)
+    total = torch.cuda.mem_get_info()[1] if device == "cuda" and torch.cuda.is_available() else None
+    config = work / "real_path.yaml"
+    config.write_text(REAL_PATH.format(
+        theta0=theta0, device=device, dtype="bfloat16" if device == "cuda" else "float32", judge=judge,
+        utilization=0.3, eager=str(device != "cuda").lower(), batch=2 * processes,
+        lams="[0.5]" if processes > 1 else "[0.0, 0.5]"))
+    plan = planned(config, processes, total)
+    cli = ["-m", "itermerge.cli", "run", str(config), "--run-dir", str(work / "real_run")]
+    if processes > 1:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *cli]
+    else:
+        cmd = [sys.executable, *cli]
+    if dry_run:
+        return {"judge": built, "plan_gib": plan, "command": " ".join(cmd)}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+               PYTHONUNBUFFERED="1", **({"ACCELERATE_USE_CPU": "true"} if device != "cuda" else {}))
+    log = work / "real_path.log"
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=480)
+    if proc.returncode:
+        raise RuntimeError(f"exit {proc.returncode}: {log.read_text()[-3000:]}")
+    stages = json.loads((work / "real_run" / "manifest.json").read_text())["stages"]
+    table = {}
+    for name, record in stages.items():
+        shares = record.get("shards") or [record]
+        peaks = [s.get("device_peak_gib") for s in shares if s.get("device_peak_gib") is not None]
+        table[name] = {"measured_gib": max(peaks) if peaks else None, "items": [s.get("items") for s in shares],
+                       "planned_gib": next((v for k, v in plan.items() if name.endswith(k)), None)}
+    return {"judge": built, "plan_gib": plan, "stages": table, "processes": processes,
+            "device_used_gib_after": round((total - torch.cuda.mem_get_info()[0]) / 2**30, 3) if total else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokenizer", type=Path, required=True)
@@ -332,6 +440,12 @@ def main() -> None:
     ap.add_argument("--run-only", action="store_true",
                     help="only `itermerge run` on one GPU (T = 2, 2×2 search, test, studies, report), per-stage "
                          "wall time and peak device memory (~3-5 min)")
+    ap.add_argument("--real-path", action="store_true",
+                    help="only `itermerge run` with the vLLM backend and an ArmoRM-shaped judge on every process")
+    ap.add_argument("--processes", type=int, default=None, help="--real-path: processes (default: the GPUs, or 1)")
+    ap.add_argument("--judge-layers", type=int, default=32, help="--real-path: the judge's decoder layers (32: 8B)")
+    ap.add_argument("--dry-run", action="store_true", help="--real-path: write θ0, the judge, the config and the "
+                    "plan's numbers; run nothing")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(args.work, ignore_errors=True)
@@ -348,6 +462,12 @@ def main() -> None:
         if args.run_only:
             run_one_gpu(config, args.work, theta0)
             return
+        if args.real_path:
+            import torch
+
+            processes = args.processes or max(1, torch.cuda.device_count() if args.device == "cuda" else 1)
+            real_path(args.tokenizer, args.work, theta0, args.device, processes, args.judge_layers, args.dry_run)
+            return
         if not args.skip_sampling:
             sampling(theta0, args.batches, args.max_new_tokens, args.device)
             sampling_cuda_graphs(theta0, args.device, args.graph_rows, args.graph_max_new_tokens, args.graph_repeats)
@@ -356,7 +476,7 @@ def main() -> None:
             iterate_zero3(config, args.work, theta0)
     finally:
         (args.out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=2, default=str))
-        for log in ("plain.log", "zero3.log", "run.log"):
+        for log in ("plain.log", "zero3.log", "run.log", "real_path.log", "real_path.yaml"):
             if (args.work / log).exists():
                 shutil.copy(args.work / log, args.out / log)
 

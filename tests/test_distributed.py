@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,18 +17,19 @@ from conftest import save_tiny, tiny_model
 
 from itermerge.checkpoint import CheckpointReader
 from itermerge.config import from_dict
+from itermerge.errors import ItermergeError
 from itermerge.pipeline import run
 
 SHARED = ["iter_01/samples", "iter_02/reference_logprobs", "search", "test_eval", "studies/alpha",
           "studies/accuracy/sets", "studies/accuracy", "studies/ensemble", "studies/lambda"]
 
 
-def launch(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+def launch(args: list[str], processes: int = 2, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`accelerate launch` of the itermerge CLI on CPU processes talking over gloo. (accelerate's own --cpu flag
     starts a single process; its multi-process launcher with ACCELERATE_USE_CPU gives MULTI_CPU.)"""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "itermerge.cli"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=900, env=env)
 
 
@@ -100,3 +102,29 @@ def test_every_model_outside_training_loads_on_the_configured_device_and_dtype(t
     assert len(calls) - len(training) > 10 and {c[1] for c in calls} == {"bfloat16", "float32"}
     test = json.loads((tmp_path / "bf16" / "search" / "test.json").read_text())
     assert {m["name"] for m in test["models"]} >= {"θ0", "Iter 2"}
+
+
+def test_an_accelerator_that_sees_fewer_processes_than_launched_is_named(monkeypatch):
+    """accelerate's DeepSpeed plugin on a machine without a GPU gives every rank a one-process state (issue 23 item
+    13; seen with deepspeed 0.19.8 and examples/accelerate_zero3.yaml on this CPU): the run used to fail later with
+    "run directory in use"; now at once, naming the cause and the fix."""
+    import accelerate
+
+    from itermerge.pipeline import launcher_accelerator
+
+    seen = {"n": 1}
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **kw: SimpleNamespace(
+        num_processes=seen["n"], distributed_type="DistributedType.DEEPSPEED"))  # as deepspeed 0.19.8 on a CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("DEEPSPEED_TIMEOUT", "1")
+    with pytest.raises(ItermergeError, match=r"WORLD_SIZE = 2 processes were launched, but accelerate's Accelerator "
+                                             r"sees 1 .*DeepSpeed plugin starts no process group without a GPU.*"
+                                             r"ACCELERATE_USE_CPU=true accelerate launch --multi_gpu"):
+        launcher_accelerator()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    with pytest.raises(ItermergeError, match=r"sees 1 \(DistributedType.DEEPSPEED\): check the launcher's config"):
+        launcher_accelerator()
+    seen["n"] = 2
+    assert launcher_accelerator().num_processes == 2

@@ -381,3 +381,81 @@ def test_every_sampler_speed_setting_off_gives_the_same_samples(sharp_model, tin
         slow = HFSampler(sharp_model, tiny_tok, batch_size=4, progress=False, **plain)
         assert fast._split is not None and slow._split is None  # the settings did switch the path
         assert fast.generate(prompts, params) == slow.generate(prompts, params)
+
+
+# ---------------------------------------------------------------- the registry of backends
+
+
+def test_every_registered_backend_resolves_to_the_protocols():
+    """Each BACKENDS entry is a SamplerBackend; the samplers it makes have generate, update_weights and close."""
+    from itermerge.sampling.backends import BACKENDS, backend
+    from itermerge.sampling.hf import HFSampler
+    from itermerge.sampling.params import SamplerBackend
+    from itermerge.sampling.vllm_process import VLLMSampler
+
+    assert sorted(BACKENDS) == ["hf", "vllm"]
+    for name in BACKENDS:
+        entry = backend(name)
+        assert all(callable(getattr(entry, m, None)) for m in SamplerBackend.__dict__ if not m.startswith("_")
+                   and callable(SamplerBackend.__dict__[m])), name
+    assert {"generate", "update_weights", "close"} <= set(dir(HFSampler)) & set(dir(VLLMSampler))
+
+
+def test_hf_sampler_loads_weights_in_place_and_closes(sharp_model, tiny_tok, prompts):
+    import copy
+
+    other = copy.deepcopy(sharp_model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    params = SamplingParams(n=2, max_new_tokens=4, seed=1)
+    sampler = make_sampler("hf", copy.deepcopy(sharp_model), tiny_tok, progress=False)
+    before = sampler.generate(prompts[:3], params)
+    weight = sampler.model.lm_head.weight
+    assert sampler.update_weights(other.state_dict()) == len(other.state_dict())
+    assert sampler.model.lm_head.weight is weight  # in place
+    assert sampler.generate(prompts[:3], params) == HFSampler(other, tiny_tok, progress=False).generate(prompts[:3],
+                                                                                                        params)
+    sampler.update_weights(sharp_model.state_dict())
+    assert sampler.generate(prompts[:3], params) == before
+    with pytest.raises(ItermergeError, match=r"1 tensor\(s\) the model does not have, e.g. 'extra.weight'"):
+        sampler.update_weights({"extra.weight": torch.ones(1)})
+    sampler.close()
+    with pytest.raises(ItermergeError, match="closed; build a new HFSampler"):
+        sampler.generate(prompts[:1], params)
+
+
+def test_a_new_backend_is_one_module_and_one_registry_line(tiny_ckpts, monkeypatch):
+    """tests/fake_backend.py, registered by one line, samples a run's stage and its evaluations."""
+    import fake_backend
+
+    from itermerge import iteration
+    from itermerge.config import from_dict
+    from itermerge.devices import CPU
+    from itermerge.prompts import training_prompts
+    from itermerge.runner import Shard
+    from itermerge.sampling.backends import BACKENDS, evaluation_sampler
+
+    monkeypatch.setitem(BACKENDS, "echo", "fake_backend:BACKEND")  # the one line
+    cfg = from_dict({"model": {"path": str(tiny_ckpts[0])}, "sampling": {"backend": "echo", "n": 2},
+                     "prompts": {"per_iteration": 3}})
+    prompts = training_prompts(cfg, 1)
+    out = iteration.sample_shard(cfg, 1, tiny_ckpts[0], prompts, Shard())
+    (stage,) = fake_backend.BACKEND.samplers
+    assert stage.closed and len(out["completions"]) == 3 * 2
+    assert all(len(c.token_ids) == 1 for c in out["completions"])
+    with evaluation_sampler(cfg, CPU, tiny_ckpts[-1]) as make:
+        assert make(torch.nn.Linear(2, 2), None, 1, False).generate([[4, 9]], SamplingParams(n=1)) == [
+            [Sample(text="", token_ids=[9, 9], finished=False)]]
+    assert fake_backend.BACKEND.samplers[-1].closed
+
+
+def test_preflight_names_an_unknown_backend(tiny_ckpts):
+    from itermerge.config import from_dict
+    from itermerge.preflight import preflight
+
+    cfg = from_dict({"model": {"path": str(tiny_ckpts[0])}, "sampling": {"backend": "sglang"}})
+    with pytest.raises(ItermergeError, match=r"sampling.backend: sampling backend 'sglang' is unknown: use 'hf' or "
+                                             r"'vllm'"):
+        preflight(cfg)
+    preflight(from_dict({"model": {"path": str(tiny_ckpts[0])}, "sampling": {"backend": "vllm"}}))

@@ -182,7 +182,7 @@ def test_cuda_graphs_stay_off_on_cpu(sharp_model, tiny_tok, prompts, monkeypatch
 
 
 def test_cuda_graphs_is_a_sampling_setting_passed_to_the_hf_sampler():
-    from itermerge.sampling.backends import hf_options
+    from itermerge.sampling.hf import hf_options
 
     assert SamplingConfig().cuda_graphs is True and not SamplingConfig(cuda_graphs=False).cuda_graphs
 

@@ -240,4 +240,35 @@ def launcher_accelerator(timeout_minutes: int = 240) -> Any:
     from accelerate.utils import InitProcessGroupKwargs
 
     os.environ.setdefault("DEEPSPEED_TIMEOUT", str(timeout_minutes))  # read by DeepSpeed's init_distributed
-    return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))])
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))])
+    check_launch(accelerator.num_processes, str(accelerator.distributed_type))
+    return accelerator
+
+
+def check_launch(seen: int, distributed_type: str) -> None:
+    """Refuse an Accelerator that sees fewer processes than were launched: each would think itself the only one,
+    write alone and trip over the others (the second to open the run directory finds it "in use").
+
+    accelerate's DeepSpeed path (ACCELERATE_USE_DEEPSPEED, set by a config with ``distributed_type: DEEPSPEED``)
+    finds no accelerator backend on a machine without a GPU, so its state falls back to one process on every rank
+    (issue 23 item 13)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if seen == launched:
+        return
+    where = (f"WORLD_SIZE = {launched} processes were launched, but accelerate's Accelerator sees {seen} "
+             f"({distributed_type})")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not _has_cuda():
+        raise ItermergeError(
+            f"{where}: accelerate's DeepSpeed plugin starts no process group without a GPU, so every process runs "
+            "alone. DeepSpeed ZeRO-3 (examples/accelerate_zero3.yaml) needs GPUs; on CPUs launch without the "
+            "DeepSpeed config: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N "
+            "-m itermerge.cli ..."
+        )
+    raise ItermergeError(f"{where}: check the launcher's config (num_processes, distributed_type, use_cpu) against "
+                         "the machine's devices")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -18,6 +18,7 @@ from typing import Any
 from itermerge.config import RunConfig
 from itermerge.errors import ItermergeError
 from itermerge.records import Prompt
+from itermerge.sampling.backends import check_backend
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -48,6 +49,7 @@ def preflight(cfg: RunConfig) -> None:
                                 f"{seen[content_key(clash)]!r}; dev and test prompts must never be trained on")
     sample = sample or next((p for ps in held.values() if ps for p in ps), None)
     check("scorer", lambda: _check_scorer(cfg.scorer.spec(), sample))
+    check("sampling.backend", lambda: check_backend(cfg.sampling.backend))
     ev = cfg.evaluation
     if ev.reward is not None and ev.reward.scorer is not None and ev.reward.scorer != cfg.scorer.spec():
         check("evaluation.reward.scorer", lambda: _check_scorer(ev.reward.scorer, sample))

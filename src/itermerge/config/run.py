@@ -103,6 +103,10 @@ class SamplingConfig:
     max_new_tokens: int = field(default=1024, metadata={"help": "completion maximum length"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vllm only"})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm only"})
+    vllm_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "vllm only: more keyword arguments of vllm.LLM, e.g. {enforce_eager: true, "
+                          "max_model_len: 4096}"})
     # Speed settings of the hf backend: each on by default, same samples up to float rounding; off (or `--plain`)
     # to compare against the plain path. Measured in docs/benchmarks.md.
     blocked_output_layer: bool = field(
@@ -120,8 +124,7 @@ class SamplingConfig:
                                         "prefilled once, its KV cache expanded to the rows"})
 
     def __post_init__(self) -> None:
-        if self.backend not in ("hf", "vllm"):
-            raise ItermergeError(f"sampling.backend = {self.backend!r}: use hf or vllm")
+        # backend: the registered names are checked by preflight (sampling/backends.py holds them)
         if self.n < 2:
             raise ItermergeError(f"sampling.n = {self.n}: K must be at least 2 to form a best-vs-worst pair")
         if self.batch_size < 1:

@@ -1,91 +1,54 @@
-"""The run's sampler, built from its config for one stage and released at its end: ``hf`` (our decode loop over
-a transformers model on this process's device) or ``vllm`` (one engine per process, torn down explicitly)."""
+"""The sampler backends, by name (``sampling.backend``), and the run's sampler for a stage.
+
+A backend is one module with a ``SamplerBackend`` (``make``, ``stage``, ``evaluation``; see ``sampling/params.py``)
+and one line in ``BACKENDS``; nothing else chooses between them. ``hf``: our decode loop over a transformers model
+on this process's device. ``vllm``: one engine per process, each in a process of its own (``vllm_process.py``).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Iterator
+import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from itermerge.devices import scorer_spec  # noqa: F401  (where stages import it from)
-from itermerge.sampling.params import Sampler
+from itermerge.errors import ItermergeError
+from itermerge.sampling.params import Sampler, SamplerBackend
 
 if TYPE_CHECKING:
     from itermerge.config import RunConfig
     from itermerge.devices import Placement
 
-
-def hf_options(cfg: RunConfig) -> dict[str, Any]:
-    """The hf sampler's batch and speed settings from the run's sampling section."""
-    s = cfg.sampling
-    return {"batch_size": s.batch_size, "blocked_output_layer": s.blocked_output_layer,
-            "growing_kv_cache": s.growing_kv_cache, "grouped_query_sdpa": s.grouped_query_sdpa,
-            "cuda_graphs": s.cuda_graphs, "shared_prefix": s.shared_prefix}
+# name → "module:attribute" of its SamplerBackend, imported only when asked for (vllm is an optional extra).
+BACKENDS: dict[str, str] = {
+    "hf": "itermerge.sampling.hf:BACKEND",
+    "vllm": "itermerge.sampling.vllm_process:BACKEND",
+}
 
 
-@contextlib.contextmanager
-def run_sampler(cfg: RunConfig, policy_path: str | Path, tokenizer: Any, where: Placement) -> Iterator[Sampler]:
-    """The configured sampler of ``policy_path`` for one stage; its device memory is given back afterwards."""
-    from itermerge.devices import load_placed, release
-
-    if cfg.sampling.backend == "vllm":
-        from itermerge.sampling.vllm import VLLMSampler
-
-        with VLLMSampler(str(policy_path), tensor_parallel_size=cfg.sampling.tensor_parallel_size,
-                         gpu_memory_utilization=cfg.sampling.gpu_memory_utilization, dtype=where.dtype) as sampler:
-            yield sampler
-        return
-    from itermerge.sampling.hf import HFSampler
-
-    model = load_placed(policy_path, where, cfg.model.trust_remote_code)
-    sampler = HFSampler(model, tokenizer, **hf_options(cfg))
-    del model
-    try:
-        yield sampler
-    finally:
-        del sampler  # with the caller's reference gone too, the weights (and any CUDA graphs) go
-        release()
+def check_backend(name: str) -> None:
+    """Raise a named error unless ``name`` is a registered backend (it imports nothing)."""
+    if name not in BACKENDS:
+        raise ItermergeError(f"sampling backend {name!r} is unknown: use " + " or ".join(map(repr, BACKENDS)))
 
 
-@contextlib.contextmanager
-def evaluation_sampler(cfg: RunConfig, where: Placement, theta_T: str | Path) -> Iterator[Any]:
-    """What an ``Evaluator`` samples with, for one stage: ``make_sampler(model, tokenizer, batch_size, progress)``.
+def backend(name: str) -> SamplerBackend:
+    """The backend registered as ``name``."""
+    check_backend(name)
+    module, _, attribute = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
-    ``hf``: our sampler over the model being evaluated, with the run's speed settings. ``vllm``: one engine per
-    process, built once from θT (on entry under a launcher: every process builds it, with items or not), into which
-    each evaluated model's weights are loaded in place (the search's merges never go to disk); torn down when the
-    stage ends.
-    """
-    if cfg.sampling.backend != "vllm":
-        from itermerge.sampling.hf import HFSampler
 
-        options = {k: v for k, v in hf_options(cfg).items() if k != "batch_size"}
-        yield lambda model, tokenizer, batch_size, progress: HFSampler(
-            model, tokenizer, batch_size=batch_size, progress=progress, **options)
-        return
-    from itermerge.sampling.vllm import VLLMSampler
+def run_sampler(cfg: RunConfig, policy_path: str | Path, tokenizer: Any,
+                where: Placement) -> contextlib.AbstractContextManager[Sampler]:
+    """The configured sampler of ``policy_path`` for one stage; its memory is given back at the block's end."""
+    return backend(cfg.sampling.backend).stage(cfg, policy_path, tokenizer, where)
 
-    engine: list[VLLMSampler] = []
 
-    def build() -> None:
-        engine.append(VLLMSampler(str(theta_T), tensor_parallel_size=cfg.sampling.tensor_parallel_size,
-                                  gpu_memory_utilization=cfg.sampling.gpu_memory_utilization, dtype=where.dtype))
-
-    def make_sampler(model: Any, tokenizer: Any, batch_size: int, progress: bool) -> VLLMSampler:
-        if not engine:
-            build()
-        engine[0].update_weights(dict(model.state_dict()))
-        return engine[0]
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Under a launcher an engine's build runs collectives over every process: each builds it on entering the
-        # stage, also one with no items of its own (it would otherwise leave the others waiting until the timeout).
-        build()
-
-    try:
-        yield make_sampler
-    finally:
-        if engine:
-            engine[0].close()
+def evaluation_sampler(cfg: RunConfig, where: Placement,
+                       theta_T: str | Path) -> contextlib.AbstractContextManager[Callable[..., Sampler]]:
+    """What an ``Evaluator`` samples with, for one stage: ``make_sampler(model, tokenizer, batch_size, progress)``,
+    a sampler of ``model`` (``vllm``: θT's engine with ``model``'s weights loaded); released at the block's end."""
+    return backend(cfg.sampling.backend).evaluation(cfg, where, theta_T)

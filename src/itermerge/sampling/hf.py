@@ -6,8 +6,9 @@ import contextlib
 import inspect
 import os
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +21,10 @@ from itermerge.sampling.params import Sample, SamplingParams
 from itermerge.sampling.slots import SlotBatch
 from itermerge.sampling.static import StaticKV, cache_bytes, capacity_for, static_unsupported
 from itermerge.tokenization import stop_token_ids
+
+if TYPE_CHECKING:
+    from itermerge.config import RunConfig
+    from itermerge.devices import Placement
 
 
 class HFSampler:
@@ -85,6 +90,8 @@ class HFSampler:
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
         """``params.n`` samples per prompt, in prompt order. Same seed and prompt → same samples."""
+        if self.model is None:
+            raise ItermergeError("HFSampler.generate: the sampler was closed; build a new HFSampler")
         self._check_prompts(prompt_ids)
         was_training = self.model.training
         self.model.eval()
@@ -101,6 +108,24 @@ class HFSampler:
         samples = [[Sample(self.tokenizer.decode(r.tokens, skip_special_tokens=True), r.tokens, r.finished)
                     for r in per] for per in rows]
         return [row * params.n if params.greedy else row for row in samples]
+
+    def update_weights(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy new weights (named as in the model's state dict) into the model, in place: its tensors, and any
+        CUDA graph recorded over them, stay. Returns how many were given."""
+        if self.model is None:
+            raise ItermergeError("HFSampler.update_weights: the sampler was closed; build a new HFSampler")
+        weights = dict(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
+        if not weights:
+            raise ItermergeError("HFSampler.update_weights: no tensors given; pass the state dict to load")
+        unexpected = self.model.load_state_dict(weights, strict=False).unexpected_keys
+        if unexpected:
+            raise ItermergeError(f"HFSampler.update_weights: {len(unexpected)} tensor(s) the model does not have, "
+                                 f"e.g. {unexpected[0]!r}; pass the state dict of a model of the same architecture")
+        return len(weights)
+
+    def close(self) -> None:
+        """Drop the model and the static cache (the caller's references to the model keep it)."""
+        self.model = self.static_kv = None
 
     def _slot_batch(self, prompt_ids: list[list[int]], params: SamplingParams) -> SlotBatch | None:
         """Rows in the slots of the static cache, which is kept from the last call while it is long enough; None
@@ -184,3 +209,42 @@ def _grouped_query_sdpa(device: torch.device, enabled: bool = True) -> Iterator[
             os.environ.pop(key, None)
         else:
             os.environ[key] = previous
+
+
+def hf_options(cfg: RunConfig) -> dict[str, Any]:
+    """The hf sampler's batch and speed settings from the run's sampling section."""
+    s = cfg.sampling
+    return {"batch_size": s.batch_size, "blocked_output_layer": s.blocked_output_layer,
+            "growing_kv_cache": s.growing_kv_cache, "grouped_query_sdpa": s.grouped_query_sdpa,
+            "cuda_graphs": s.cuda_graphs, "shared_prefix": s.shared_prefix}
+
+
+class HFBackend:
+    """``sampling.backend: hf`` (registered in ``sampling/backends.py``): our decode loop over a loaded model."""
+
+    def make(self, model: Any, tokenizer: Any = None, **options: Any) -> HFSampler:
+        return HFSampler(model, tokenizer, **options)
+
+    @contextlib.contextmanager
+    def stage(self, cfg: RunConfig, policy_path: str | Path, tokenizer: Any, where: Placement) -> Iterator[HFSampler]:
+        """The policy loaded on this process's device, sampled with the run's speed settings; its memory given back
+        at the block's end."""
+        from itermerge.devices import load_placed, release
+
+        sampler = HFSampler(load_placed(policy_path, where, cfg.model.trust_remote_code), tokenizer,
+                            **hf_options(cfg))
+        try:
+            yield sampler
+        finally:
+            sampler.close()  # with the caller's reference gone too, the weights (and any CUDA graphs) go
+            release()
+
+    @contextlib.contextmanager
+    def evaluation(self, cfg: RunConfig, where: Placement, theta_T: str | Path) -> Iterator[Callable[..., HFSampler]]:
+        """A sampler over each evaluated model as it is (no copy), with the run's speed settings."""
+        options = {k: v for k, v in hf_options(cfg).items() if k != "batch_size"}
+        yield lambda model, tokenizer, batch_size, progress: HFSampler(
+            model, tokenizer, batch_size=batch_size, progress=progress, **options)
+
+
+BACKEND = HFBackend()

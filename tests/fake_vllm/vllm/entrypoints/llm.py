@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import os
 import pickle
+import weakref
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -100,6 +101,9 @@ class LLM:
         self.prefix_cache_resets = 0
         self.generate_calls: list[dict[str, Any]] = []
         self.apply_model_calls = 0
+        # vLLM 0.32's InprocClient: weakref.finalize(self, engine_core.shutdown), whose cleanup_dist_env_and_memory
+        # destroys torch's default process group, whoever made it.
+        weakref.finalize(self, _engine_core_shutdown)
 
     def get_tokenizer(self) -> Any:
         return SimpleNamespace(eos_token_id=EOS)
@@ -160,3 +164,10 @@ class LLM:
         self.prefix_cache.clear()
         self.prefix_cache_resets += 1
         return True
+
+
+def _engine_core_shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
