@@ -297,3 +297,17 @@ def test_language_verdicts_do_not_change_from_call_to_call():
     registry()  # the verifiers made ready, as the scorer does
     mixed = "das ist gut very good"  # unseeded: "en" or "af" from call to call
     assert len({langdetect.detect(mixed) for _ in range(40)}) == 1
+
+
+def test_no_axes_keeps_the_fingerprint_of_runs_made_before_axes():
+    """The search reuses its records only under the same evaluation fingerprint: a config without axes hashes as it
+    did before the setting existed (its settings without the key), so older runs resume; an axis changes it."""
+    import dataclasses
+    import hashlib
+
+    plain = EvalConfig()
+    before = {k: v for k, v in dataclasses.asdict(plain).items() if k != "axes"}
+    text = json.dumps(before, sort_keys=True, default=str)
+    assert plain.fingerprint() == hashlib.sha256(text.encode()).hexdigest()[:16]
+    axis = AxisConfig(name="arith", metrics="itermerge.tasks.instruction_following:arithmetic_metrics")
+    assert EvalConfig(axes=(axis,)).fingerprint() != plain.fingerprint()

@@ -230,7 +230,10 @@ class EvalConfig:
 
     def fingerprint(self) -> str:
         """A short hash of these settings: search points are reused only under the same evaluators."""
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        settings = dataclasses.asdict(self)
+        if not settings["axes"]:  # added after runs were made: at its default it leaves their records valid
+            del settings["axes"]
+        text = json.dumps(settings, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
