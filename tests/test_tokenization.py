@@ -83,3 +83,42 @@ def test_pad_id_falls_back_to_eos():
     tok.eos_token = None
     with pytest.raises(ItermergeError, match=r"neither a pad nor an eos token"):
         pad_id(tok)
+
+
+def _merging_bpe():
+    """A byte-level BPE whose one merge is "\\n\\n" across any boundary (no pre-split), with a ChatML template that,
+    like SmolLM2's, does not trim the reply: the shape of the tokenizer that broke ArmoRM's marker."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|im_start|>": 0, "<|im_end|>": 1}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    vocab["ĊĊ"] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[("Ċ", "Ċ")]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+@pytest.mark.parametrize("reply", ["\nHi", "\n\nHi", "Hi"])
+def test_a_gated_judge_sees_its_marker_whatever_the_reply_opens_with(reply):
+    """ArmoRM's gate reads the prompt at "<|im_end|>\\n<|im_start|>assistant\\n"; a reply opening with a newline
+    merged into the header's newline under SmolLM2's template, and the judge refused the row (gpu_check's real path).
+    The reply is now tokenized apart from the prompt there: the marker whole, the text unchanged."""
+    from itermerge.tokenization import encode_messages, encode_reply
+
+    tok = _merging_bpe()
+    messages = [{"role": "user", "content": "2+2?"}]
+    marker = tok.encode("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    joint = encode_messages(tok, [*messages, {"role": "assistant", "content": reply}], add_generation_prompt=False)
+    ids = encode_reply(tok, messages, reply, marker)
+    holds = [any(s[j : j + len(marker)] == marker for j in range(len(s))) for s in (joint, ids)]
+    assert holds == ([False, True] if reply.startswith("\n") else [True, True])  # the merge happens, then is undone
+    assert tok.decode(ids) == tok.decode(joint)
+    if not reply.startswith("\n"):
+        assert ids == joint  # where the marker is whole, the template's own ids

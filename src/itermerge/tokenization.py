@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +38,34 @@ def encode_messages(tokenizer: Any, messages: list[Message], add_generation_prom
     else:
         ids = tokenizer(render_plain(messages, add_generation_prompt), add_special_tokens=True)["input_ids"]
     return list(ids)
+
+
+def encode_reply(tokenizer: Any, messages: list[Message], reply: str,
+                 marker: Sequence[int] | None = None) -> list[int]:
+    """Token ids of a conversation followed by ``reply`` as the assistant's turn: what a reward model reads.
+
+    ``marker``: a gated reward model's token pattern at the assistant header (ArmoRM's gate reads the prompt
+    there). A template that does not trim the reply (SmolLM2's; Llama-3's trims) lets a reply that opens with
+    whitespace merge with the header's last newline ("\n" + "\n" → one "\n\n" token), and the gate would find
+    no prompt. Then the conversation up to its generation prompt and the rest of the rendered turn are tokenized
+    apart, as TRL tokenizes prompt and completion: the same text, the marker whole. Elsewhere the ids are the
+    template's own.
+    """
+    turn = [*messages, {"role": "assistant", "content": reply}]
+    ids = encode_messages(tokenizer, turn, add_generation_prompt=False)
+    if marker is None or _holds(ids, marker) or not getattr(tokenizer, "chat_template", None):
+        return ids
+    head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(turn, tokenize=False)
+    if not text.startswith(head):
+        return ids
+    return tokenizer.encode(head, add_special_tokens=False) + tokenizer.encode(text[len(head):],
+                                                                               add_special_tokens=False)
+
+
+def _holds(ids: Sequence[int], pattern: Sequence[int]) -> bool:
+    pattern, size = list(pattern), len(pattern)
+    return any(list(ids[j : j + size]) == pattern for j in range(len(ids) - size + 1))
 
 
 def encode_prompt(

@@ -9,7 +9,7 @@ from itermerge.checkpoint.hf import whole_weights
 from itermerge.errors import ItermergeError
 from itermerge.labeling.armorm import ArmoRM, is_armorm_checkpoint, remote_code_failure
 from itermerge.records import Prompt
-from itermerge.tokenization import encode_messages, pad_id
+from itermerge.tokenization import encode_reply, pad_id
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -60,12 +60,9 @@ class RewardModelScorer:
         self.pad_id = self.model.config.pad_token_id
 
     def encode(self, prompt: Prompt, completion: str) -> list[int]:
-        """Token ids of the prompt's conversation followed by the reply as the assistant's turn."""
-        return encode_messages(
-            self.tokenizer,
-            [*prompt.messages, {"role": "assistant", "content": completion}],
-            add_generation_prompt=False,
-        )
+        """Token ids of the prompt's conversation followed by the reply as the assistant's turn (with a gated judge's
+        marker kept whole: ``encode_reply``)."""
+        return encode_reply(self.tokenizer, prompt.messages, completion, getattr(self.model, "gating_pattern", None))
 
     @torch.no_grad()
     def score(self, prompts: list[Prompt], completions: list[str]) -> list[float]:
