@@ -53,7 +53,7 @@ def encode_reply(tokenizer: Any, messages: list[Message], reply: str,
     """
     turn = [*messages, {"role": "assistant", "content": reply}]
     ids = encode_messages(tokenizer, turn, add_generation_prompt=False)
-    if marker is None or _holds(ids, marker) or not getattr(tokenizer, "chat_template", None):
+    if marker is None or contains_run(ids, marker) or not getattr(tokenizer, "chat_template", None):
         return ids
     head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     text = tokenizer.apply_chat_template(turn, tokenize=False)
@@ -63,7 +63,8 @@ def encode_reply(tokenizer: Any, messages: list[Message], reply: str,
                                                                                add_special_tokens=False)
 
 
-def _holds(ids: Sequence[int], pattern: Sequence[int]) -> bool:
+def contains_run(ids: Sequence[int], pattern: Sequence[int]) -> bool:
+    """Whether ``pattern`` occurs in ``ids`` as a contiguous run."""
     pattern, size = list(pattern), len(pattern)
     return any(list(ids[j : j + size]) == pattern for j in range(len(ids) - size + 1))
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from itermerge.errors import ItermergeError
+from itermerge.tokenization import contains_run
 
 ARCHITECTURE = "LlamaForRewardModelWithGating"
 LLAMA3_GATING_PATTERN = (128009, 128006, 78191, 128007, 271)
@@ -211,8 +212,7 @@ def armorm_scores(model: ArmoRM, sequences: list[list[int]], pad_id: int, batch_
     empty = [i for i, s in enumerate(sequences) if len(s) == 0]
     if empty:
         raise ItermergeError(f"ArmoRM sequences {empty} are empty; each must hold a prompt and its reply")
-    size, pattern = len(model.gating_pattern), list(model.gating_pattern)
-    unmarked = [i for i, s in enumerate(sequences) if not any(s[j : j + size] == pattern for j in range(len(s)))]
+    unmarked = [i for i, s in enumerate(sequences) if not contains_run(s, model.gating_pattern)]
     if unmarked:  # checked here too, so that the error names input indices rather than rows of a batch
         raise _no_marker(f"ArmoRM sequences {unmarked}", model.gating_pattern)
     device = next(model.parameters()).device

@@ -117,7 +117,7 @@ class Bench:
         self.basis_s = 0.0  # seconds spent building bases since the loop last read it
 
     def basis(self, each: bool = False) -> MergeBasis:
-        """The merge basis over (θ0, θ̄, θT), or over every θ_t (``each``: EMA's k_t differ), built when first asked."""
+        """The merge basis over (θ0, θ̄, θT), or over every θ_t (``each``: EMA, Model Stock), built when first asked."""
         if self._basis is None or self._each != each:
             start, self._basis, self._each = time.perf_counter(), None, each
             release()
@@ -158,18 +158,20 @@ def evaluate_each(
     if not items:
         return []
     bench, evaluate, rows = Bench(ctx), ctx.evaluator(split), []
-    for item in tqdm(items, desc=desc, unit="model", disable=not ctx.show):
-        start = time.perf_counter()
-        step = set_weights(bench, item)
-        built, bench.basis_s = bench.basis_s, 0.0
-        seconds = {**({"basis": built} if built else {}), step: time.perf_counter() - start - built}
-        fn = evaluate if prompts is None else evaluate.subset(*prompts(item))
-        metrics, timings = timed_eval(fn, bench.model)
-        row = record(item, metrics_to_dict(metrics), {**seconds, **timings})
-        if append_to is not None:
-            append_record(append_to(item), row)
-        rows.append(row)
-    bench.close()
+    try:
+        for item in tqdm(items, desc=desc, unit="model", disable=not ctx.show):
+            start = time.perf_counter()
+            step = set_weights(bench, item)
+            built, bench.basis_s = bench.basis_s, 0.0
+            seconds = {**({"basis": built} if built else {}), step: time.perf_counter() - start - built}
+            fn = evaluate if prompts is None else evaluate.subset(*prompts(item))
+            metrics, timings = timed_eval(fn, bench.model)
+            row = record(item, metrics_to_dict(metrics), {**seconds, **timings})
+            if append_to is not None:
+                append_record(append_to(item), row)
+            rows.append(row)
+    finally:  # a refused merge or a failed evaluation frees the model and basis too (a caller may go on)
+        bench.close()
     return rows
 
 
