@@ -29,8 +29,19 @@ def launch(args: list[str], processes: int = 2, env: dict[str, str] | None = Non
     starts a single process; its multi-process launcher with ACCELERATE_USE_CPU gives MULTI_CPU.)"""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "itermerge.cli"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})}
+    # PYTHONFAULTHANDLER: a rank killed by a signal (an abort in C++) prints every thread's Python stack
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+           **(env or {})}
     return subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=900, env=env)
+
+
+def failure(done: subprocess.CompletedProcess, tail: int = 3000) -> str:
+    """What a failed launch printed that says why: every line of its stderr that names an error (the first rank to
+    fail often printed its traceback long before the launcher's own report, which fills the tail), then the tail."""
+    lines = done.stderr.splitlines()
+    words = ("Error", "error:", "Traceback", "terminate", "Exception", "FAILED", "Fatal Python", 'File "')
+    marked = [f"{i}: {line}" for i, line in enumerate(lines) if any(w in line for w in words)]
+    return "\n".join(["lines naming an error:", *marked[:60], "", "the tail:", done.stderr[-tail:]])
 
 
 def whole_paper(theta0: Path) -> dict:
@@ -55,7 +66,7 @@ def test_two_processes_share_every_stage_and_give_one_process_results(theta0, tm
     cfg = whole_paper(theta0)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     done = launch(["run", str(tmp_path / "cfg.yaml"), "--run-dir", str(tmp_path / "two")])
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, failure(done)
     run(from_dict(cfg), tmp_path / "one")
     one, two = tmp_path / "one", tmp_path / "two"
     stages = json.loads((two / "manifest.json").read_text())["stages"]

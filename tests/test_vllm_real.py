@@ -189,13 +189,13 @@ def test_a_whole_run_under_three_processes_finishes_and_chooses_as_one_process_d
     import sys
 
     import yaml
-    from test_distributed import launch
+    from test_distributed import failure, launch
 
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(tiny_vllm_run(thetas[0])))
     cpu = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}  # three engines on this machine's cores
     many = launch(["run", str(path), "--run-dir", str(tmp_path / "three")], processes=3, env=cpu)
-    assert many.returncode == 0, many.stderr[-4000:]
+    assert many.returncode == 0, failure(many)
     one = subprocess.run([sys.executable, "-m", "itermerge.cli", "run", str(path), "--run-dir", str(tmp_path / "one")],
                          capture_output=True, text=True, timeout=900, env={**os.environ, **cpu})
     assert one.returncode == 0, one.stderr[-4000:]
