@@ -22,7 +22,7 @@ def test_example_configs_load(path):
     assert cfg.scorer.type == "reward_model" and not cfg.scorer.trust_remote_code  # ArmoRM runs natively
     assert cfg.dpo.learning_rate == 5e-7 and cfg.dpo.beta == 0.1  # appendix C
     assert cfg.evaluation.lm_eval.preset == "paper"
-    from itermerge.evaluation.lm_eval import resolve_tasks
+    from itermerge.evaluation.evaluators.lm_eval import resolve_tasks
 
     assert len(resolve_tasks(cfg.evaluation.lm_eval)) == 5  # MMLU, TruthfulQA, ARC, HellaSwag, GSM8K
 

@@ -139,3 +139,26 @@ def test_an_accelerator_that_sees_fewer_processes_than_launched_is_named(monkeyp
         launcher_accelerator()
     seen["n"] = 2
     assert launcher_accelerator().num_processes == 2
+
+
+def test_the_cli_ends_the_process_group_its_command_started_and_leaves_a_callers(monkeypatch, tmp_path):
+    """A command that starts a group (as `itermerge run` does under a launcher) ends it before `main` returns, so the
+    interpreter's teardown never meets gloo's threads still running; a group the caller made before is left alone."""
+    import torch.distributed as dist
+
+    from itermerge import cli
+
+    def starts_a_group(args):
+        store = dist.FileStore(str(tmp_path / "store"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+
+    monkeypatch.setattr(cli, "cmd_report", starts_a_group)
+    assert cli.main(["report", str(tmp_path)]) == 0
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "callers"), 1), rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(cli, "cmd_report", lambda args: None)
+        assert cli.main(["report", str(tmp_path)]) == 0
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

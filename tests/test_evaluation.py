@@ -187,7 +187,7 @@ def _local_task(tmp_path, model, tok):
     importlib.util.find_spec("lm_eval") is None, reason="lm-eval not installed (pip install 'itermerge[eval]')"
 )
 def test_lm_eval_local_task_offline(tmp_path):
-    from itermerge.evaluation.lm_eval import run_lm_eval
+    from itermerge.evaluation.evaluators.lm_eval import run_lm_eval
 
     tok, model = tiny_tokenizer(), tiny_model(0)
     tasks_dir = _local_task(tmp_path / "tasks", model, tok)
@@ -201,7 +201,7 @@ def test_lm_eval_local_task_offline(tmp_path):
 
 
 def test_lm_eval_missing_names_the_extra(monkeypatch):
-    from itermerge.evaluation.lm_eval import run_lm_eval
+    from itermerge.evaluation.evaluators.lm_eval import run_lm_eval
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` raise ImportError
     with pytest.raises(ItermergeError, match=r"pip install 'itermerge\[eval\]'"):
@@ -209,7 +209,7 @@ def test_lm_eval_missing_names_the_extra(monkeypatch):
 
 
 def test_paper_preset_lists_appendix_d():
-    from itermerge.evaluation.lm_eval import PRESETS
+    from itermerge.evaluation.evaluators.lm_eval import PRESETS
 
     shots = {t.name: (t.num_fewshot, t.chat_template) for t in PRESETS["paper"]}
     assert shots == {"mmlu": (5, True), "truthfulqa_mc2": (0, True), "arc_challenge": (25, True),
@@ -222,7 +222,7 @@ def test_paper_preset_lists_appendix_d():
 def test_lm_eval_dev_and_test_never_share_a_document(tmp_path):
     """The capability axis's dev documents (the search's) and test documents (the final table's) are disjoint halves
     of the benchmark, fixed by a hash; each split's score is the mean over exactly its documents."""
-    from itermerge.evaluation.lm_eval import _task_manager, document_split, run_lm_eval
+    from itermerge.evaluation.evaluators.lm_eval import _task_manager, document_split, run_lm_eval
 
     tok, model = tiny_tokenizer(), tiny_model(0)
     tasks_dir = _local_task(tmp_path / "tasks", model, tok)

@@ -236,7 +236,7 @@ def test_axes_run_on_their_splits_with_their_own_prompts_or_the_splits_replies(t
                      axes=(own, same))
     known = [*arithmetic_prompts("dev", 6, 0), *arithmetic_prompts("test", 6, 0)]
     dev = Evaluator(cfg, tiny_tok, "dev", make_sampler=AnswerSampler(tiny_tok, known), progress=False)
-    assert [a.name for a, _, _ in dev.axes] == ["arith"]  # "again" runs on test only
+    assert [a.name for a, _, _ in dev.state["axes"]] == ["arith"]  # "again" runs on test only
     out = dev(tiny_model(0))
     # right on the 1st and 3rd of the split's 4 prompts (2/4) and on 3 of the axis's 6 (3/6); the axis's replies
     # were generated with its own max_new_tokens

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from itermerge.errors import ItermergeError
+from itermerge.rundir import RunLayout
 from itermerge.tables import fmt_ci
 
 HEADLINE = ("accuracy", "reward")
@@ -148,7 +149,7 @@ def holm(claims: Sequence[Claim]) -> None:
 
 def demo_claims(demo: Path) -> list[Claim]:
     """The studies of one demo run (one seed): the α correlation (Table 1), λ (Fig. 3-4), merge vs ensemble (eq. 6)."""
-    manifest = demo / "manifest.json"
+    manifest = RunLayout(demo).manifest
     if not manifest.exists():
         raise ItermergeError(f"{manifest}: not found; give the run directory of `make demo`")
     stages = json.loads(manifest.read_text()).get("stages", {})

@@ -227,7 +227,14 @@ def _report_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="the evaluators on one checkpoint: task accuracy, mean reward, KL, lm-eval")
+    from itermerge.evaluation.evaluators import REGISTRY
+
+    listed = "\n".join(f"  evaluation.{s.name}: {s.summary}; reports {s.reports.replace('`', '')}"
+                        for s in REGISTRY.values())
+    p = sub.add_parser("eval", help="the evaluators on one checkpoint: " + ", ".join(REGISTRY),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="evaluators, each on when its section of the config is set "
+                              f"(--set evaluation.NAME.KEY=VALUE, or NAME=null for off):\n{listed}")
     p.add_argument("checkpoint")
     p.add_argument("--config", help="config whose evaluation: section is used (default: built-in arithmetic task)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -297,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for pages that say how they were made
+    ours = not group_started()  # a group the command starts (under a launcher) is ended by it; a caller's is not
     try:
         args.func(args)
     except ItermergeError as e:
@@ -308,7 +316,19 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        if ours and group_started():
+            # Under a launcher, the group the command started ends here, before the interpreter exits (as PyTorch
+            # asks of every program): left to the interpreter's teardown, gloo's threads can be destroyed still
+            # joinable, and C++ aborts the process ("terminate called without an active exception", exit -6).
+            sys.modules["torch"].distributed.destroy_process_group()
     return 0
+
+
+def group_started() -> bool:
+    """Whether this process has a torch.distributed process group (a command that never loaded torch has none)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from itermerge.errors import ItermergeError
+from itermerge.rundir import RunLayout
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -146,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from itermerge.rundir import Manifest
 
     run_dir = Path(args.run_dir) if args.run_dir else None
-    if run_dir is None and args.config and (Path(args.config).parent / "manifest.json").exists():
+    if run_dir is None and args.config and RunLayout(Path(args.config).parent).manifest.exists():
         run_dir = Path(args.config).parent
     if args.config or run_dir is not None:
         cfg = _config_of(run_dir, args.config, args.set) if run_dir is not None else load_config(args.config, args.set)
@@ -229,7 +230,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
     from itermerge.runner import stage_states
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "manifest.json").exists():
+    if not RunLayout(run_dir).manifest.exists():
         raise ItermergeError(f"{run_dir}: no manifest.json; not a run directory (or no stage has finished yet)")
     states = stage_states(run_dir, deep=args.deep)
     width = max((len(name) for name, _ in states), default=5)

@@ -19,7 +19,7 @@ from itermerge.errors import ItermergeError
 from itermerge.labeling import make_scorer, select_pair
 from itermerge.logprobs import score_sequences
 from itermerge.records import Completion, PreferencePair, Prompt, ReferenceLogprobs, read_jsonl, write_jsonl
-from itermerge.rundir import atomic_write_json
+from itermerge.rundir import IterationLayout, atomic_write_json
 from itermerge.runner import Shard, unshard
 from itermerge.sampling.backends import run_sampler, scorer_spec
 from itermerge.seeds import stage_seed
@@ -84,8 +84,8 @@ def write_samples(out: Path, parts: list[dict[str, Any]]) -> dict[str, Any]:
         for c in part["completions"]:
             by_prompt.setdefault(c.prompt_id, []).append(c)
     completions = [c for p in kept for c in by_prompt[p.id]]
-    write_jsonl(out / "prompts.jsonl", kept)
-    write_jsonl(out / "samples.jsonl", completions)
+    write_jsonl(IterationLayout(out).prompts, kept)
+    write_jsonl(IterationLayout(out).samples, completions)
     tokens = sum(len(c.token_ids) for c in completions)
     seconds = max(part["seconds"] for part in parts)  # the processes sampled at the same time
     scores = [c.score for c in completions]
@@ -126,7 +126,7 @@ def make_pairs(prompts_path: Path, samples_path: Path, tokenizer, cfg: RunConfig
             f"iteration {t}: all {len(by_prompt)} prompts tied (every sample scored the same); no pairs to learn from. "
             "Use a more graded scorer, more samples (sampling.n) or a higher temperature"
         )
-    write_jsonl(out / "pairs.jsonl", pairs)
+    write_jsonl(IterationLayout(out).pairs, pairs)
     return {"pairs": len(pairs), "ties_dropped": ties, "tie_rate": ties / len(by_prompt),
             "mean_chosen_score": sum(p.chosen_score for p in pairs) / len(pairs),
             "mean_rejected_score": sum(p.rejected_score for p in pairs) / len(pairs)}
@@ -143,7 +143,7 @@ def reference_shard(cfg: RunConfig, theta0: Path, sampler_path: Path, out: Path,
     """log π_ref of this process's share of the pairs' chosen and rejected completions, once (π_ref as
     `reference_path` says: θ0 under the paper's fixed reference); and its share of the KL(π_θ{t−1} ‖ π_θ0) estimate
     from each prompt's first sample (an unbiased draw of π_θ{t−1})."""
-    pairs = shard.take(read_jsonl(out / "pairs.jsonl", PreferencePair))
+    pairs = shard.take(read_jsonl(IterationLayout(out).pairs, PreferencePair))
     where = placement(cfg.model)
     start = time.perf_counter()
     source = reference_path(cfg, theta0, sampler_path)
@@ -155,7 +155,8 @@ def reference_shard(cfg: RunConfig, theta0: Path, sampler_path: Path, out: Path,
         release(reference)
         reference = None
     prompt_ids = {p.prompt_id: p.prompt_ids for p in pairs}
-    first = [c for c in read_jsonl(out / "samples.jsonl", Completion) if c.index == 0 and c.prompt_id in prompt_ids]
+    samples = read_jsonl(IterationLayout(out).samples, Completion)
+    first = [c for c in samples if c.index == 0 and c.prompt_id in prompt_ids]
     kl_terms: list[float] = []
     if t > 1 and first:
         xs, ys = [prompt_ids[c.prompt_id] for c in first], [c.token_ids for c in first]
@@ -173,7 +174,7 @@ def reference_shard(cfg: RunConfig, theta0: Path, sampler_path: Path, out: Path,
 def write_reference(out: Path, theta0: Path, parts: list[dict[str, Any]]) -> dict[str, Any]:
     """The reference's log-probs in pair order: writes reference_logprobs.jsonl."""
     refs = unshard([part["refs"] for part in parts], sum(len(part["refs"]) for part in parts))
-    write_jsonl(out / "reference_logprobs.jsonl", refs)
+    write_jsonl(IterationLayout(out).reference_logprobs, refs)
     terms = [x for part in parts for x in part["kl_terms"]]
     return {"reference": parts[0].get("source", str(theta0)),
             "reference_seconds": round(max(part["seconds"] for part in parts), 2),
@@ -183,8 +184,8 @@ def write_reference(out: Path, theta0: Path, parts: list[dict[str, Any]]) -> dic
 def pairs_with_reference(out: Path) -> list[PreferencePair]:
     """D_t as training reads it: pairs.jsonl joined with θ0's log-probs from reference_logprobs.jsonl (each file has
     one writer, so each stage's files can be proved on their own; runs made before kept them in pairs.jsonl)."""
-    pairs = read_jsonl(out / "pairs.jsonl", PreferencePair)
-    path = out / "reference_logprobs.jsonl"
+    pairs = read_jsonl(IterationLayout(out).pairs, PreferencePair)
+    path = IterationLayout(out).reference_logprobs
     if not path.exists():
         return pairs
     ref = {r.prompt_id: r for r in read_jsonl(path, ReferenceLogprobs)}
@@ -235,8 +236,8 @@ def train(cfg: RunConfig, t: int, policy_path: Path, out: Path, accelerator=None
                 f"dpo.learning_rate (now {cfg.dpo.learning_rate:g}) and rerun to continue"
             )
         model.eval()
-        save_model(model, tokenizer, out / "model", force=True, state_dict=gathered or None,
-                   extra=[("training_metrics.json", json.dumps(metrics, indent=2, default=float))])
+        save_model(model, tokenizer, IterationLayout(out).model, force=True, state_dict=gathered or None,
+                   extra=[(IterationLayout.training_metrics, json.dumps(metrics, indent=2, default=float))])
     return metrics
 
 
@@ -258,4 +259,4 @@ def write_metrics(out: Path, t: int, stages: dict[str, Any]) -> None:
                 merged.setdefault(key, {})[stage] = value
             elif key not in ("finished_at", "files", "key"):
                 merged[key] = value
-    atomic_write_json(out / "metrics.json", merged)
+    atomic_write_json(IterationLayout(out).metrics, merged)

@@ -59,26 +59,26 @@ def algorithm_1(runner: StageRunner, cfg: RunConfig, root: Path, prefix: str = "
     tokenizer = load_tokenizer(theta0)
     thetas = [theta0]
     for t in range(1, cfg.iterations + 1):
-        out, prev = RunLayout(root).iteration(t), thetas[-1]
-        name = f"{prefix}{out.name}"
+        files, prev = RunLayout(root).files(t), thetas[-1]
+        out, name = files.dir, f"{prefix}{files.dir.name}"
         out.mkdir(parents=True, exist_ok=True)
         # Alg. 1, lines 2-5: sample from π_θ{t−1}, label best vs worst, (θ0's log-probs), train θ_t.
         sample = partial(it.sample_shard, cfg, t, prev, training_prompts(cfg, t))
-        label = partial(it.make_pairs, out / "prompts.jsonl", out / "samples.jsonl", tokenizer, cfg, out, t)
+        label = partial(it.make_pairs, files.prompts, files.samples, tokenizer, cfg, out, t)
         reference = partial(it.reference_shard, cfg, theta0, prev, out, t)
         records = {
             "samples": runner.sharded(f"{name}/samples", sample, partial(it.write_samples, out),
-                                      outputs=[out / "prompts.jsonl", out / "samples.jsonl"]),
-            "pairs": runner(f"{name}/pairs", label, outputs=[out / "pairs.jsonl"]),
+                                      outputs=[files.prompts, files.samples]),
+            "pairs": runner(f"{name}/pairs", label, outputs=[files.pairs]),
             "reference": runner.sharded(f"{name}/reference_logprobs", reference,
                                         partial(it.write_reference, out, theta0),
-                                        outputs=[out / "reference_logprobs.jsonl"]),
+                                        outputs=[files.reference_logprobs]),
             "train": runner(f"{name}/train", partial(it.train, cfg, t, prev, out, runner.accelerator),
-                            outputs=[out / "model", *([out / "adapter"] if cfg.dpo.peft is not None else [])],
+                            outputs=[files.model, *([files.adapter] if cfg.dpo.peft is not None else [])],
                             everyone=True),
         }
-        runner(f"{name}/metrics", partial(it.write_metrics, out, t, records), outputs=[out / "metrics.json"])
-        thetas.append(out / "model")
+        runner(f"{name}/metrics", partial(it.write_metrics, out, t, records), outputs=[files.metrics])
+        thetas.append(files.model)
     return thetas
 
 
@@ -152,7 +152,7 @@ def open_run(cfg: RunConfig, run_dir: str | os.PathLike, force: bool = False, ac
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(run_dir).acquire()
         try:
-            if (run_dir / "manifest.json").exists():
+            if RunLayout(run_dir).manifest.exists():
                 changed = _changed_training_sections(Manifest(run_dir).data.get("config", {}), cfg)
                 if changed and not force:
                     raise ItermergeError(

@@ -149,7 +149,7 @@ def _check_axis(axis: Any, seed: int) -> None:
 
 
 def _check_lm_eval() -> None:
-    from itermerge.evaluation.lm_eval import require_lm_eval
+    from itermerge.evaluation.evaluators.lm_eval import require_lm_eval
 
     require_lm_eval()
 

@@ -25,7 +25,7 @@ from itermerge.config.parse import read_yaml
 from itermerge.config.study import Primary, parse_primary
 from itermerge.errors import ItermergeError
 from itermerge.provenance import provenance
-from itermerge.rundir import atomic_write_json
+from itermerge.rundir import RunLayout, SearchLayout, atomic_write_json
 
 # the merge is compared with the best θt on dev (early stopping), θT, ExPO, the uniform average and θ0
 BASELINES = ("best", "T", "expo", "uniform", 0)
@@ -158,7 +158,7 @@ def write_study_record(out: Path, study: Study, here: dict[str, Any]) -> None:
 
 
 def _manifest_text(run_dir: Path) -> str | None:
-    path = run_dir / "manifest.json"
+    path = RunLayout(run_dir).manifest
     return path.read_text() if path.exists() else None
 
 
@@ -207,7 +207,7 @@ def aggregate(out: str | os.PathLike) -> dict[str, Any]:
         result["regimes"][regime.name] = {
             "seeds": [int(r.name.split("_")[1]) for r in runs],
             "wall_seconds": {r.name: _wall(r) for r in runs},
-            "searches": {name: aggregate_search([r / name for r in runs if (r / name / "test.json").exists()])
+            "searches": {name: aggregate_search([r / name for r in runs if SearchLayout(r / name).test.exists()])
                          for name in searches},
         }
     atomic_write_json(out / "aggregate.json", result)
@@ -233,8 +233,8 @@ def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
     from itermerge.maths.crossed import crossed_paired_difference
     from itermerge.maths.paired import mean_and_ci, minimum_detectable_effect, pooled_paired_difference
 
-    tests = [json.loads((d / "test.json").read_text()) for d in search_dirs]
-    choices = [json.loads((d / "choice.json").read_text()) for d in search_dirs]
+    tests = [json.loads(SearchLayout(d).test.read_text()) for d in search_dirs]
+    choices = [json.loads(SearchLayout(d).choice.read_text()) for d in search_dirs]
     T = max(m["t"] for m in tests[0]["models"] if isinstance(m["t"], int))
     rows = []
     for m in tests[0]["models"]:

@@ -11,7 +11,7 @@ from typing import Any
 from itermerge.errors import ItermergeError
 from itermerge.plots import annotate_apart, pyplot, save_figure
 from itermerge.records import read_records
-from itermerge.rundir import RunLayout, atomic_write_text
+from itermerge.rundir import IterationLayout, RunLayout, atomic_write_text
 from itermerge.search.selection import LOWER_IS_BETTER, pareto_frontier
 from itermerge.tables import fmt_ci, fmt_metric, metrics_table, operators_table, paired_table
 
@@ -283,7 +283,7 @@ def _study_numbers(data: Any) -> str:
 
 def _iterations_section(run_dir: Path) -> str:
     """Each iteration's metrics.json (the numbers and seconds the loop recorded), one column per iteration."""
-    files = [d / "metrics.json" for d in RunLayout(run_dir).iterations() if (d / "metrics.json").exists()]
+    files = [f.metrics for f in map(IterationLayout, RunLayout(run_dir).iterations()) if f.metrics.exists()]
     if not files:
         return ""
     cols = {f.parent.name: _flatten(_json(f) or {}) for f in files}

@@ -163,6 +163,23 @@ class Manifest:
 
 
 @dataclass(frozen=True)
+class IterationLayout:
+    """The files of one iteration of Algorithm 1, iter_XX/: its prompts, θ_{t−1}'s samples, the pairs, the
+    reference's log-probs, θ_t (and its adapter) and the metrics."""
+
+    dir: Path
+
+    prompts = property(lambda self: self.dir / "prompts.jsonl")  # X_t, as sampled
+    samples = property(lambda self: self.dir / "samples.jsonl")  # K completions per prompt from θ_{t−1}
+    pairs = property(lambda self: self.dir / "pairs.jsonl")  # D_t: best vs worst (ties dropped)
+    reference_logprobs = property(lambda self: self.dir / "reference_logprobs.jsonl")  # π_ref's, computed once
+    model = property(lambda self: self.dir / "model")  # θ_t
+    adapter = property(lambda self: self.dir / "adapter")  # θ_t's LoRA adapter (dpo.peft)
+    metrics = property(lambda self: self.dir / "metrics.json")  # the iteration's numbers (report.md's table)
+    training_metrics = "training_metrics.json"  # written inside model/ beside the weights
+
+
+@dataclass(frozen=True)
 class SearchLayout:
     """The files of one search directory: search/ (θ1..θT), or search_T{T'}/ (θ1..θ_T' alone)."""
 
@@ -219,9 +236,13 @@ class RunLayout:
         """The iteration directories present, in order."""
         return sorted(p for p in self.root.glob("iter_*") if p.is_dir())
 
+    def files(self, t: int) -> IterationLayout:
+        """The files of iteration t (``IterationLayout``)."""
+        return IterationLayout(self.iteration(t))
+
     def checkpoints(self) -> list[Path]:
         """θ1..θT present: iter_XX/model, in order."""
-        return [p / "model" for p in self.iterations() if (p / "model").is_dir()]
+        return [m for m in (IterationLayout(p).model for p in self.iterations()) if m.is_dir()]
 
     def mean_cache(self, at: int | None = None) -> Path:
         """θ̄ = mean(θ1..θ_{T−1}) (of θ1..θ_{T'−1} for the search of the first T' iterations)."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from itermerge.evaluation.evaluators import metric_order
 from itermerge.search.selection import LOWER_IS_BETTER
 
-METRIC_ORDER = ("accuracy", "format", "reward", "kl")  # then lm_eval/* in their order
+METRIC_ORDER = metric_order()  # accuracy, format, reward, kl, as the evaluators declare; then the others by name
 
 
 def fmt_metric(m: dict[str, Any] | None) -> str:

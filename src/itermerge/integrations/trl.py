@@ -21,6 +21,7 @@ from itermerge.checkpoint import save_model
 from itermerge.errors import ItermergeError
 from itermerge.merging import merge_checkpoints
 from itermerge.operators import operator
+from itermerge.rundir import RunLayout
 
 SAVE_EVERY = ("epoch", "train")
 
@@ -51,7 +52,7 @@ class IterMergeCallback(TrainerCallback):
 
     def checkpoints(self) -> list[Path]:
         """θ1..θT saved so far, in order."""
-        return sorted(p for p in self.run_dir.glob("iter_*/model") if p.is_dir())
+        return RunLayout(self.run_dir).checkpoints()
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.reference is None and state.is_world_process_zero:
@@ -82,6 +83,6 @@ class IterMergeCallback(TrainerCallback):
         model.eval()
         log = json.dumps({"global_step": state.global_step, "epoch": state.epoch, "log_history": state.log_history},
                          indent=2, default=float)
-        save_model(model, tokenizer, self.run_dir / f"iter_{t:02d}" / "model", force=True,
+        save_model(model, tokenizer, RunLayout(self.run_dir).files(t).model, force=True,
                    extra=[("training_metrics.json", log)])
         model.train(was_training)

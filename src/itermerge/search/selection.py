@@ -8,8 +8,9 @@ from typing import Any
 
 from itermerge.config.search import SelectionRule
 from itermerge.errors import ItermergeError
+from itermerge.evaluation.evaluators import lower_is_better
 
-LOWER_IS_BETTER = frozenset({"kl"})  # every other metric: higher is better
+LOWER_IS_BETTER = lower_is_better()  # as the evaluators declare them; every other metric: higher is better
 
 Point = Mapping[str, Any]  # a points.jsonl record: {"lam", "alpha", "metrics": {name: {"value", "stderr", "n"}}, …}
 

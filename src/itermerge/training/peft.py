@@ -16,7 +16,7 @@ from itermerge.checkpoint.chain import ADAPTER_WEIGHTS, chain_spec, write_chain
 from itermerge.config.dpo import DPOConfig, LoraConfig
 from itermerge.devices import Placement, load_placed
 from itermerge.errors import ItermergeError
-from itermerge.rundir import atomic_dir
+from itermerge.rundir import IterationLayout, atomic_dir
 from itermerge.training.loop import train_dpo
 
 if TYPE_CHECKING:
@@ -82,10 +82,11 @@ def train_adapter(
         raise ItermergeError(f"{label}adapter tensor {bad!r} holds NaN or Inf; nothing was saved. Lower "
                              f"dpo.learning_rate (now {cfg.learning_rate:g}) and rerun to continue")
     wrapped.eval()
-    with atomic_dir(out / "adapter", force=True) as tmp:
+    files = IterationLayout(Path(out))
+    with atomic_dir(files.adapter, force=True) as tmp:
         wrapped.save_pretrained(tmp)
-    metrics["adapter"]["bytes"] = os.path.getsize(out / "adapter" / ADAPTER_WEIGHTS)
-    with atomic_dir(out / "model", force=True) as tmp:
-        write_chain(tmp, out / "model", base, [*adapters, out / "adapter"])
-        (tmp / "training_metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    metrics["adapter"]["bytes"] = os.path.getsize(files.adapter / ADAPTER_WEIGHTS)
+    with atomic_dir(files.model, force=True) as tmp:
+        write_chain(tmp, files.model, base, [*adapters, files.adapter])
+        (tmp / IterationLayout.training_metrics).write_text(json.dumps(metrics, indent=2, default=float))
     return metrics

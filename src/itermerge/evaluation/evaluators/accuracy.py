@@ -1,15 +1,19 @@
-"""Task accuracy (correctness and answer format, kept apart) and mean reward of sampled replies."""
+"""``evaluation.accuracy``: task accuracy and answer format, kept apart, of greedy (or sampled) replies."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from itermerge.config.evaluation import PromptSource
+from itermerge.callables import load_callable
+from itermerge.evaluation.evaluators.base import Pass, Spec, one_list_per_prompt
 from itermerge.evaluation.metric import Metric, clustered_mean
-from itermerge.labeling import Scorer
 from itermerge.records import Prompt
-from itermerge.tasks import Task, get_task
+from itermerge.tasks import Task
+
+if TYPE_CHECKING:
+    from itermerge.evaluation.suite import Evaluator
 
 _BARE_NUMBER = re.compile(r"\s*-?\d+(?:\.\d+)?\s*\.?\s*")
 
@@ -17,10 +21,6 @@ _BARE_NUMBER = re.compile(r"\s*-?\d+(?:\.\d+)?\s*\.?\s*")
 def is_bare_number(prompt: Prompt, completion: str) -> bool:
     """The reply is just a number (``"42"``, ``" 42."``), as the arithmetic prompts ask; ``"It is 42"`` is not."""
     return _BARE_NUMBER.fullmatch(completion.replace("\u2212", "-")) is not None
-
-
-def load_task(source: PromptSource) -> Task | None:
-    return None if source.task is None else get_task(source.task, **source.task_options)
 
 
 def format_check(task: Task) -> Callable[[Prompt, str], bool]:
@@ -44,25 +44,38 @@ def accuracy_metrics(
     ignores format (the arithmetic verifier reads the last number), so a gain in ``accuracy`` with ``format``
     flat is a gain in arithmetic, not in answering tersely.
     """
-    _check_lengths(prompts, completions)
+    one_list_per_prompt(prompts, completions)
     def rate(check: Callable[[Prompt, str], bool]) -> Metric:
         return clustered_mean([[float(check(p, c)) for c in cs] for p, cs in zip(prompts, completions)])
 
     return {"accuracy": rate(is_correct), **({"format": rate(follows_format)} if follows_format is not None else {})}
 
 
-def mean_reward(scorer: Scorer, prompts: Sequence[Prompt], completions: Sequence[Sequence[str]]) -> Metric:
-    """The paper's "average reward" (§4.2): mean over prompts of the mean score of their replies."""
-    _check_lengths(prompts, completions)
-    flat_prompts = [p for p, cs in zip(prompts, completions) for _ in cs]
-    scores = scorer.score(flat_prompts, [c for cs in completions for c in cs])
-    groups, i = [], 0
-    for cs in completions:
-        groups.append(scores[i : i + len(cs)])
-        i += len(cs)
-    return clustered_mean(groups)
+def checks(evaluator: Evaluator) -> tuple[Callable[[Prompt, str], bool], Callable[[Prompt, str], bool] | None]:
+    """What decides a correct reply (the configured verifier, a threshold on the reward scorer's score, or the
+    task's verifier) and the answer-format check (configured, or the task's; none for a user's task)."""
+    acc, task = evaluator.config.accuracy, evaluator.task
+    if acc.verifier is not None:
+        is_correct = load_callable(acc.verifier)
+    elif acc.threshold is not None:
+        def is_correct(prompt: Prompt, completion: str) -> bool:
+            return evaluator.scorer.score([prompt], [completion])[0] >= acc.threshold
+    else:
+        is_correct = task.is_correct
+    if acc.format is not None:
+        return is_correct, load_callable(acc.format)
+    return is_correct, format_check(task) if task is not None else None
 
 
-def _check_lengths(prompts: Sequence[Prompt], completions: Sequence[Sequence[str]]) -> None:
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completion lists; pass one list per prompt")
+def _measure(run: Pass) -> dict[str, Metric]:
+    acc = run.config.accuracy
+    is_correct, follows_format = run.state
+    return accuracy_metrics(is_correct, follows_format, run.evaluator.prompts, run.texts(acc.sampling, acc.samples))
+
+
+SPEC = Spec(
+    name="accuracy", summary="the task's verifier (or evaluation.accuracy.verifier / threshold) on each reply",
+    reports="`accuracy`, and `format` where there is a format check", measure=_measure,
+    metrics=("accuracy", "format"), prepare=checks,
+    samples=lambda acc: [(acc.sampling, acc.samples)],
+)

@@ -18,6 +18,7 @@ from typing import Any
 
 from itermerge.config.evaluation import PRESETS, LmEvalConfig, LmEvalTask
 from itermerge.errors import ItermergeError
+from itermerge.evaluation.evaluators.base import Pass, Spec
 from itermerge.evaluation.metric import Metric
 
 INSTALL_HINT = "pip install 'itermerge[eval]'"
@@ -190,3 +191,18 @@ def _quiet():
         yield
     finally:
         logger.setLevel(level)
+
+
+def _measure(run: Pass) -> dict[str, Metric]:
+    lm, ev = run.config.lm_eval, run.evaluator
+    return run_lm_eval(run.model, resolve_tasks(lm), ev.tokenizer, include_path=lm.include_path, limit=lm.limit,
+                       batch_size=lm.batch_size, fewshot_as_multiturn=lm.fewshot_as_multiturn,
+                       split=ev.split if lm.split_documents else None)
+
+
+SPEC = Spec(
+    name="lm_eval", summary="lm-eval-harness benchmarks (a preset or tasks) on the model in memory",
+    reports="`lm_eval/TASK` per task and `lm_eval/average`", measure=_measure,
+    no_subset=lambda ev: ("evaluation.lm_eval measures benchmark documents, not the split's prompts, so it "
+                          "cannot be evaluated on a prompt subset; use search.method: grid with lm_eval"),
+)
