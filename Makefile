@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick demo-if study results test test-vllm lint bench clean
+.PHONY: demo demo-quick demo-if study study-if results test test-vllm lint bench clean
 
 # Every install pins what constraints.txt records, the versions `make test` passed with; LOCK= installs the newest
 # releases pyproject.toml admits instead (`make test-latest` tests those in a venv of their own).
@@ -48,9 +48,16 @@ study: $(STAMP)
 	$(VENV)/bin/itermerge replicate study --out runs/study --prune-caches
 	$(MAKE) results
 
-# docs/results.md from runs/study (and runs/demo's studies when it exists).
+# The instruction-following study: 5 seeds of `make demo-if`'s run (about 22 minutes each on 2 cores).
+study-if: $(IF_STAMP)
+	$(VENV)/bin/itermerge replicate examples/instruction_following/config.yaml --seeds 0-4 --out runs/if-study \
+		--prune-caches
+	$(MAKE) results
+
+# docs/results.md from runs/study (and runs/demo's studies and runs/if-study when they exist).
 results: $(STAMP)
-	$(VENV)/bin/itermerge results --study runs/study $(if $(wildcard runs/demo/manifest.json),--demo runs/demo)
+	$(VENV)/bin/itermerge results --study runs/study $(if $(wildcard runs/demo/manifest.json),--demo runs/demo) \
+		$(if $(wildcard runs/if-study/aggregate.json),--task-study runs/if-study)
 
 # The numeric tests run twice: on this CPU's own kernels, then on AVX2's (another summation order, as on a CPU
 # without AVX-512), so a tolerance tuned to one kind of CPU fails here rather than on a user's machine.

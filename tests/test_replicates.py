@@ -434,3 +434,36 @@ def test_the_results_page_leads_with_the_primary_endpoint_and_holm_adjusts_the_r
     assert "`smollm2-135m-instruct`" in limits and "one task, `arithmetic`" in limits
     assert "Prompts per iteration: 32" in limits and "Dev size: 64 dev prompts" in limits
     assert "Judge = capability" in limits and "`itermerge.tasks.arithmetic:score`" in limits
+
+
+def test_another_tasks_study_gets_a_section_of_its_own_with_every_test_axis(tmp_path):
+    """A study of another task (--task-study): its own design, answer and claims (a Holm family of its own), and each
+    search's table with the test-only axes beside accuracy; the main study's page is unchanged by it."""
+    from itermerge.cli import main
+
+    base = {0: [0, 0, 0, 0], 1: [0, 1, 0, 0], "best": [0, 1, 0, 0], "expo": [1, 0, 1, 0], "uniform": [0, 1, 1, 0]}
+    for seed, merged in ((0, [1, 1, 1, 0]), (1, [1, 1, 0, 0])):
+        d = _fake_search(tmp_path / "task", seed, {**base, 2: [1, 0, 0, 0], "merged": merged})
+        test = json.loads((d / "test.json").read_text())
+        for m in test["models"]:  # the axis: merged loses one arithmetic prompt of four against every other row
+            items = [1.0, 1.0, 0.0, 0.0] if m["t"] == "merged" else [1.0, 1.0, 1.0, 0.0]
+            m["metrics"]["arith/accuracy"] = {"value": sum(items) / 4, "stderr": 0.25, "n": 4, "items": items}
+        (d / "test.json").write_text(json.dumps(test))
+    agg = aggregate(tmp_path / "task")
+    search = agg["regimes"]["lr"]["searches"]["search"]
+    theta_T = next(p for p in search["paired"] if p["b"] == 2)["metrics"]
+    assert theta_T["arith/accuracy"]["difference"] == pytest.approx(-0.25)
+    out = tmp_path / "results.md"
+    assert main(["results", "--task-study", str(tmp_path / "task"), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert f"## Another task: the study `{tmp_path / 'task'}`" in page and "### Its claims" in page
+    assert "| lr, T = 2, 2 seeds |" in page  # its answer
+    table = next(line for line in page.splitlines() if line.startswith("| model | accuracy (mean over seeds"))
+    assert "arith/accuracy (mean over seeds, 95% CI)" in table
+    lines = page.splitlines()
+    merged_row = next(line for line in lines if line.startswith("| Merged"))
+    assert merged_row.endswith("| 0.5 [+0.5, +0.5] |")  # its arith/accuracy in both seeds; every other row 0.75
+    assert next(line for line in lines if line.startswith("| Iter 2 | 0.25")).endswith("| 0.75 [+0.75, +0.75] |")
+    minus_T = next(line for line in lines if line.startswith("| Iter 2 | +"))  # merge − θT, paired, per metric
+    assert minus_T.split("|")[2].strip().startswith(f"{theta_T['accuracy']['difference']:+.3g} [")
+    assert minus_T.split("|")[3].strip().startswith("-0.25 [")

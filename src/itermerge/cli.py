@@ -180,8 +180,11 @@ def _results_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("results", help="docs/results.md from a study directory and a demo run (nothing recomputed)")
     p.add_argument("--study", help="a directory made by `itermerge replicate`")
     p.add_argument("--demo", help="a run directory of `itermerge demo` (its studies: α, λ, ensemble)")
+    p.add_argument("--task-study", action="append", default=[], metavar="DIR",
+                   help="a study of another task (`itermerge replicate` of its config, e.g. the instruction-following "
+                        "example): a section of its own, every test axis shown; repeatable")
     p.add_argument("--out", default="docs/results.md")
-    p.add_argument("--aggregate", action="store_true", help="re-aggregate the study's runs first")
+    p.add_argument("--aggregate", action="store_true", help="re-aggregate the studies' runs first")
     p.set_defaults(func=cmd_results)
 
 

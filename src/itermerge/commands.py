@@ -276,8 +276,11 @@ def cmd_results(args: argparse.Namespace) -> None:
     if args.aggregate:
         from itermerge.replicates import aggregate
 
-        if not args.study:
-            raise ItermergeError("itermerge results --aggregate: name the study directory (--study DIR)")
-        aggregate(args.study)
-    out = write_results(args.out, study=args.study, demo=args.demo, command=command)
+        if not args.study and not args.task_study:
+            raise ItermergeError("itermerge results --aggregate: name the study directory (--study DIR or "
+                                 "--task-study DIR)")
+        for study in [args.study, *args.task_study]:
+            if study:
+                aggregate(study)
+    out = write_results(args.out, study=args.study, demo=args.demo, command=command, tasks=args.task_study)
     print(f"results: {out}")
