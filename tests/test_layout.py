@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from itermerge.errors import ItermergeError
 from itermerge.rundir import RunLayout, SearchLayout
 
 
@@ -20,3 +23,24 @@ def test_a_run_directory_names_its_files_in_one_place(tmp_path):
     # every θ1..θT first, then T' in order (10 after 2, not before it as by name), then anything else by name
     assert [s.dir.name for s in run.searches()] == ["search", "search_T2", "search_T10", "search_grid"]
     assert SearchLayout(tmp_path / "search_grid").at is None
+
+
+def test_an_iteration_a_study_and_a_replicated_study_name_their_files_there_too(tmp_path):
+    from itermerge.rundir import IterationLayout, ReplicateLayout
+
+    run = RunLayout(tmp_path)
+    files = run.files(2)
+    assert isinstance(files, IterationLayout) and files.dir == tmp_path / "iter_02"
+    assert (files.prompts.name, files.samples.name, files.pairs.name) == ("prompts.jsonl", "samples.jsonl",
+                                                                          "pairs.jsonl")
+    assert files.reference_logprobs == tmp_path / "iter_02" / "reference_logprobs.jsonl"
+    assert (files.model, files.adapter, files.metrics) == (tmp_path / "iter_02" / "model", tmp_path / "iter_02" /
+                                                           "adapter", tmp_path / "iter_02" / "metrics.json")
+    assert run.study_result("ensemble") == tmp_path / "studies" / "ensemble" / "approximation.json"
+    assert run.study_result("accuracy") == tmp_path / "studies" / "accuracy" / "accuracy.json"
+    with pytest.raises(ItermergeError, match="study 'x': not one of alpha, accuracy, ensemble, lambda"):
+        run.study_result("x")
+    study = ReplicateLayout(tmp_path)
+    assert (study.record.name, study.aggregate.name) == ("study.json", "aggregate.json")
+    assert study.run("lr-1e-5", 3) == tmp_path / "lr-1e-5" / "seed_3"
+    assert (run.wall_time.name, run.provenance.name) == ("wall_time.json", "provenance.json")

@@ -100,7 +100,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def _config_of(run_dir: Path, override: str | None, sets: list[str]):
     from itermerge.config import load_config
 
-    path = Path(override) if override else run_dir / "config.yaml"
+    path = Path(override) if override else RunLayout(run_dir).config
     if not path.exists():
         raise ItermergeError(
             f"{path}: no config; pass --config CONFIG.yaml (the run's own config.yaml is used by default)"

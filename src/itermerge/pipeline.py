@@ -43,7 +43,7 @@ def run(cfg: RunConfig, run_dir: str | os.PathLike, force: bool = False, verify:
             from itermerge.report import write_report
 
             print(f"report: {write_report(run_dir)}")
-    return run_dir / "report.md"
+    return RunLayout(run_dir).report
 
 
 def iterate(cfg: RunConfig, run_dir: str | os.PathLike, force: bool = False, accelerator: Any = None,
@@ -114,7 +114,7 @@ def run_studies(runner: StageRunner, cfg: RunConfig, run_dir: Path, thetas: list
     layout = RunLayout(run_dir)
     merged = layout.merged if (layout.merged / "config.json").exists() else thetas[-1]
     for name in wanted:
-        out = layout.study(name)
+        out, result = layout.study(name), layout.study_result(name)  # its numbers; its plot in PNG beside
         if name == "alpha":
             runner.sharded("studies/alpha", partial(stages.alpha_work, cfg, run_dir, thetas),
                            partial(stages.alpha_finish, cfg, run_dir), outputs=[out])
@@ -123,7 +123,7 @@ def run_studies(runner: StageRunner, cfg: RunConfig, run_dir: Path, thetas: list
                            partial(stages.accuracy_sets_finish, run_dir), outputs=[out / "sets"])
             runner.sharded("studies/accuracy", partial(stages.accuracy_work, cfg, run_dir, thetas, merged),
                            partial(stages.accuracy_finish, cfg, run_dir, thetas),
-                           outputs=[out / "accuracy.json", out / "accuracy.png"])
+                           outputs=[result, result.with_suffix(".png")])
         elif name == "ensemble":
             lam, alpha = choice["lam"], choice["alpha"]
             runner.sharded("studies/ensemble", partial(stages.ensemble_work, cfg, thetas, lam, alpha),
@@ -133,7 +133,7 @@ def run_studies(runner: StageRunner, cfg: RunConfig, run_dir: Path, thetas: list
             theta_b = theta_b or second_criterion_run(runner, cfg, run_dir)
             runner.sharded("studies/lambda", partial(stages.lambda_work, cfg, thetas, theta_b),
                            partial(stages.lambda_finish, cfg, run_dir, thetas, theta_b),
-                           outputs=[out / "lambda.json", out / "lambda.png"])
+                           outputs=[result, result.with_suffix(".png")])
 
 
 # --- the run directory ------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def open_run(cfg: RunConfig, run_dir: str | os.PathLike, force: bool = False, ac
                     )
                 if changed:
                     _clear(run_dir)
-            atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+            atomic_write_text(RunLayout(run_dir).config, to_yaml(cfg))
             manifest = Manifest(run_dir)
             manifest.set_meta("config", to_dict(cfg))
             manifest.set_meta("reference", str(resolve_model(cfg.model.path)))

@@ -25,7 +25,7 @@ from itermerge.config.parse import read_yaml
 from itermerge.config.study import Primary, parse_primary
 from itermerge.errors import ItermergeError
 from itermerge.provenance import provenance
-from itermerge.rundir import RunLayout, SearchLayout, atomic_write_json
+from itermerge.rundir import ReplicateLayout, RunLayout, SearchLayout, atomic_write_json
 
 # the merge is compared with the best θt on dev (early stopping), θT, ExPO, the uniform average and θ0
 BASELINES = ("best", "T", "expo", "uniform", 0)
@@ -116,7 +116,7 @@ def replicate(study: Study, out: str | os.PathLike, *, prune_caches: bool = Fals
     for regime, by_seed in configs.items():
         for seed, cfg in by_seed.items():
             k += 1
-            run_dir = out / regime / f"seed_{seed}"
+            run_dir = ReplicateLayout(out).run(regime, seed)
             print(f"[{k}/{total}] {regime}, seed {seed} → {run_dir}", flush=True)
             start, before = time.time(), _manifest_text(run_dir)
             run(cfg, run_dir)
@@ -151,7 +151,7 @@ def write_study_record(out: Path, study: Study, here: dict[str, Any]) -> None:
     runs = {}
     for path in sorted(out.glob("*/seed_*/provenance.json")):
         runs[f"{path.parent.parent.name}/{path.parent.name}"] = json.loads(path.read_text())
-    atomic_write_json(out / "study.json", {
+    atomic_write_json(ReplicateLayout(out).record, {
         "name": study.name, "seeds": list(study.seeds), "run": study.run, "regimes": study.regimes,
         "primary": None if study.primary is None else study.primary.to_dict(), "machine": machine(), **here,
         "runs": runs})
@@ -165,7 +165,7 @@ def _manifest_text(run_dir: Path) -> str | None:
 def _note_provenance(run_dir: Path, here: dict[str, Any], *, changed: bool) -> None:
     """Append this code's commit and versions to run_dir/provenance.json when this invocation changed the run (a
     finished run that a resumed study only skipped keeps the record of the code that made it)."""
-    path = run_dir / "provenance.json"
+    path = RunLayout(run_dir).provenance
     entries = json.loads(path.read_text()) if path.exists() else []
     if (changed or not entries) and (not entries or entries[-1] != here):
         atomic_write_json(path, [*entries, here])
@@ -173,7 +173,7 @@ def _note_provenance(run_dir: Path, here: dict[str, Any], *, changed: bool) -> N
 
 def _note_time(run_dir: Path, seconds: float) -> None:
     """Wall seconds of this invocation, appended to run_dir/wall_time.json (a resumed run has several)."""
-    path = run_dir / "wall_time.json"
+    path = RunLayout(run_dir).wall_time
     spans = json.loads(path.read_text()) if path.exists() else []
     atomic_write_json(path, [*spans, round(seconds, 1)])
 
@@ -210,7 +210,7 @@ def aggregate(out: str | os.PathLike) -> dict[str, Any]:
             "searches": {name: aggregate_search([r / name for r in runs if SearchLayout(r / name).test.exists()])
                          for name in searches},
         }
-    atomic_write_json(out / "aggregate.json", result)
+    atomic_write_json(ReplicateLayout(out).aggregate, result)
     return result
 
 
@@ -220,7 +220,7 @@ def _search_order(name: str) -> tuple[int, int]:
 
 def _wall(run_dir: Path) -> float | None:
     """Seconds the run's stages took, from its manifest (invocations' wall time where recorded)."""
-    path = run_dir / "wall_time.json"
+    path = RunLayout(run_dir).wall_time
     return round(sum(json.loads(path.read_text())), 1) if path.exists() else None
 
 

@@ -33,7 +33,7 @@ from itermerge.claims import (
 )
 from itermerge.errors import ItermergeError
 from itermerge.replicates import mde_under_rule
-from itermerge.rundir import RunLayout, atomic_write_text
+from itermerge.rundir import ReplicateLayout, RunLayout, atomic_write_text
 from itermerge.tables import fmt_ci, metric_names, operators_table
 
 PAPER_EFFECT = 0.025  # the size of effect the paper's Table 2 reports for the merge: 2.5 accuracy points
@@ -84,10 +84,11 @@ def write_results(out: str | os.PathLike, *, study: str | os.PathLike | None = N
 
 
 def _study_files(study: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    path = study / "aggregate.json"
+    path = ReplicateLayout(study).aggregate
     if not path.exists():
         raise ItermergeError(f"{path}: not found; run `itermerge replicate` (it aggregates when it finishes)")
-    meta = json.loads((study / "study.json").read_text()) if (study / "study.json").exists() else {}
+    record = ReplicateLayout(study).record
+    meta = json.loads(record.read_text()) if record.exists() else {}
     return json.loads(path.read_text()), meta
 
 

@@ -257,8 +257,36 @@ class RunLayout:
         found = [SearchLayout(p) for p in self.root.glob(f"{SEARCH}*") if p.is_dir()]
         return sorted(found, key=lambda s: (s.dir.name != SEARCH, s.at is None, s.at or 0, s.dir.name))
 
+    provenance = property(lambda self: self.root / "provenance.json")  # the code and versions of each invocation
+    wall_time = property(lambda self: self.root / "wall_time.json")  # the wall seconds of each invocation
+
     def study(self, name: str) -> Path:
         return self.studies / name
+
+    def study_result(self, name: str) -> Path:
+        """studies/NAME/RESULT.json: a study's numbers (``STUDY_RESULTS``); its plot is the same name in PNG."""
+        if name not in STUDY_RESULTS:
+            raise ItermergeError(f"study {name!r}: not one of {', '.join(STUDY_RESULTS)}")
+        return self.study(name) / STUDY_RESULTS[name]
+
+
+# Each study's result file in studies/NAME/ (the ensemble study measures the merge's approximation of eq. 6).
+STUDY_RESULTS = {"alpha": "alpha.json", "accuracy": "accuracy.json", "ensemble": "approximation.json",
+                 "lambda": "lambda.json"}
+
+
+@dataclass(frozen=True)
+class ReplicateLayout:
+    """A replicated study's directory (``itermerge replicate``): one run directory per regime and seed, the study as
+    run (study.json) and what its runs pool to (aggregate.json)."""
+
+    root: Path
+
+    record = property(lambda self: self.root / "study.json")
+    aggregate = property(lambda self: self.root / "aggregate.json")
+
+    def run(self, regime: str, seed: int) -> Path:
+        return self.root / regime / f"seed_{seed}"
 
 
 def _tag(at: int | None) -> str:

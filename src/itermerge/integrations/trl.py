@@ -21,7 +21,7 @@ from itermerge.checkpoint import save_model
 from itermerge.errors import ItermergeError
 from itermerge.merging import merge_checkpoints
 from itermerge.operators import operator
-from itermerge.rundir import RunLayout
+from itermerge.rundir import IterationLayout, RunLayout
 
 SAVE_EVERY = ("epoch", "train")
 
@@ -84,5 +84,5 @@ class IterMergeCallback(TrainerCallback):
         log = json.dumps({"global_step": state.global_step, "epoch": state.epoch, "log_history": state.log_history},
                          indent=2, default=float)
         save_model(model, tokenizer, RunLayout(self.run_dir).files(t).model, force=True,
-                   extra=[("training_metrics.json", log)])
+                   extra=[(IterationLayout.training_metrics, log)])
         model.train(was_training)

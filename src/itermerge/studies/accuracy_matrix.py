@@ -16,6 +16,7 @@ from itermerge.logprobs import score_sequences
 from itermerge.maths.dpo import induced_reward
 from itermerge.maths.statistics import preference_accuracy
 from itermerge.records import Completion, PreferencePair, Prompt
+from itermerge.rundir import STUDY_RESULTS
 from itermerge.sampling import SamplingParams
 from itermerge.studies.induced import (
     ModelRef,
@@ -154,5 +155,5 @@ def accuracy_result(
         "pairs": {r: len(test_sets[r]) for r in rows},
     }
     if out_dir is not None:
-        write_study(result, Path(out_dir) / "accuracy.json", plot_heatmap)
+        write_study(result, Path(out_dir) / STUDY_RESULTS["accuracy"], plot_heatmap)
     return result

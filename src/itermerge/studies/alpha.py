@@ -13,6 +13,7 @@ from itermerge import __version__
 from itermerge.errors import ItermergeError
 from itermerge.merging import MergeBasis
 from itermerge.records import Prompt
+from itermerge.rundir import STUDY_RESULTS
 from itermerge.sampling import SamplingParams
 from itermerge.studies.induced import (
     check_beta,
@@ -92,5 +93,5 @@ def alpha_result(alphas: Sequence[float], per_alpha: list[dict[str, list[float]]
     result = {"itermerge_version": __version__, "what": "Table 1 / Fig. 2: scaling α with λ = 0", "beta": beta,
               "prompts": prompts, "samples_per_prompt": samples_per_prompt,
               **summarise("alpha", alphas, per_alpha)}
-    write_study(result, Path(out_dir) / "alpha.json", plot_curves)
+    write_study(result, Path(out_dir) / STUDY_RESULTS["alpha"], plot_curves)
     return result

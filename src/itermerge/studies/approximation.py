@@ -232,7 +232,7 @@ def approximation_write(
     weights: Sequence[float] | None = None, params: SamplingParams | None = None, note: str | None = None,
 ) -> dict[str, Any]:
     """approximation.json and .png from the shares' parts (in share order; one of them measured the cost)."""
-    from itermerge.rundir import atomic_write_json
+    from itermerge.rundir import STUDY_RESULTS, atomic_write_json
 
     k = _weights(checkpoints, lam, alpha, weights, prompts)
     params = params or SamplingParams(n=1, temperature=1.0, max_new_tokens=64)
@@ -245,7 +245,7 @@ def approximation_write(
         "error": approximation_report([p["sums"] for p in parts]),
         "cost": next(p["cost"] for p in parts if p["cost"] is not None),
     }
-    out = Path(out_dir)
-    atomic_write_json(out / "approximation.json", result)
-    save_figure(plot_approximation(result, pyplot()), out / "approximation.png")
+    path = Path(out_dir) / STUDY_RESULTS["ensemble"]
+    atomic_write_json(path, result)
+    save_figure(plot_approximation(result, pyplot()), path.with_suffix(".png"))
     return result

@@ -13,6 +13,7 @@ from itermerge.errors import ItermergeError
 from itermerge.maths.statistics import pearson
 from itermerge.merging import MergeBasis
 from itermerge.records import Prompt
+from itermerge.rundir import STUDY_RESULTS
 from itermerge.sampling import SamplingParams
 from itermerge.studies.induced import (
     check_beta,
@@ -104,5 +105,5 @@ def lambda_result(
               "theta0": str(theta0), "theta_a": str(theta_a), "theta_b": str(theta_b), "names": list(names),
               "prompts": prompts, "samples_per_prompt": samples_per_prompt, **summary,
               "reward_correlation": {"between": rewards, "pearson_r": r, "p_value": p}}
-    write_study(result, Path(out_dir) / "lambda.json", plot_curves)
+    write_study(result, Path(out_dir) / STUDY_RESULTS["lambda"], plot_curves)
     return result
