@@ -199,11 +199,11 @@ def _limitations_section(agg: dict[str, Any], meta: dict[str, Any]) -> str:
     capability = rule.get("capability", ["accuracy"])
     axes = [a.get("name") for a in ((run.get("evaluation") or {}).get("axes") or [])]
     if scorer.get("type") == "verifier" and "accuracy" in capability:
-        unseen = (f"measured only on the test-only axes ({', '.join(axes)}), which never choose" if axes else
-                  "unseen")
+        unseen = (f"shows only on the test-only axes ({', '.join(axes)}), which never choose" if axes else
+                  "would go unseen")
         items.append(f"- Judge = capability: the rule's reward ({rule.get('reward', 'reward')}) and its capability "
                      f"floor (accuracy) both come from the task's verifier (`{scorer.get('function', 'verifier')}`), "
-                     f"so the two axes are not independent: a capability lost outside this task would go {unseen}.")
+                     f"so the two axes are not independent: a capability lost outside this task {unseen}.")
     return "## Limitations\n\n" + "\n".join(items) + "\n"
 
 
