@@ -13,7 +13,7 @@ from itermerge.plots import annotate_apart, pyplot, save_figure
 from itermerge.records import read_records
 from itermerge.rundir import IterationLayout, RunLayout, atomic_write_text
 from itermerge.search.selection import LOWER_IS_BETTER, pareto_frontier
-from itermerge.tables import fmt_ci, fmt_metric, metrics_table, operators_table, paired_table
+from itermerge.tables import check_section, fmt_ci, fmt_metric, metrics_table, operators_table, paired_table
 
 
 def write_report(run_dir: str | os.PathLike) -> Path:
@@ -121,7 +121,8 @@ def _operators_section(record: dict[str, Any] | None, choice: dict[str, Any]) ->
             f"{record['split']}; the last columns are the operator minus the chosen paper merge, paired prompt by "
             "prompt (95% interval, p). TIES and DARE sparsify each θ_t − θ0, then weight it with the search's "
             f"λ = {record['lam']:g}, α = {record['alpha']:g}.\n\n" + operators_table(record) + "\nOn dev:\n\n"
-            + why + "\n")
+            + why + "\n" + "".join(check_section(o) for o in record["operators"] if o["dev"].get("check")))
+
 
 
 def _timing_section(points: list[dict[str, Any]], checkpoints: list[dict[str, Any]]) -> str:

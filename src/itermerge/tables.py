@@ -68,16 +68,16 @@ def fmt_difference(d: dict[str, Any] | None) -> str:
     return f"{d['difference']:+.3g} {fmt_ci(d)}{p}"
 
 
-def paired_table(paired: Sequence[dict[str, Any]]) -> str:
-    """One row per comparison (the merge − a baseline), one column per metric held per prompt by both; a row with
-    ``equals`` names the row whose comparison it repeats."""
+def paired_table(paired: Sequence[dict[str, Any]], minus: str = "merge") -> str:
+    """One row per comparison (``minus``, the merge, − a baseline), one column per metric held per prompt by both; a
+    row with ``equals`` names the row whose comparison it repeats."""
     names = metric_names([{"metrics": row["metrics"]} for row in paired])
     if not paired or not names:
         return ""
-    lines = ["| merge − | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines = [f"| {minus} − | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for row in paired:
         if row.get("equals"):  # the same model as another row: its comparison is that row's
-            lines.append(f"| {row['b_name']} | " + " | ".join([f"= merge − {row['equals']}"] * len(names)) + " |")
+            lines.append(f"| {row['b_name']} | " + " | ".join([f"= {minus} − {row['equals']}"] * len(names)) + " |")
             continue
         lines.append(f"| {row['b_name']} | " + " | ".join(fmt_difference(row["metrics"].get(n)) for n in names) + " |")
     return "\n".join(lines) + "\n"
@@ -103,3 +103,15 @@ def operators_table(record: dict[str, Any], metrics: Sequence[str] | None = None
                  *(fmt_difference(against.get(n)) for n in names)]
         lines.append(f"| {o['title']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def check_section(o: dict[str, Any]) -> str:
+    """A fitted operator's check (search/learned.py): on the half of dev its fit never read, its k_t beside the
+    paper's (λ, α), best θt and θT chosen by the rule on the fit half, and the uniform average."""
+    check = o["dev"]["check"]
+    start, stop = check["halves"]["check"]
+    return (f"\n{o['title']} checked on dev prompts [{start}, {stop}), which its fit never read; every other row "
+            f"was chosen by the rule on the fit half [{check['halves']['fit'][0]}, {check['halves']['fit'][1]}) "
+            "and is read here from the search's own dev records:\n\n"
+            + metrics_table([(m["name"], m) for m in check["models"]])
+            + "\n" + paired_table(check["paired"], minus=o["title"]))

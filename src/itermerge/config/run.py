@@ -242,6 +242,15 @@ class RunConfig:
         if late:
             raise ItermergeError(f"search.at = {list(self.search.at)}: T' = {late[0]} is not below iterations = "
                                  f"{self.iterations}; the full run's search is already T = {self.iterations}")
+        if "learned" in self.search.operators:  # fitted on one half of dev, checked on the other (search/learned.py)
+            if self.evaluation.lm_eval is not None:
+                raise ItermergeError("search.operators.learned: evaluation.lm_eval measures benchmark documents, which "
+                                     "cannot be split into a fit half and a check half of dev; leave learned out of "
+                                     "search.operators or evaluation.lm_eval out of the run")
+            if self.evaluation.prompts.n < 4:
+                raise ItermergeError(f"search.operators.learned: {self.evaluation.prompts.n} dev prompts (prompts.dev, "
+                                     "evaluation.prompts.n) cannot be split into a fit half and a check half of at "
+                                     "least 2 each; give prompts.dev >= 4")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -96,7 +96,8 @@ class SearchConfig:
                                                 "on dev, one per operator chosen by the same rule against θT, that "
                                                 "one tested once (search/operators.json). Each operator ranges over "
                                                 "the parameters docs/design.md's operator table lists (model_stock: "
-                                                "none, {}); TIES and DARE sparsify each θ_t − θ0, then weight it with "
+                                                "none, {}; learned: its k_t fitted on half of dev, {}); TIES and "
+                                                "DARE sparsify each θ_t − θ0, then weight it with "
                                                 "the search's chosen (λ, α). Empty: off"}
     )
 
@@ -154,17 +155,22 @@ def _operator_grids(operators: Any) -> dict[str, dict[str, tuple[Any, ...]]]:
             raise ItermergeError(f"{where}: not an operator the search compares; choose among "
                                  f"{', '.join(searchable)} (the paper's merge is the search itself)")
         spec = searchable[name]
-        takes = spec.searched
-        example = f"{name}: {{{takes[0]}: [...]}}" if takes else f"{name}: {{}}"
-        grid = {} if grid is None and not takes else grid
+        fit = spec.search == "fit"  # its parameters are fitted on dev: the settings are the fit's, optional
+        takes = tuple(p.name for p in spec.fitted) if fit else spec.searched
+        example = f"{name}: {{{takes[0]}: [...]}}" if takes and not fit else f"{name}: {{}}"
+        grid = {} if grid is None and (fit or not takes) else grid
         if not isinstance(grid, dict):
             raise ItermergeError(f"{where} = {grid!r}: give its parameter's values, e.g. {example}")
         unknown = [key for key in grid if key not in takes]
         if unknown:
             raise ItermergeError(f"{where}.{unknown[0]}: {name} takes {', '.join(takes) or 'no parameters'}")
-        if takes and takes[0] not in grid:
+        if takes and not fit and takes[0] not in grid:
             raise ItermergeError(f"{where}: give {takes[0]}, e.g. {example}")
         grids[name] = {key: _operator_values(f"{where}.{key}", spec.param(key), values) for key, values in grid.items()}
+        several = [key for key, values in grids[name].items() if fit and len(values) > 1]
+        if several:
+            raise ItermergeError(f"{where}.{several[0]}: {name} is fitted on dev, not searched over a grid; give one "
+                                 f"value, e.g. {several[0]}: {grids[name][several[0]][0]!r}")
     return grids
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from itermerge.errors import ItermergeError
-from itermerge.operators import dare, ema, expo, groups, model_stock, paper, slerp, ties
+from itermerge.operators import dare, ema, expo, groups, learned, model_stock, paper, slerp, ties
 from itermerge.operators.base import Operator, Param, Resolved, Spec
 
 REGISTRY: dict[str, Spec] = {spec.name: spec for spec in (
@@ -18,6 +18,7 @@ REGISTRY: dict[str, Spec] = {spec.name: spec for spec in (
     dare.SPEC,
     groups.SPEC,
     model_stock.SPEC,
+    learned.SPEC,
 )}
 
 
@@ -49,8 +50,10 @@ def markdown_table() -> str:
             "|---|---|---|---|---|---|"]
     for s in REGISTRY.values():
         takes = ", ".join(f"`{p.flag}`" + (" (required)" if p.required else "") for p in s.params) or "none"
-        search = "—" if s.searched is None else {"basis": "in memory", "each": "in memory (every θ_t)",
-                                                 "disk": "merged to disk"}[s.search]
+        search = "—" if s.searched is None else {
+            "basis": "in memory", "each": "in memory (every θ_t)", "disk": "merged to disk",
+            "fit": "fitted on half of dev, checked on the other (" + ", ".join(f"`{p.name}`" for p in s.fitted) + ")",
+        }[s.search]
         what = s.description.replace("|", "\\|")  # a literal | inside a table cell
         mergekit = f"`{s.mergekit}`" if s.mergekit else "—"
         rows.append(f"| `{s.name}` | {what} | {takes} | {s.linearity} | {search} | {mergekit} |")

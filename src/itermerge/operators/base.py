@@ -110,7 +110,9 @@ class Spec:
     ``resolve(given, T, names)`` turns checked parameters into a ``Resolved`` for T checkpoints and the float
     tensors ``names``. ``searched``: the parameters ``search.operators`` ranges over (None: not searchable);
     ``search`` how a candidate is merged there — "basis" (in memory from θ0, θ̄, θT), "each" (in memory from
-    every θ_t when T ≥ 3) or "disk" (streamed to a temporary directory); ``takes_choice``: the candidate takes
+    every θ_t when T ≥ 3), "disk" (streamed to a temporary directory) or "fit" (its parameters fitted on one half
+    of dev and checked on the other, search/learned.py, merged as "each"; ``fitted``: the fit's settings, one value
+    each in ``search.operators``); ``takes_choice``: the candidate takes
     the search's chosen (λ, α). ``min_T`` checkpoints are needed, ``why`` says why. ``mergekit``: its
     merge_method, if one reproduces it, and what differs (``mergekit_note``). ``shared_k``: eq. (9) with one k per
     checkpoint for every tensor. ``linearity``: in words, for the docs table (``Resolved.linear`` decides).
@@ -124,6 +126,7 @@ class Spec:
     resolve: Callable[[dict[str, Any], int, Sequence[str]], Resolved]
     searched: tuple[str, ...] | None = None
     search: str = "basis"
+    fitted: tuple[Param, ...] = ()
     takes_choice: bool = False
     min_T: int = 1
     why: str = ""
@@ -133,7 +136,7 @@ class Spec:
     linearity: str = "yes"
 
     def param(self, name: str) -> Param:
-        return next(p for p in self.params if p.name == name)
+        return next(p for p in (*self.params, *self.fitted) if p.name == name)
 
     def check(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """The given parameters (None: not given), checked against the declaration: a parameter of another operator,

@@ -72,6 +72,12 @@ def dev_size(eval_config: EvalConfig, split: str) -> int:
     return len(split_prompts(eval_config.prompts, split))
 
 
+def context_dev_size(ctx: SearchContext) -> int:
+    """How many dev prompts a search's evaluators measure: the given evaluator's, else the configured evaluators'."""
+    given = ctx.evaluators.get(ctx.config.split)
+    return len(given.prompts) if given is not None else dev_size(ctx.eval_config, ctx.config.split)
+
+
 # --- the race ---------------------------------------------------------------------------------------------
 
 

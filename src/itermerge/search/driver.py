@@ -57,7 +57,7 @@ def search_and_test(runner: StageRunner, ctx: SearchContext, *, test: bool = Tru
         runner(f"mean{tag}", partial(mean_of, list(ctx.checkpoints[:-1]), ctx.mean_cache), outputs=[ctx.mean_cache])
     fingerprint = ctx.eval_config.fingerprint()
     halving = config.method == "halving"
-    n_dev = _dev_size(ctx) if halving else 0
+    n_dev = budget.context_dev_size(ctx) if halving else 0
 
     def work(shard: Shard, evaluate: Any) -> Any:
         with ctx.stage(shard) as mine:
@@ -94,12 +94,6 @@ def search_and_test(runner: StageRunner, ctx: SearchContext, *, test: bool = Tru
         runner.sharded("operators_test", partial(work, evaluate=ops.evaluate_test), partial(ops.write_test, ctx),
                        key={**op_key, "chosen": dev["chosen"]}, outputs=[files.operators])
     return choice
-
-
-def _dev_size(ctx: SearchContext) -> int:
-    """How many dev prompts the rounds grow to: the given evaluator's, else the configured evaluators'."""
-    given = ctx.evaluators.get(ctx.config.split)
-    return len(given.prompts) if given is not None else budget.dev_size(ctx.eval_config, ctx.config.split)
 
 
 def _round(ctx: SearchContext, r: int, n: int) -> int:

@@ -18,10 +18,18 @@ from itermerge.merging import merge_checkpoints
 from itermerge.operators import operator, parameters, spec
 from itermerge.records import read_records
 from itermerge.rundir import atomic_write_json
+from itermerge.search import learned
 from itermerge.search.context import Bench, SearchContext, evaluate_each, refuse_non_finite
 from itermerge.search.finalize import paired_rows
 from itermerge.search.grid import check_split
 from itermerge.search.selection import oriented, regressions, select_point, value
+
+
+def _fmt(value: Any) -> str:
+    """A parameter's value as the tables write it: 0.3, or (0.2, 0.3, 0.5) for k_1..k_T."""
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(f"{x:.3g}" for x in value) + ")"
+    return f"{value:g}"
 
 
 def _symbol(key: str) -> str:
@@ -46,13 +54,13 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{_symbol(k)}={v:g}" for k, v in self.searched.items()) or "no parameters"
+        return ", ".join(f"{_symbol(k)}={_fmt(v)}" for k, v in self.searched.items()) or "no parameters"
 
     @property
     def name(self) -> str:
         """``TIES (density=0.5; λ=0.3, α=0.4)``: the row's name in the tables; the title alone without parameters."""
         rest = {k: v for k, v in self.params.items() if k not in self.searched}
-        fixed = "" if not rest else "; " + ", ".join(f"{_symbol(k)}={v:g}" for k, v in rest.items())
+        fixed = "" if not rest else "; " + ", ".join(f"{_symbol(k)}={_fmt(v)}" for k, v in rest.items())
         title = spec(self.method).title
         return f"{title} ({self.label}{fixed})" if self.searched or fixed else title
 
@@ -69,7 +77,7 @@ def candidates(operators: Mapping[str, Mapping[str, Sequence[Any]]], T: int, lam
     out = []
     for method, grid in operators.items():
         found = spec(method)
-        if found.min_T > T:
+        if found.min_T > T or found.search == "fit":  # a fitted operator has no grid (search/learned.py)
             continue
         for values in itertools.product(*grid.values()):
             searched = dict(zip(grid, values))
@@ -90,8 +98,13 @@ def evaluate_dev(ctx: SearchContext) -> int:
     choice = _choice(ctx)
     todo = [c for c in candidates(config.operators, ctx.T, choice["lam"], choice["alpha"]) if c.key not in done]
     stamp = {**ctx.stamp(), "rank": ctx.shard.rank}
-    return len(_evaluate(ctx, ctx.shard.take(sorted(todo, key=_kind)), config.split, stamp,
-                         append_to=ctx.files.operator_records))
+    evaluated = len(_evaluate(ctx, ctx.shard.take(sorted(todo, key=_kind)), config.split, stamp,
+                              append_to=ctx.files.operator_records))
+    for method in _fitted(ctx):  # its rounds depend on each other: the main process fits it, then checks it
+        if ctx.shard.is_main:
+            result = learned.fit(ctx, choice["baseline"], config.operators[method], evaluate=True)
+            evaluated += result["measured"] + learned.check(ctx, result, choice, evaluate=True)["measured"]
+    return evaluated
 
 
 def choose(ctx: SearchContext) -> dict[str, dict[str, Any]]:
@@ -104,6 +117,9 @@ def choose(ctx: SearchContext) -> dict[str, dict[str, Any]]:
     every = candidates(config.operators, ctx.T, choice["lam"], choice["alpha"])
     chosen: dict[str, dict[str, Any]] = {}
     for method in config.operators:
+        if method in _fitted(ctx):
+            chosen[method] = _learned_choice(ctx, method, choice)
+            continue
         mine = [c for c in every if c.method == method]
         missing = [c.key for c in mine if c.key not in records]
         if missing:
@@ -170,7 +186,7 @@ def write_test(ctx: SearchContext, parts: Sequence[Sequence[dict[str, Any]]]) ->
         out.append({
             "operator": method, "title": spec(method).title, **{k: dev[k] for k in ("name", "label", "none", "key",
                                                                                "searched", "params")},
-            "dev": {k: dev[k] for k in ("reason", "reward_gain", "metrics", "candidates")},
+            "dev": {k: dev[k] for k in ("reason", "reward_gain", "metrics", "candidates", "check") if k in dev},
             **{k: row[k] for k in ("weights", "metrics", "seconds")},
             "paired": [] if dev["key"] is None else paired_rows([row, merged, theta_T], against=method),
         })
@@ -187,7 +203,7 @@ def write_test(ctx: SearchContext, parts: Sequence[Sequence[dict[str, Any]]]) ->
 def _kind(c: Candidate) -> int:
     """0: in memory from θ0, θ̄, θT; 1: in memory from every θ_t (EMA's k_t differ); 2: merged to disk. The
     candidates go in this order, so that one basis at a time is in memory."""
-    return {"basis": 0, "each": 1, "disk": 2}[spec(c.method).search]
+    return {"basis": 0, "each": 1, "fit": 1, "disk": 2}[spec(c.method).search]
 
 
 def _evaluate(ctx: SearchContext, todo: Sequence[Candidate], split: str, stamp: Mapping[str, Any] | None = None,
@@ -206,7 +222,7 @@ def _evaluate(ctx: SearchContext, todo: Sequence[Candidate], split: str, stamp: 
                                         operator(c.method, **c.params), progress=False)
                 bench.load(out)
         else:
-            bench.basis(each=how == "each" and each_theta).apply_operator(bench.model, c.method, **c.params)
+            bench.basis(each=how in ("each", "fit") and each_theta).apply_operator(bench.model, c.method, **c.params)
         refuse_non_finite(bench.model, f"search.operators.{c.method} {c.label}",
                           "take this value out of the grid or evaluate in float32 (model.dtype: float32)")
         return "merge"
@@ -219,6 +235,36 @@ def _evaluate(ctx: SearchContext, todo: Sequence[Candidate], split: str, stamp: 
 
     return evaluate_each(ctx, split, todo, set_weights, row, desc=f"merge operators ({split})",
                          append_to=None if append_to is None else lambda c: append_to)
+
+
+# --- the learned weights (search/learned.py) ------------------------------------------------------------------
+
+
+def _fitted(ctx: SearchContext) -> list[str]:
+    """The operators of search.operators whose parameters are fitted on dev, where T allows them."""
+    return [m for m in ctx.config.operators if spec(m).search == "fit" and spec(m).min_T <= ctx.T]
+
+
+def _learned_choice(ctx: SearchContext, method: str, choice: dict[str, Any]) -> dict[str, Any]:
+    """The fitted k_t as an operator's dev choice, replayed from the records: its fit-half metrics, every k tried,
+    why, and the check on the other half (``learned.check``)."""
+    result = learned.fit(ctx, choice["baseline"], ctx.config.operators[method], evaluate=False)
+    checked = learned.check(ctx, result, choice, evaluate=False)
+    k = result["weights"]
+    best = Candidate(method, {"weights": k}, {"weights": k})
+    base, rule, (start, stop) = result["base"], ctx.config.rule, result["halves"][learned.FIT]
+    reward_gain = select_point([{"lam": 0.0, "alpha": 0.0, "metrics": result["metrics"]}], base, rule)["reward_gain"]
+    moves = sum(1 for a, b in zip(result["path"], result["path"][1:]) if a["weights"] != b["weights"])
+    reason = (f"{best.label}: coordinate ascent on dev prompts [{start}, {stop}) from {result['start']}, "
+              f"{len(result['path']) - 1} rounds, {moves} moves, {len(result['tried'])} k measured: {rule.reward} "
+              f"{value(result, rule.reward):.4g} against θT's {value(base, rule.reward):.4g} on those prompts; "
+              f"checked on [{stop}, {result['n']})")
+    tried = [{"searched": {"weights": t["weights"]}, "round": t["round"], "eligible": t["eligible"],
+              "metrics": {n: {k2: m[k2] for k2 in ("value", "stderr", "n")} for n, m in t["metrics"].items()},
+              "seconds": result["seconds"][learned.key(learned.FIT, tuple(t["weights"]))]} for t in result["tried"]]
+    return {"key": best.key, "name": best.name, "label": best.label, "none": None, "searched": best.searched,
+            "params": best.params, "reason": reason, "reward_gain": reward_gain, "metrics": result["metrics"],
+            "candidates": tried, "check": checked}
 
 
 # --- records -------------------------------------------------------------------------------------------
