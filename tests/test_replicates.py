@@ -244,6 +244,46 @@ def test_aggregation_by_hand(tmp_path):
     assert rule["rule"] == max(rule["t_over_seeds"], rule["crossed"])
 
 
+def test_the_learned_weights_join_the_aggregate_where_operators_json_tested_them_beside_this_merge(tmp_path):
+    """Seed 0: merge [1,1,1,0] vs learned [1,0,1,0] → +0.25; seed 1: merge [1,1,0,0] vs learned [0,0,0,0] → +0.5:
+    pooled +0.375. A seed whose operators.json was made beside another merge (α differs) does not count, and the
+    claims get a "merge beats learned k_t" row only where every seed has one."""
+    from itermerge.claims import study_claims
+    from itermerge.replicates import aggregate_search
+
+    base = {0: [0, 0, 0, 0], 1: [0, 1, 0, 0], 2: [1, 0, 0, 0], "best": [0, 1, 0, 0], "expo": [1, 0, 1, 0],
+            "uniform": [0, 1, 1, 0]}
+    merged = {0: [1, 1, 1, 0], 1: [1, 1, 0, 0]}
+    learned = {0: [1, 0, 1, 0], 1: [0, 0, 0, 0]}
+    dirs = []
+    for seed in (0, 1):
+        d = _fake_search(tmp_path, seed, {**base, "merged": merged[seed]})
+        test = json.loads((d / "test.json").read_text())
+        test.update(lam=0.3, alpha=0.4 * seed, eval_fingerprint="f")
+        (d / "test.json").write_text(json.dumps(test))
+        row = {"accuracy": {"value": float(np.mean(learned[seed])), "stderr": 0.1, "n": 4, "items": learned[seed]}}
+        (d / "operators.json").write_text(json.dumps({
+            "split": "test", "eval_fingerprint": "f", "lam": 0.3, "alpha": 0.4 * seed, "operators": [
+                {"operator": "learned", "title": "Learned k_t", "metrics": row},
+                {"operator": "expo", "title": "ExPO", "metrics": row},  # test.json's expo row stays the ExPO row
+                {"operator": "ties", "title": "TIES", "metrics": None}]}))  # no choice: no row
+        dirs.append(d)
+    got = aggregate_search(dirs)
+    assert [r["t"] for r in got["rows"]] == [0, 1, 2, "best", "expo", "uniform", "merged", "learned"]
+    assert got["rows"][-1]["name"] == "Learned k_t (fitted per seed on half of dev)"
+    vs = next(p for p in got["paired"] if p["b"] == "learned")["metrics"]["accuracy"]
+    assert vs["difference"] == pytest.approx(0.375) and vs["per_seed"] == pytest.approx([0.25, 0.5])
+    agg = {"regimes": {"lr": {"searches": {"search": got}}}}
+    assert any(c.text == "The merge beats learned k_t: merge − learned k_t (fitted on half of dev), accuracy"
+               for c in study_claims(agg))
+    stale = json.loads((dirs[1] / "operators.json").read_text())
+    (dirs[1] / "operators.json").write_text(json.dumps({**stale, "alpha": 9.0}))  # beside another merge
+    got = aggregate_search(dirs)
+    assert all(p["b"] != "learned" for p in got["paired"])
+    agg = {"regimes": {"lr": {"searches": {"search": got}}}}
+    assert not any("learned" in c.text for c in study_claims(agg))
+
+
 def test_the_results_page_prints_the_crossed_interval_and_the_t_test_p(tmp_path):
     """The hand example above, through aggregate and the page: merge − θ2 on accuracy is +0.25 with the crossed
     interval in the claims table and the t-test's p = 0.5 beside the bootstrap's."""

@@ -22,7 +22,8 @@ from itermerge.tables import fmt_ci
 HEADLINE = ("accuracy", "reward")
 # our baselines: (what the merge beats, the row subtracted)
 LABELS = {"best": ("early stopping", "best θt on dev"), "expo": ("ExPO", "ExPO"),
-          "uniform": ("the uniform average", "the uniform average")}
+          "uniform": ("the uniform average", "the uniform average"),
+          "learned": ("learned k_t", "learned k_t (fitted on half of dev)")}  # only where search.operators fitted it
 
 
 @dataclass
@@ -105,6 +106,8 @@ def study_claims(agg: dict[str, Any], primary: dict[str, Any] | None = None) -> 
             for b, (label, row) in LABELS.items():
                 if b == "expo" and expo_is_theta_T(s):
                     continue  # ExPO is θT in every seed: its comparison is the Table 2 row
+                if b == "learned" and all(paired(s, b, metric) is None for metric in HEADLINE):
+                    continue  # the study did not fit the k_t (search.operators.learned)
                 for metric in HEADLINE:
                     claims.append(Claim(f"The merge beats {label}: merge − {row}, {metric}", where,
                                         paired(s, b, metric), group="ours", key=(regime, T, "merged", b, metric)))

@@ -28,7 +28,7 @@ from itermerge.provenance import provenance
 from itermerge.rundir import ReplicateLayout, RunLayout, SearchLayout, atomic_write_json
 
 # the merge is compared with the best θt on dev (early stopping), θT, ExPO, the uniform average and θ0
-BASELINES = ("best", "T", "expo", "uniform", 0)
+BASELINES = ("best", "T", "expo", "uniform", 0, "learned")  # "learned": search/operators.json's fitted k_t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +233,7 @@ def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
     from itermerge.maths.crossed import crossed_paired_difference
     from itermerge.maths.paired import mean_and_ci, minimum_detectable_effect, pooled_paired_difference
 
-    tests = [json.loads(SearchLayout(d).test.read_text()) for d in search_dirs]
+    tests = [_with_operators(d, json.loads(SearchLayout(d).test.read_text())) for d in search_dirs]
     choices = [json.loads(SearchLayout(d).choice.read_text()) for d in search_dirs]
     T = max(m["t"] for m in tests[0]["models"] if isinstance(m["t"], int))
     rows = []
@@ -295,6 +295,20 @@ def mde_under_rule(d: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"seed_sd": sd, **mde}
 
 
+def _with_operators(search_dir: Path, test: dict[str, Any]) -> dict[str, Any]:
+    """test.json's rows and, where search/operators.json tested other operators beside this very merge on the same
+    split, each operator's row keyed by its name (an operator that shares a row's key, ExPO, is that row already)."""
+    path = SearchLayout(search_dir).operators
+    record = json.loads(path.read_text()) if path.exists() else {}
+    if [record.get(k) for k in ("split", "eval_fingerprint", "lam", "alpha")] != [
+            test.get(k) for k in ("split", "eval_fingerprint", "lam", "alpha")]:
+        return test
+    keys = {m["t"] for m in test["models"]}
+    extra = [{"t": o["operator"], "name": o["title"], "metrics": o["metrics"]} for o in record.get("operators", [])
+             if o["metrics"] is not None and o["operator"] not in keys]
+    return {**test, "models": [*test["models"], *extra]}
+
+
 def _row(test: dict[str, Any], key: Any) -> dict[str, Any] | None:
     return next((m for m in test["models"] if m["t"] == key), None)
 
@@ -307,6 +321,8 @@ def _generic_name(m: dict[str, Any], T: int) -> str:
         return "ExPO (λ = 0, α chosen per seed)"
     if m["t"] == "best":
         return "Best θt on dev (t chosen per seed)"
+    if m["t"] == "learned":
+        return "Learned k_t (fitted per seed on half of dev)"
     return m["name"]
 
 

@@ -15,6 +15,7 @@ COMPARISONS: dict[str, Any] = {
     "merge - uniform": "uniform",
     "merge - expo": "expo",
     "merge - theta_0": 0,
+    "merge - learned": "learned",  # eq. 9's k_t fitted on half of dev (search.operators.learned)
 }
 EXAMPLE = "primary: {comparison: merge - best_theta_on_dev, metric: accuracy, T: 6}"
 

@@ -255,8 +255,10 @@ def _learned_choice(ctx: SearchContext, method: str, choice: dict[str, Any]) -> 
     base, rule, (start, stop) = result["base"], ctx.config.rule, result["halves"][learned.FIT]
     reward_gain = select_point([{"lam": 0.0, "alpha": 0.0, "metrics": result["metrics"]}], base, rule)["reward_gain"]
     moves = sum(1 for a, b in zip(result["path"], result["path"][1:]) if a["weights"] != b["weights"])
+    plural = "" if moves == 1 else "s"
     reason = (f"{best.label}: coordinate ascent on dev prompts [{start}, {stop}) from {result['start']}, "
-              f"{len(result['path']) - 1} rounds, {moves} moves, {len(result['tried'])} k measured: {rule.reward} "
+              f"{len(result['path']) - 1} rounds, {moves} move{plural}, {len(result['tried'])} k measured: "
+              f"{rule.reward} "
               f"{value(result, rule.reward):.4g} against θT's {value(base, rule.reward):.4g} on those prompts; "
               f"checked on [{stop}, {result['n']})")
     tried = [{"searched": {"weights": t["weights"]}, "round": t["round"], "eligible": t["eligible"],
