@@ -250,6 +250,7 @@ def test_the_learned_weights_join_the_aggregate_where_operators_json_tested_them
     claims get a "merge beats learned k_t" row only where every seed has one."""
     from itermerge.claims import study_claims
     from itermerge.replicates import aggregate_search
+    from itermerge.results import _answer_section
 
     base = {0: [0, 0, 0, 0], 1: [0, 1, 0, 0], 2: [1, 0, 0, 0], "best": [0, 1, 0, 0], "expo": [1, 0, 1, 0],
             "uniform": [0, 1, 1, 0]}
@@ -274,14 +275,18 @@ def test_the_learned_weights_join_the_aggregate_where_operators_json_tested_them
     vs = next(p for p in got["paired"] if p["b"] == "learned")["metrics"]["accuracy"]
     assert vs["difference"] == pytest.approx(0.375) and vs["per_seed"] == pytest.approx([0.25, 0.5])
     agg = {"regimes": {"lr": {"searches": {"search": got}}}}
+    claims = study_claims(agg)
     assert any(c.text == "The merge beats learned k_t: merge − learned k_t (fitted on half of dev), accuracy"
-               for c in study_claims(agg))
+               for c in claims)
+    answer = _answer_section(agg, claims)
+    assert "| merge − θT | merge − ExPO | merge − learned k_t |" in answer and "| +0.375 / n/a: " in answer
     stale = json.loads((dirs[1] / "operators.json").read_text())
     (dirs[1] / "operators.json").write_text(json.dumps({**stale, "alpha": 9.0}))  # beside another merge
     got = aggregate_search(dirs)
     assert all(p["b"] != "learned" for p in got["paired"])
     agg = {"regimes": {"lr": {"searches": {"search": got}}}}
     assert not any("learned" in c.text for c in study_claims(agg))
+    assert "learned k_t |" not in _answer_section(agg, study_claims(agg))
 
 
 def test_the_results_page_prints_the_crossed_interval_and_the_t_test_p(tmp_path):

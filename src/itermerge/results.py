@@ -117,23 +117,27 @@ def _answer_section(agg: dict[str, Any], claims: Sequence[Claim], heading: str =
              "own rule (early stopping), and the uniform average of θ1..θT? The chosen merge minus each baseline on "
              "the test prompts, pooled over seeds (accuracy / reward), with the verdict of the claims table below; "
              "θT (the paper's Table 2 baseline) and ExPO beside them. ExPO reads \"= θT\" where its dev choice was "
-             "α = 0 in every seed.\n",
-             "| regime, T, seeds | merge − best θt on dev | merge − uniform average | merge − θT | merge − ExPO |",
-             "|---|---|---|---|---|"]
+             "α = 0 in every seed. Where the study fitted eq. 9's k_t on half of dev (search.operators.learned), the "
+             "last column compares the merge with them.\n",
+             "| regime, T, seeds | merge − best θt on dev | merge − uniform average | merge − θT | merge − ExPO |"]
+    searches = [(regime, s) for regime, data in agg["regimes"].items() for s in data["searches"].values()]
+    learned = any(paired(s, "learned", m) is not None for _, s in searches for m in HEADLINE)
+    if learned:  # search.operators.learned fitted k_t on half of dev beside the merge (issue 27)
+        lines[-1] += " merge − learned k_t |"
+    lines.append("|---" * (5 + learned) + "|")
     by_key = {c.key: c for c in claims if c.key is not None}
-    for regime, data in agg["regimes"].items():
-        for s in data["searches"].values():
-            cells = []
-            for b in ("best", "uniform", s["T"], "expo"):
-                if b == "expo" and expo_is_theta_T(s):
-                    cells.append("= θT")
-                    continue
-                ds = [paired(s, b, metric) for metric in HEADLINE]
-                values = " / ".join("n/a" if d is None else f"{d['difference']:+.3f}" for d in ds)
-                said = [claim_verdict(c) if (c := by_key.get((regime, s["T"], "merged", b, m))) else verdict(d)
-                        for m, d in zip(HEADLINE, ds)]
-                cells.append(f"{values}: {' / '.join(said)}")
-            lines.append(f"| {regime}, T = {s['T']}, {len(s['seeds'])} seeds | " + " | ".join(cells) + " |")
+    for regime, s in searches:
+        cells = []
+        for b in ("best", "uniform", s["T"], "expo", *(["learned"] if learned else [])):
+            if b == "expo" and expo_is_theta_T(s):
+                cells.append("= θT")
+                continue
+            ds = [paired(s, b, metric) for metric in HEADLINE]
+            values = " / ".join("n/a" if d is None else f"{d['difference']:+.3f}" for d in ds)
+            said = [claim_verdict(c) if (c := by_key.get((regime, s["T"], "merged", b, m))) else verdict(d)
+                    for m, d in zip(HEADLINE, ds)]
+            cells.append(f"{values}: {' / '.join(said)}")
+        lines.append(f"| {regime}, T = {s['T']}, {len(s['seeds'])} seeds | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
