@@ -148,7 +148,10 @@ def check(ctx: SearchContext, result: Mapping[str, Any], choice: Mapping[str, An
     fit_of = lambda r: {**r, "metrics": part(r["metrics"], *span[FIT], "dev record", rule.metrics)}  # noqa: E731
     check_of = lambda r: part(r["metrics"], *span[CHECK], "dev record")  # noqa: E731
     grid = {point_key(*p) for p in search_grid(T, ctx.config)}
-    points = [r for r in read_records(ctx.files.points) if ctx.same(r) and point_key(r["lam"], r["alpha"]) in grid]
+    whole = lambda r: len(r["metrics"].get(rule.reward, {}).get("items") or ()) == result["n"]  # noqa: E731
+    # every point of the grid (successive halving keeps only its finalists' records on every dev prompt)
+    points = [r for r in read_records(ctx.files.points)
+              if ctx.same(r) and point_key(r["lam"], r["alpha"]) in grid and whole(r)]
     by_key = {point_key(r["lam"], r["alpha"]): r for r in points}
     base = by_key[(0.0, 0.0)]
     paper = select_point([fit_of(r) for r in points], fit_of(base), rule)
