@@ -113,7 +113,7 @@ def test_cli_help_does_not_import_torch():
 LAYERS = [
     {"errors", "itermerge", "plots", "provenance", "seeds"},
     {"callables", "maths", "rundir"},
-    {"operators"},
+    {"across", "operators"},
     {"checkpoint", "config", "logprobs", "records"},
     {"devices", "integrity", "merging", "plan", "tasks", "tokenization"},
     {"integrations", "labeling", "prompts", "runner", "sampling", "training"},

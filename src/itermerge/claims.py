@@ -111,6 +111,13 @@ def study_claims(agg: dict[str, Any], primary: dict[str, Any] | None = None) -> 
                 for metric in HEADLINE:
                     claims.append(Claim(f"The merge beats {label}: merge − {row}, {metric}", where,
                                         paired(s, b, metric), group="ours", key=(regime, T, "merged", b, metric)))
+    for name, compared in (agg.get("across") or {}).get("searches", {}).items():  # regimes against the anchor
+        for c in compared:
+            where = f"{name}, {len(c['seeds'])} seed{'s' if len(c['seeds']) > 1 else ''}"
+            for metric in HEADLINE:
+                claims.append(Claim(f"*Across regimes:* {c['a_name']} beats {c['b_name']}, {metric}", where,
+                                    c["metrics"].get(metric), group="ours", key=("across", name, *c["a"], *c["b"],
+                                                                                   metric)))
     if primary is not None:
         _mark_primary(claims, agg, primary)
     holm(claims)

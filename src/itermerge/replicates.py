@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from itermerge.across import across_regimes, pool_rows
 from itermerge.config import RunConfig, from_dict
 from itermerge.config.parse import read_yaml
 from itermerge.config.study import Primary, parse_primary
@@ -41,6 +42,7 @@ class Study:
     seeds: tuple[int, ...]
     regimes: dict[str, dict[str, Any]]
     primary: Primary | None = None
+    across: str | None = None  # the regime every other is compared with, seed by seed (itermerge.across)
 
     def configs(self) -> dict[str, dict[int, RunConfig]]:
         """{regime: {seed: RunConfig}}: every replica of a regime shares the dev and test prompts of the run's own
@@ -60,10 +62,10 @@ def load_study(path: str | os.PathLike, seeds: Sequence[int] | None = None) -> S
         run = data["run"]
         if isinstance(run, str):
             run = read_yaml((path.parent / run) if not Path(run).is_absolute() else Path(run), None)
-        unknown = sorted(set(data) - {"name", "run", "seeds", "regimes", "primary"})
+        unknown = sorted(set(data) - {"name", "run", "seeds", "regimes", "primary", "across"})
         if unknown:
-            raise ItermergeError(f"{path}: unknown study keys {unknown}; a study has name, run, seeds, regimes and "
-                                 "primary")
+            raise ItermergeError(f"{path}: unknown study keys {unknown}; a study has name, run, seeds, regimes, "
+                                 "primary and across")
     else:
         run = data
     if not isinstance(run, dict):
@@ -85,7 +87,11 @@ def load_study(path: str | os.PathLike, seeds: Sequence[int] | None = None) -> S
     searched = {regime: (c.iterations, *c.search.at) for regime, c in first.items()}
     metrics = sorted({m for c in first.values() for m in c.evaluation.metrics()})
     primary = parse_primary(data.get("primary") if "run" in data else None, str(path), searched, metrics)
-    return dataclasses.replace(study, primary=primary)
+    across = data.get("across") if "run" in data else None
+    if across is not None and (str(across) not in study.regimes or len(study.regimes) < 2):
+        raise ItermergeError(f"{path}: across = {across!r}: name the regime the others are compared with, one of "
+                             f"{', '.join(study.regimes)} (a study of at least two regimes)")
+    return dataclasses.replace(study, primary=primary, across=None if across is None else str(across))
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -153,7 +159,8 @@ def write_study_record(out: Path, study: Study, here: dict[str, Any]) -> None:
         runs[f"{path.parent.parent.name}/{path.parent.name}"] = json.loads(path.read_text())
     atomic_write_json(ReplicateLayout(out).record, {
         "name": study.name, "seeds": list(study.seeds), "run": study.run, "regimes": study.regimes,
-        "primary": None if study.primary is None else study.primary.to_dict(), "machine": machine(), **here,
+        "primary": None if study.primary is None else study.primary.to_dict(), "across": study.across,
+        "machine": machine(), **here,
         "runs": runs})
 
 
@@ -210,6 +217,10 @@ def aggregate(out: str | os.PathLike) -> dict[str, Any]:
             "searches": {name: aggregate_search([r / name for r in runs if SearchLayout(r / name).test.exists()])
                          for name in searches},
         }
+    record = ReplicateLayout(out).record
+    across = json.loads(record.read_text()).get("across") if record.exists() else None
+    if across is not None:  # the study compares its regimes with this one, seed by seed (itermerge.across)
+        result["across"] = across_regimes(out, across, [r.name for r in regimes])
     atomic_write_json(ReplicateLayout(out).aggregate, result)
     return result
 
@@ -230,8 +241,7 @@ def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
     A pooled difference is ``crossed_paired_difference`` when every seed holds the same number of test prompts (the
     study's seeds share them): its interval speaks about new seeds and new prompts, with the nested (hierarchical)
     bootstrap and the t interval over seeds beside it; else the hierarchical ``pooled_paired_difference``."""
-    from itermerge.maths.crossed import crossed_paired_difference
-    from itermerge.maths.paired import mean_and_ci, minimum_detectable_effect, pooled_paired_difference
+    from itermerge.maths.paired import mean_and_ci, minimum_detectable_effect
 
     tests = [_with_operators(d, json.loads(SearchLayout(d).test.read_text())) for d in search_dirs]
     choices = [json.loads(SearchLayout(d).choice.read_text()) for d in search_dirs]
@@ -247,13 +257,7 @@ def aggregate_search(search_dirs: Sequence[Path]) -> dict[str, Any]:
     def pooled(a_key: Any, b_key: Any) -> dict[str, Any] | None:
         if any(_row(test, a_key) is None or _row(test, b_key) is None for test in tests):
             return None
-        metrics = {}
-        for name in _row(tests[0], a_key)["metrics"]:
-            groups = [(_row(t, a_key)["metrics"][name].get("items"),
-                       _row(t, b_key)["metrics"].get(name, {}).get("items")) for t in tests]
-            if all(a is not None and b is not None and len(a) == len(b) for a, b in groups):
-                shared = len({len(a) for a, _ in groups}) == 1
-                metrics[name] = (crossed_paired_difference if shared else pooled_paired_difference)(groups)
+        metrics = pool_rows([_row(t, a_key) for t in tests], [_row(t, b_key) for t in tests])
         names = {r["t"]: r["name"] for r in rows}
         return {"a": a_key, "b": b_key, "a_name": names[a_key], "b_name": names[b_key], "metrics": metrics}
 

@@ -64,7 +64,7 @@ def write_results(out: str | os.PathLike, *, study: str | os.PathLike | None = N
     if study is not None:
         agg, meta = _study_files(Path(study))
         claims += study_claims(agg, meta.get("primary"))
-        parts.append(_answer_section(agg, claims))
+        parts.append(_answer_section(agg, claims) + _across_section(agg))
         body.append(_design_section(Path(study), agg, meta))
         body.append(_limitations_section(agg, meta))
         for regime, data in agg["regimes"].items():
@@ -99,7 +99,7 @@ def _task_section(study: Path) -> str:
     agg, meta = _study_files(study)
     claims = study_claims(agg, meta.get("primary"))
     design = _design_section(study, agg, meta).replace("## The study:", "## Another task: the study", 1)
-    answer = _answer_section(agg, claims, heading="### The answer on this task")
+    answer = _answer_section(agg, claims, heading="### The answer on this task") + _across_section(agg)
     parts = [design, answer, "### Its claims\n\nHolm-adjusted as one family of their own (this task's comparisons "
              "alone); the verdict rule is the one above.\n\n" + claims_table(claims),
              _limitations_section(agg, meta).replace("## Limitations", "### Its limitations", 1)]
@@ -138,6 +138,22 @@ def _answer_section(agg: dict[str, Any], claims: Sequence[Claim], heading: str =
                     for m, d in zip(HEADLINE, ds)]
             cells.append(f"{values}: {' / '.join(said)}")
         lines.append(f"| {regime}, T = {s['T']}, {len(s['seeds'])} seeds | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _across_section(agg: dict[str, Any]) -> str:
+    """A study's regimes against its anchor (study file ``across:``), seed by seed on the shared test prompts."""
+    across = agg.get("across")
+    if not across or not across["searches"]:
+        return ""
+    lines = [f"\n### Across regimes: {across['anchor']} against each other regime\n",
+             "Each regime's θT and merge against the anchor's, seed by seed on the test prompts every regime shares, "
+             "pooled over the seeds both finished (crossed bootstrap; t interval over seeds in the claims table).\n",
+             "| search | anchor − other | " + " | ".join(HEADLINE) + " |", "|---" * (2 + len(HEADLINE)) + "|"]
+    for name, compared in across["searches"].items():
+        for c in compared:
+            cells = [_fmt_pooled(c["metrics"].get(m)) for m in HEADLINE]
+            lines.append(f"| {name} | {c['a_name']} − {c['b_name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
