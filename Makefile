@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick demo-if study study-if results test test-vllm lint bench clean
+.PHONY: demo demo-quick demo-if study study-if study-reference results test test-vllm lint bench clean
 
 # Every install pins what constraints.txt records, the versions `make test` passed with; LOCK= installs the newest
 # releases pyproject.toml admits instead (`make test-latest` tests those in a venv of their own).
@@ -53,6 +53,13 @@ study-if: $(IF_STAMP)
 	$(VENV)/bin/itermerge replicate examples/instruction_following/config.yaml --seeds 0-4 --out runs/if-study \
 		--prune-caches
 	$(MAKE) results
+
+# Which reference should iterative DPO use (issue 27)? fixed + merge against previous and TR-DPO soft/hard, each with
+# and without its merge: 4 regimes × 5 seeds of study.yaml's run at lr 1e-5 (2.5-4 h on 2 cores; resumable), its
+# page docs/results_reference.md.
+study-reference: $(STAMP)
+	$(VENV)/bin/itermerge replicate study_reference --out runs/study_reference --prune-caches
+	$(VENV)/bin/itermerge results --study runs/study_reference --out docs/results_reference.md
 
 # docs/results.md from runs/study (and runs/demo's studies and runs/if-study when they exist).
 results: $(STAMP)
