@@ -133,6 +133,9 @@ def _answer_section(agg: dict[str, Any], claims: Sequence[Claim], heading: str =
                 cells.append("= θT")
                 continue
             ds = [paired(s, b, metric) for metric in HEADLINE]
+            if b == "learned" and not any(ds):  # search.operators runs beside the full T's search alone
+                cells.append("— (not fitted at this T)")
+                continue
             values = " / ".join("n/a" if d is None else f"{d['difference']:+.3f}" for d in ds)
             said = [claim_verdict(c) if (c := by_key.get((regime, s["T"], "merged", b, m))) else verdict(d)
                     for m, d in zip(HEADLINE, ds)]
