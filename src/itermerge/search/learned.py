@@ -131,8 +131,7 @@ def fit(ctx: SearchContext, base: Mapping[str, Any], settings: Mapping[str, Any]
                         for t in out["tried"]}}
 
 
-def check(ctx: SearchContext, result: Mapping[str, Any], choice: Mapping[str, Any], *, evaluate: bool
-          ) -> dict[str, Any]:
+def check(ctx: SearchContext, result: Mapping[str, Any], *, evaluate: bool) -> dict[str, Any]:
     """The fitted k on the check half (measured once, recorded), beside what the search's own dev records give there:
     the paper's (λ, α), best θt and θT chosen by the rule on the fit half, and the uniform average where the grid
     holds it. Returns the rows and the fitted k minus each, paired prompt by prompt."""

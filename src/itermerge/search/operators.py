@@ -103,7 +103,7 @@ def evaluate_dev(ctx: SearchContext) -> int:
     for method in _fitted(ctx):  # its rounds depend on each other: the main process fits it, then checks it
         if ctx.shard.is_main:
             result = learned.fit(ctx, choice["baseline"], config.operators[method], evaluate=True)
-            evaluated += result["measured"] + learned.check(ctx, result, choice, evaluate=True)["measured"]
+            evaluated += result["measured"] + learned.check(ctx, result, evaluate=True)["measured"]
     return evaluated
 
 
@@ -249,7 +249,7 @@ def _learned_choice(ctx: SearchContext, method: str, choice: dict[str, Any]) -> 
     """The fitted k_t as an operator's dev choice, replayed from the records: its fit-half metrics, every k tried,
     why, and the check on the other half (``learned.check``)."""
     result = learned.fit(ctx, choice["baseline"], ctx.config.operators[method], evaluate=False)
-    checked = learned.check(ctx, result, choice, evaluate=False)
+    checked = learned.check(ctx, result, evaluate=False)
     k = result["weights"]
     best = Candidate(method, {"weights": k}, {"weights": k})
     base, rule, (start, stop) = result["base"], ctx.config.rule, result["halves"][learned.FIT]
