@@ -75,6 +75,15 @@ def test_the_aggregate_the_claims_and_the_page_carry_them(study, tmp_path):
     page = write_results(tmp_path / "page.md", study=study).read_text()
     assert "### Across regimes: fixed against each other regime" in page
     assert "| search | fixed: its merge − soft: θT | +0.5" in page
+    # beside another study of the same task (`itermerge results --other-study`): a section of its own, its claims
+    main = tmp_path / "main"
+    fake_run(main, "lr", 0, [1, 0, 0, 0], [1, 1, 0, 0])
+    aggregate(main)
+    page = write_results(tmp_path / "both.md", study=main, others=[study]).read_text()
+    mine, other = page.split("## Another study of this task:")
+    assert "| lr, T = 2, 1 seed |" in mine and "Across regimes" not in mine
+    assert "### Its answer" in other and "| fixed, T = 2, 2 seeds |" in other
+    assert "| search | fixed: its merge − soft: θT | +0.5" in other and "### Its claims" in other
 
 
 def test_a_study_file_names_a_regime_to_compare_across(tmp_path):

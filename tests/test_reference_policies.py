@@ -261,6 +261,10 @@ def test_the_shipped_reference_study_compares_the_four_policies_on_one_run():
     plain = [replace(c[0], dpo=replace(c[0].dpo, reference="fixed", reference_alpha=neutral[0],
                                        reference_sync_steps=neutral[1])) for c in configs.values()]
     assert all(p == plain[0] for p in plain)  # nothing but the reference differs
+    # fixed is study.yaml's lr-1e-5 regime setting for setting (`make study-reference` reuses those runs)
+    demo_rate = load_study(files("itermerge") / "configs" / "study.yaml").configs()["lr-1e-5"]
+    assert {s: replace(c, name="") for s, c in configs["fixed"].items()} == {
+        s: replace(c, name="") for s, c in demo_rate.items()}
 
 
 def test_iterate_with_a_soft_reference_stores_theta_t_minus_1_and_records_every_step(tmp_path):

@@ -512,3 +512,41 @@ def test_another_tasks_study_gets_a_section_of_its_own_with_every_test_axis(tmp_
     minus_T = next(line for line in lines if line.startswith("| Iter 2 | +"))  # merge − θT, paired, per metric
     assert minus_T.split("|")[2].strip().startswith(f"{theta_T['accuracy']['difference']:+.3g} [")
     assert minus_T.split("|")[3].strip().startswith("-0.25 [")
+
+
+def test_pruned_checkpoints_keep_the_records_and_a_rerun_skips_the_run(study_dir, tmp_path):
+    import shutil
+
+    from itermerge.replicates import pruned
+
+    out = tmp_path / "out"
+    shutil.copytree(study_dir / "lr-a" / "seed_0", out / "lr-a" / "seed_0")  # a finished run, weights and all
+    study = load_study(study_dir.parent / "study.yaml", seeds=[0])
+    records = {p: p.read_bytes() for p in (out / "lr-a" / "seed_0").glob("search*/*.json")}
+    weights = sorted(out.glob("lr-a/seed_0/**/*.safetensors"))
+    assert len(weights) == 4  # θ1..θ3 and the merge
+    size = sum(p.stat().st_size for p in weights)
+
+    replicate(study, out, prune_checkpoints=True)
+    run = out / "lr-a" / "seed_0"
+    record = json.loads((run / "pruned.json").read_text())
+    assert record["files"] == sorted(str(p.relative_to(run)) for p in weights) and record["bytes"] == size
+    assert not any(p.exists() for p in weights)
+    assert {p: p.read_bytes() for p in run.glob("search*/*.json")} == records  # the records the study reads stay
+    agg = json.loads((out / "aggregate.json").read_text())
+    assert agg["regimes"]["lr-a"]["searches"]["search"]["seeds"] == [0]
+
+    replicate(study, out, prune_checkpoints=True)  # skipped: nothing to redo without weights, nothing redone
+    assert {p: p.read_bytes() for p in run.glob("search*/*.json")} == records
+
+    weights[0].write_bytes(b"left by a crash midway")  # pruned.json is written before any file goes
+    config = study.configs()["lr-a"][0]
+    assert pruned(run, config) and not weights[0].exists()
+
+    changed = tiny_study(Path("theta0"))
+    changed["run"]["model"]["path"] = json.loads((run / "pruned.json").read_text())["config"]["model"]["path"]
+    changed["run"]["dpo"]["learning_rate"] = 2e-3
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    with pytest.raises(ItermergeError, match=r"seed_0: its weights were pruned \(pruned\.json\) and this study asks "
+                                             r"for a different dpo section; .*delete .*seed_0 to run it again"):
+        replicate(load_study(tmp_path / "changed.yaml", seeds=[0]), out, prune_checkpoints=True)

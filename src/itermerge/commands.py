@@ -265,7 +265,8 @@ def cmd_replicate(args: argparse.Namespace) -> None:
     study = load_study(path, parse_seeds(args.seeds) if args.seeds else None)
     out = Path(args.out) if args.out else Path("runs") / study.name
     print(f"itermerge replicate: {path} — {len(study.regimes)} regime(s) × seeds {list(study.seeds)} → {out}")
-    replicate(study, out, prune_caches=args.prune_caches)
+    replicate(study, out, prune_caches=args.prune_caches,
+              prune_checkpoints=args.prune_checkpoints)
     print(f"aggregate: {out / 'aggregate.json'}")
 
 
@@ -276,11 +277,12 @@ def cmd_results(args: argparse.Namespace) -> None:
     if args.aggregate:
         from itermerge.replicates import aggregate
 
-        if not args.study and not args.task_study:
-            raise ItermergeError("itermerge results --aggregate: name the study directory (--study DIR or "
-                                 "--task-study DIR)")
-        for study in [args.study, *args.task_study]:
+        if not args.study and not args.task_study and not args.other_study:
+            raise ItermergeError("itermerge results --aggregate: name the study directory (--study DIR, "
+                                 "--other-study DIR or --task-study DIR)")
+        for study in [args.study, *args.other_study, *args.task_study]:
             if study:
                 aggregate(study)
-    out = write_results(args.out, study=args.study, demo=args.demo, command=command, tasks=args.task_study)
+    out = write_results(args.out, study=args.study, demo=args.demo, command=command, tasks=args.task_study,
+                        others=args.other_study)
     print(f"results: {out}")

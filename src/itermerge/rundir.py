@@ -225,6 +225,7 @@ class RunLayout:
     manifest = property(lambda self: self.root / "manifest.json")
     report = property(lambda self: self.root / "report.md")
     merged = property(lambda self: self.root / "merged")  # the chosen merge, written once
+    pruned = property(lambda self: self.root / "pruned.json")  # weights a finished study run let go (replicates)
     cache = property(lambda self: self.root / "cache")  # what can be recomputed (θ̄)
     studies = property(lambda self: self.root / "studies")
 
