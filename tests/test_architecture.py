@@ -115,7 +115,7 @@ LAYERS = [
     {"callables", "maths", "rundir"},
     {"across", "operators"},
     {"checkpoint", "config", "logprobs", "records"},
-    {"devices", "integrity", "merging", "plan", "tasks", "tokenization"},
+    {"devices", "integrity", "merging", "plan", "pruning", "tasks", "tokenization"},
     {"integrations", "labeling", "prompts", "runner", "sampling", "training"},
     {"evaluation", "iteration", "studies"},
     {"preflight", "search"},

@@ -517,7 +517,7 @@ def test_another_tasks_study_gets_a_section_of_its_own_with_every_test_axis(tmp_
 def test_pruned_checkpoints_keep_the_records_and_a_rerun_skips_the_run(study_dir, tmp_path):
     import shutil
 
-    from itermerge.replicates import pruned
+    from itermerge.pruning import pruned
 
     out = tmp_path / "out"
     shutil.copytree(study_dir / "lr-a" / "seed_0", out / "lr-a" / "seed_0")  # a finished run, weights and all

@@ -40,3 +40,25 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
 def provenance() -> dict[str, Any]:
     """{"commit", "versions"} of the running code, as recorded beside each run of a study."""
     return {"commit": code_commit(), "versions": package_versions()}
+
+
+def provenance_lines(meta: dict[str, Any]) -> str:
+    """The code commit and package versions each run was made with (study.json's ``runs``), grouped when they agree."""
+    runs = meta.get("runs") or {}
+    if not runs:
+        return ("\nCode commit and package versions: not recorded (this study.json predates `itermerge replicate` "
+                "recording them).")
+    by_commit: dict[str, list[str]] = {}
+    by_versions: dict[str, list[str]] = {}
+    for name, entries in runs.items():
+        for e in entries:
+            by_commit.setdefault(e.get("commit", "unknown"), []).append(name)
+            versions = ", ".join(f"{k} {v}" for k, v in (e.get("versions") or {}).items()) or "unknown"
+            by_versions.setdefault(versions, []).append(name)
+
+    def grouped(groups: dict[str, list[str]]) -> str:
+        if len(groups) == 1:
+            return f"{next(iter(groups))} (all {len(runs)} runs)"
+        return "; ".join(f"{k} ({', '.join(sorted(set(v)))})" for k, v in groups.items())
+
+    return f"\nCode commit: {grouped(by_commit)}. Packages: {grouped(by_versions)}."

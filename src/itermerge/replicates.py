@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from itermerge.across import across_regimes, pool_rows
-from itermerge.config import RunConfig, from_dict, to_dict
+from itermerge.config import RunConfig, from_dict
 from itermerge.config.parse import read_yaml
 from itermerge.config.study import Primary, parse_primary
 from itermerge.errors import ItermergeError
 from itermerge.provenance import provenance
+from itermerge.pruning import prune_weights, pruned
 from itermerge.rundir import ReplicateLayout, RunLayout, SearchLayout, atomic_write_json
 
 # the merge is compared with the best θt on dev (early stopping), θT, ExPO, the uniform average and θ0
@@ -110,9 +111,8 @@ def parse_seeds(text: str) -> list[int]:
 def replicate(study: Study, out: str | os.PathLike, *, prune_caches: bool = False,
               prune_checkpoints: bool = False) -> Path:
     """Run every (regime, seed) of ``study`` into ``out/REGIME/seed_S`` (each resumable; finished ones are skipped
-    by their stages), then ``aggregate``. ``prune_caches`` deletes each finished run's cache/ (θ̄, recomputed on
-    demand) to keep a long study within the disk; ``prune_checkpoints`` also lets go of its weights (θ1..θT and the
-    merge: ``prune_weights``), keeping every record a study reads, and a rerun then skips that run."""
+    by their stages), then ``aggregate``. To keep a long study within the disk, ``prune_caches`` deletes each
+    finished run's cache/ (θ̄, recomputed on demand), ``prune_checkpoints`` its weights too (``pruning``)."""
     from itermerge.pipeline import run
 
     out, main = Path(out), int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, one process writes
@@ -127,8 +127,7 @@ def replicate(study: Study, out: str | os.PathLike, *, prune_caches: bool = Fals
             run_dir = ReplicateLayout(out).run(regime, seed)
             print(f"[{k}/{total}] {regime}, seed {seed} → {run_dir}", flush=True)
             if pruned(run_dir, cfg):
-                print(f"  finished earlier; its weights were pruned ({RunLayout(run_dir).pruned.name}), its records "
-                      "are kept", flush=True)
+                print("  finished earlier; its weights were pruned (pruned.json), its records kept", flush=True)
                 continue
             start, before = time.time(), _manifest_text(run_dir)
             run(cfg, run_dir)
@@ -143,48 +142,6 @@ def replicate(study: Study, out: str | os.PathLike, *, prune_caches: bool = Fals
     if main:
         aggregate(out)
     return out
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
-
-
-def prune_weights(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
-    """Delete a finished run's weights (θ1..θT's model/ and the merge's; adapters are small and stay), after
-    recording in pruned.json what went, how many bytes, and the config the run was made with: a study reads only
-    the records (search/*.json, provenance, wall time), and ``pruned`` lets a rerun skip the run. The record is
-    written first, so a crash midway leaves a run that the next ``pruned`` call finishes pruning."""
-    layout = RunLayout(run_dir)
-    files = sorted(str(f.relative_to(run_dir)) for d in [*layout.checkpoints(), layout.merged] if d.is_dir()
-                   for f in d.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
-    record = {"files": files, "bytes": sum((run_dir / f).stat().st_size for f in files), "config": _as_json(cfg),
-              "why": "itermerge replicate --prune-checkpoints: a finished study run keeps its records, not its weights"}
-    atomic_write_json(layout.pruned, record)
-    for f in files:
-        (run_dir / f).unlink(missing_ok=True)
-    return record
-
-
-def pruned(run_dir: Path, cfg: RunConfig) -> bool:
-    """Whether ``run_dir`` is a finished run whose weights ``prune_weights`` let go (finishing a pruning a crash cut
-    short); refused when ``cfg`` is not the config it was made with, since a run without weights cannot be redone
-    stage by stage."""
-    path = RunLayout(run_dir).pruned
-    if not path.exists():
-        return False
-    record = json.loads(path.read_text())
-    made, now = ({k: v for k, v in c.items() if k != "name"} for c in (record["config"], _as_json(cfg)))
-    if made != now:
-        changed = sorted(k for k in set(made) | set(now) if made.get(k) != now.get(k))
-        raise ItermergeError(f"{run_dir}: its weights were pruned ({path.name}) and this study asks for a different "
-                             f"{', '.join(changed)} section; a run without weights cannot be redone stage by stage: "
-                             f"delete {run_dir} to run it again, or rerun the study it was made with")
-    for f in record["files"]:
-        (run_dir / f).unlink(missing_ok=True)
-    return True
-
-
-def _as_json(cfg: RunConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(to_dict(cfg)))
 
 
 def machine() -> str:

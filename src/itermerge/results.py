@@ -32,6 +32,7 @@ from itermerge.claims import (
     verdict,
 )
 from itermerge.errors import ItermergeError
+from itermerge.provenance import provenance_lines
 from itermerge.replicates import mde_under_rule
 from itermerge.rundir import ReplicateLayout, RunLayout, atomic_write_text
 from itermerge.tables import fmt_ci, metric_names, operators_table
@@ -266,7 +267,7 @@ def _design_section(study: Path, agg: dict[str, Any], meta: dict[str, Any]) -> s
     machine = meta.get("machine")
     if machine:
         lines.append(f"\nMachine: {machine}.")
-    lines.append(_provenance_lines(meta))
+    lines.append(provenance_lines(meta))
     if walls:
         lines.append(f"\nWall time: {sum(walls) / 60:.0f} minutes for {len(walls)} runs "
                      f"({min(walls) / 60:.1f}-{max(walls) / 60:.1f} per run).")
@@ -286,28 +287,6 @@ def _design_section(study: Path, agg: dict[str, Any], meta: dict[str, Any]) -> s
                          f"difference held with power 0.8 is {rule['rule']:.3f} ({100 * rule['rule']:.1f} points; "
                          f"the t interval over seeds alone needs {rule['t_over_seeds']:.3f}{crossed}).")
     return lines[0] + "\n" + "".join(lines[1:]) + "\n"
-
-
-def _provenance_lines(meta: dict[str, Any]) -> str:
-    """The code commit and package versions each run was made with (study.json's ``runs``), grouped when they agree."""
-    runs = meta.get("runs") or {}
-    if not runs:
-        return ("\nCode commit and package versions: not recorded (this study.json predates `itermerge replicate` "
-                "recording them).")
-    by_commit: dict[str, list[str]] = {}
-    by_versions: dict[str, list[str]] = {}
-    for name, entries in runs.items():
-        for e in entries:
-            by_commit.setdefault(e.get("commit", "unknown"), []).append(name)
-            versions = ", ".join(f"{k} {v}" for k, v in (e.get("versions") or {}).items()) or "unknown"
-            by_versions.setdefault(versions, []).append(name)
-
-    def grouped(groups: dict[str, list[str]]) -> str:
-        if len(groups) == 1:
-            return f"{next(iter(groups))} (all {len(runs)} runs)"
-        return "; ".join(f"{k} ({', '.join(sorted(set(v)))})" for k, v in groups.items())
-
-    return f"\nCode commit: {grouped(by_commit)}. Packages: {grouped(by_versions)}."
 
 
 def _search_section(regime: str, name: str, s: dict[str, Any], every_metric: bool = False) -> str:
