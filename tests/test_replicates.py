@@ -543,6 +543,11 @@ def test_pruned_checkpoints_keep_the_records_and_a_rerun_skips_the_run(study_dir
     config = study.configs()["lr-a"][0]
     assert pruned(run, config) and not weights[0].exists()
 
+    older = json.loads((run / "pruned.json").read_text())  # made before dpo.reference existed: it reads as its default
+    assert older["config"]["dpo"].pop("reference") == "fixed"
+    (run / "pruned.json").write_text(json.dumps(older))
+    assert pruned(run, config)
+
     changed = tiny_study(Path("theta0"))
     changed["run"]["model"]["path"] = json.loads((run / "pruned.json").read_text())["config"]["model"]["path"]
     changed["run"]["dpo"]["learning_rate"] = 2e-3

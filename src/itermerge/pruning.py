@@ -4,11 +4,12 @@ another config) rather than redoing it stage by stage without weights."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
-from itermerge.config import RunConfig, to_dict
+from itermerge.config import RunConfig, from_dict, to_dict
 from itermerge.errors import ItermergeError
 from itermerge.rundir import RunLayout, atomic_write_json
 
@@ -39,7 +40,10 @@ def pruned(run_dir: Path, cfg: RunConfig) -> bool:
     if not path.exists():
         return False
     record = json.loads(path.read_text())
-    made, now = ({k: v for k, v in c.items() if k != "name"} for c in (record["config"], _as_json(cfg)))
+    recorded = record["config"]
+    with contextlib.suppress(ItermergeError):  # settings added since the run was made compare as their defaults
+        recorded = _as_json(from_dict(recorded, where=str(path)))
+    made, now = ({k: v for k, v in c.items() if k != "name"} for c in (recorded, _as_json(cfg)))
     if made != now:
         changed = sorted(k for k in set(made) | set(now) if made.get(k) != now.get(k))
         raise ItermergeError(f"{run_dir}: its weights were pruned ({path.name}) and this study asks for a different "
