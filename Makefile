@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick demo-if study study-if study-reference results test test-vllm lint bench clean
+.PHONY: demo demo-quick demo-if study study-if study-reference study-reference-if results test test-vllm lint bench clean
 
 # Every install pins what constraints.txt records, the versions `make test` passed with; LOCK= installs the newest
 # releases pyproject.toml admits instead (`make test-latest` tests those in a venv of their own).
@@ -60,17 +60,32 @@ study-if: $(IF_STAMP)
 # resumable), a section of docs/results.md. Its fixed regime is study.yaml's lr-1e-5 setting for setting (a test says
 # so): the runs `make study` made are linked in rather than rerun, and replicate checks each against this config.
 study-reference: $(STAMP)
-	@for s in 0 1 2 3 4; do from=runs/study/lr-1e-5/seed_$$s to=runs/study_reference/fixed/seed_$$s; \
-		if [ -f $$from/manifest.json ] && [ ! -e $$to ]; then mkdir -p runs/study_reference/fixed && \
-		cp -al $$from $$to && echo "fixed, seed $$s: $$from (the same run), linked"; fi; done
+	$(call link_fixed,runs/study/lr-1e-5,runs/study_reference)
 	$(VENV)/bin/itermerge replicate study_reference --out runs/study_reference --prune-checkpoints
 	$(MAKE) results
 
-# docs/results.md from runs/study (and runs/demo's studies, runs/study_reference and runs/if-study when they exist).
+# The same comparison on instruction following: fixed is `make study-if`'s run (linked in the same way), the other
+# 15 runs about 22-25 min each (about 6 hours; resumable). A --task-study section of docs/results.md.
+study-reference-if: $(IF_STAMP)
+	$(call link_fixed,runs/if-study/default,runs/if-study-reference)
+	$(VENV)/bin/itermerge replicate examples/instruction_following/study_reference.yaml --out runs/if-study-reference \
+		--prune-checkpoints
+	$(MAKE) results
+
+# $(call link_fixed,FROM,STUDY): FROM's finished seed_N runs hard-linked in as STUDY's fixed regime (a test shows the
+# configs are the same; replicate checks each run against the study file and refuses one made otherwise).
+define link_fixed
+	@for s in 0 1 2 3 4; do from=$(1)/seed_$$s to=$(2)/fixed/seed_$$s; \
+		if [ -f $$from/manifest.json ] && [ ! -e $$to ]; then mkdir -p $(2)/fixed && \
+		cp -al $$from $$to && echo "fixed, seed $$s: $$from (the same run), linked"; fi; done
+endef
+
+# docs/results.md from runs/study (and runs/demo's studies and the other studies' runs when they exist).
 results: $(STAMP)
 	$(VENV)/bin/itermerge results --study runs/study $(if $(wildcard runs/demo/manifest.json),--demo runs/demo) \
 		$(if $(wildcard runs/study_reference/aggregate.json),--other-study runs/study_reference) \
-		$(if $(wildcard runs/if-study/aggregate.json),--task-study runs/if-study)
+		$(if $(wildcard runs/if-study/aggregate.json),--task-study runs/if-study) \
+		$(if $(wildcard runs/if-study-reference/aggregate.json),--task-study runs/if-study-reference)
 
 # The numeric tests run twice: on this CPU's own kernels, then on AVX2's (another summation order, as on a CPU
 # without AVX-512), so a tolerance tuned to one kind of CPU fails here rather than on a user's machine.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,15 +245,27 @@ def test_bad_reference_settings_are_named(kwargs, match):
         DPOConfig(**kwargs)
 
 
-def test_the_shipped_reference_study_compares_the_four_policies_on_one_run():
-    """configs/study_reference.yaml: one regime per dpo.reference, the runs otherwise identical (same prompts,
-    seeds and search), so the regimes' test tables compare the references and the merge on each."""
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("study_file, linked, regime", [
+    ("study_reference.yaml", "study.yaml", "lr-1e-5"),  # arithmetic: `make study-reference` links study's lr 1e-5
+    (EXAMPLES / "instruction_following" / "study_reference.yaml",  # instruction following: `make study-if`'s runs
+     EXAMPLES / "instruction_following" / "config.yaml", "default"),
+])
+def test_the_shipped_reference_studies_compare_the_four_policies_on_one_run(study_file, linked, regime):
+    """The reference studies (issue 27): one regime per dpo.reference, the runs otherwise identical (same prompts,
+    seeds and search), so the regimes' test tables compare the references and the merge on each; their fixed regime
+    is, setting for setting, the study whose runs the Makefile links in as fixed rather than rerunning them."""
     from dataclasses import replace
     from importlib.resources import files
 
     from itermerge.replicates import load_study
 
-    study = load_study(files("itermerge") / "configs" / "study_reference.yaml")
+    def shipped(name, seeds=None):
+        return load_study(name if isinstance(name, Path) else files("itermerge") / "configs" / name, seeds)
+
+    study = shipped(study_file)
     configs = study.configs()
     assert {r: next(iter(c.values())).dpo.reference for r, c in configs.items()} == {
         "fixed": "fixed", "previous": "previous", "soft": "soft", "hard": "hard"}
@@ -261,10 +274,9 @@ def test_the_shipped_reference_study_compares_the_four_policies_on_one_run():
     plain = [replace(c[0], dpo=replace(c[0].dpo, reference="fixed", reference_alpha=neutral[0],
                                        reference_sync_steps=neutral[1])) for c in configs.values()]
     assert all(p == plain[0] for p in plain)  # nothing but the reference differs
-    # fixed is study.yaml's lr-1e-5 regime setting for setting (`make study-reference` reuses those runs)
-    demo_rate = load_study(files("itermerge") / "configs" / "study.yaml").configs()["lr-1e-5"]
+    reused = shipped(linked, study.seeds).configs()[regime]  # its seeds as the Makefile replicates it
     assert {s: replace(c, name="") for s, c in configs["fixed"].items()} == {
-        s: replace(c, name="") for s, c in demo_rate.items()}
+        s: replace(reused[s], name="") for s in study.seeds}
 
 
 def test_iterate_with_a_soft_reference_stores_theta_t_minus_1_and_records_every_step(tmp_path):
