@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from itermerge.config import from_dict, load_config, to_yaml
+from itermerge.config import as_recorded, from_dict, load_config, to_yaml
 from itermerge.errors import ItermergeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,3 +99,13 @@ def test_a_lam_that_is_neither_a_number_nor_uniform_is_named():
     with pytest.raises(ItermergeError, match=r"search.lams: inf is neither"):
         from_dict({"search": {"lams": [float("inf")]}})
     assert from_dict({"search": {"lams": [0, "Uniform", "1e-1"]}}).search.lams == (0.0, "uniform", 0.1)
+
+
+def test_a_recorded_config_reads_with_todays_defaults_and_keeps_what_is_no_longer_known():
+    cfg = load_config(Path(str(files("itermerge") / "configs" / "demo.yaml")))
+    now = as_recorded(cfg)
+    assert now["dpo"]["adam_betas"] == [0.9, 0.999]  # as a manifest holds it: tuples become lists
+    older = {**now, "dpo": {k: v for k, v in now["dpo"].items() if k != "reference"}}  # made before dpo.reference
+    assert as_recorded(older) == now and as_recorded(older)["dpo"]["reference"] == "fixed"
+    unknown = {**now, "dpo": {**now["dpo"], "retired_setting": 1}}  # a key since removed: compared as recorded
+    assert as_recorded(unknown) == unknown != now

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import os
 import shutil
 from functools import partial
@@ -13,7 +11,7 @@ from typing import Any
 
 from itermerge import iteration as it
 from itermerge.checkpoint import load_tokenizer, resolve_model
-from itermerge.config import RunConfig, from_dict, to_dict, to_yaml
+from itermerge.config import RunConfig, as_recorded, to_dict, to_yaml
 from itermerge.devices import cpu_precision, placement, settle_precision
 from itermerge.errors import ItermergeError
 from itermerge.integrity import LOCK_NAME, RunLock
@@ -212,10 +210,7 @@ def _changed_training_sections(recorded: dict[str, Any], cfg: RunConfig) -> list
     made compare as their defaults). The dev and test set sizes do not count where they cannot change the training
     prompts: a built-in task's splits are disjoint by construction; a held-out file's are not (they are cut out of
     the training file, so their size changes what is trained on)."""
-    with contextlib.suppress(ItermergeError):  # a key no longer known: compare as recorded, so the difference shows
-        recorded = to_dict(from_dict(recorded, where="manifest.json"))
-    now = json.loads(json.dumps(to_dict(cfg)))  # as recorded: tuples become lists
-    recorded = json.loads(json.dumps(recorded))
+    recorded, now = as_recorded(recorded), as_recorded(cfg)
 
     def part(config: dict[str, Any]) -> dict[str, Any]:
         sections = {k: config.get(k) for k in _TRAINING_SECTIONS}

@@ -4,12 +4,11 @@ another config) rather than redoing it stage by stage without weights."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
-from itermerge.config import RunConfig, from_dict, to_dict
+from itermerge.config import RunConfig, as_recorded
 from itermerge.errors import ItermergeError
 from itermerge.rundir import RunLayout, atomic_write_json
 
@@ -24,7 +23,7 @@ def prune_weights(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
     layout = RunLayout(run_dir)
     files = sorted(str(f.relative_to(run_dir)) for d in [*layout.checkpoints(), layout.merged] if d.is_dir()
                    for f in d.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
-    record = {"files": files, "bytes": sum((run_dir / f).stat().st_size for f in files), "config": _as_json(cfg),
+    record = {"files": files, "bytes": sum((run_dir / f).stat().st_size for f in files), "config": as_recorded(cfg),
               "why": "itermerge replicate --prune-checkpoints: a finished study run keeps its records, not its weights"}
     atomic_write_json(layout.pruned, record)
     for f in files:
@@ -40,10 +39,8 @@ def pruned(run_dir: Path, cfg: RunConfig) -> bool:
     if not path.exists():
         return False
     record = json.loads(path.read_text())
-    recorded = record["config"]
-    with contextlib.suppress(ItermergeError):  # settings added since the run was made compare as their defaults
-        recorded = _as_json(from_dict(recorded, where=str(path)))
-    made, now = ({k: v for k, v in c.items() if k != "name"} for c in (recorded, _as_json(cfg)))
+    recorded = as_recorded(record["config"], where=str(path))  # settings added since then compare as their defaults
+    made, now = ({k: v for k, v in c.items() if k != "name"} for c in (recorded, as_recorded(cfg)))
     if made != now:
         changed = sorted(k for k in set(made) | set(now) if made.get(k) != now.get(k))
         raise ItermergeError(f"{run_dir}: its weights were pruned ({path.name}) and this study asks for a different "
@@ -52,7 +49,3 @@ def pruned(run_dir: Path, cfg: RunConfig) -> bool:
     for f in record["files"]:
         (run_dir / f).unlink(missing_ok=True)
     return True
-
-
-def _as_json(cfg: RunConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(to_dict(cfg)))

@@ -3,7 +3,7 @@
 from itermerge.config.dpo import DPOConfig
 from itermerge.config.evaluation import EvalConfig
 from itermerge.config.parse import build, to_dict, to_yaml
-from itermerge.config.run import RunConfig, from_dict, load_config
+from itermerge.config.run import RunConfig, as_recorded, from_dict, load_config
 from itermerge.config.search import SearchConfig, SelectionRule
 
 # `--plain`: every speed and memory setting off, so a run takes the plain reference path of each stage.
@@ -15,5 +15,5 @@ PLAIN = (
 
 __all__ = [
     "PLAIN", "DPOConfig", "EvalConfig", "RunConfig", "SearchConfig", "SelectionRule",
-    "build", "from_dict", "load_config", "to_dict", "to_yaml",
+    "as_recorded", "build", "from_dict", "load_config", "to_dict", "to_yaml",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from itermerge.config.defaults import follow_the_run
 from itermerge.config.dpo import DPOConfig
 from itermerge.config.evaluation import EvalConfig
-from itermerge.config.parse import build, read_yaml
+from itermerge.config.parse import build, read_yaml, to_dict
 from itermerge.config.sampling_params import SamplingParams
 from itermerge.config.search import SearchConfig
 from itermerge.errors import ItermergeError
@@ -266,3 +267,15 @@ def from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
     except ItermergeError:
         spec = None  # the whole build below names the problem in its place
     return build(RunConfig, follow_the_run(data, spec), where)
+
+
+def as_recorded(config: RunConfig | dict[str, Any], where: str = "manifest.json") -> dict[str, Any]:
+    """A config as a run records it (plain JSON: tuples become lists). A recorded dict is read through ``from_dict``
+    so settings added since the run was made compare as their defaults; one holding a key no longer known stays as
+    recorded, so the difference shows where it is compared."""
+    if isinstance(config, dict):
+        try:
+            config = from_dict(config, where=where)
+        except ItermergeError:
+            return json.loads(json.dumps(config))
+    return json.loads(json.dumps(to_dict(config)))
